@@ -1,0 +1,138 @@
+"""The adapter configuration: one validated, JSON-serialisable dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .nesting import (
+    INFERENCE_SCALES,
+    METHODS,
+    NORMALIZATIONS,
+    SCALINGS,
+    _check_choice,
+    check_max_rank,
+    check_rank_list,
+    check_train_ranks,
+    powers_of_two_ranks,
+)
+
+A_INITS: tuple[str, ...] = ("peft", "authors")
+DYLORA_UPDATES: tuple[str, ...] = ("prefix", "last")
+
+
+@dataclass
+class NestedLoraConfig:
+    """Configuration of a nested-rank LoRA adapter.
+
+    Field names follow PEFT's ``LoraConfig`` where one exists (``r``,
+    ``target_modules``, ``dropout`` ~ ``lora_dropout``).
+
+    Attributes:
+        r: the maximum rank R.
+        method: ``matryoshka`` (fixed diagonal P), ``matryoshka_exact`` (the
+            masked sum of sub-adapters: same function, |S| forwards, a test
+            oracle), ``lora`` (P = s(R)) or ``dylora`` (sampled prefix b).
+        train_ranks: S, strictly increasing ranks in 1..R that include R
+            (default: powers of two up to R, plus R).
+        eval_ranks: ranks to evaluate at (default: ``train_ranks``).
+        scaling: ``sqrt`` (alpha/sqrt(r), the published script), ``rank``
+            (alpha/r) or ``none`` (alpha).
+        alpha: multiplier of the scale function; the authors use 1.
+        normalize: ``none`` (the authors' diag form) or ``mean`` (divide the
+            Matryoshka P by |S|).
+        target_modules: a list of module-name suffixes (``"q_proj"`` matches
+            ``model.layers.0.self_attn.q_proj``) or one regex matched against the
+            full module name.
+        dropout: dropout on the adapter input, as PEFT's ``lora_dropout``.
+        init_a: ``peft`` (U(+-1/sqrt(in)), PEFT's kaiming default) or
+            ``authors`` (U(+-1/sqrt(R)), the authors' code). B starts at 0.
+        inference_scale: how an active rank r < full is scaled: ``paper``
+            (s(r), P dropped) or ``trained`` (p[:r]).
+        dylora_update: ``prefix`` (components 1..b learn) or ``last`` (only
+            component b learns, the original DyLoRA's frozen mode).
+        adapter_dtype: dtype of A and B, or None to follow the base weight;
+            ``"float32"`` (default) keeps adapters in fp32 under a bf16/fp16
+            base, like PEFT's ``autocast_adapter_dtype``.
+        base_model_name_or_path: recorded in saved adapters and exports.
+    """
+
+    r: int = 16
+    method: str = "matryoshka"
+    train_ranks: tuple[int, ...] | None = None
+    eval_ranks: tuple[int, ...] | None = None
+    scaling: str = "sqrt"
+    alpha: float = 1.0
+    normalize: str = "none"
+    target_modules: list[str] | str = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    dropout: float = 0.0
+    init_a: str = "peft"
+    inference_scale: str = "paper"
+    dylora_update: str = "prefix"
+    adapter_dtype: str | None = "float32"
+    base_model_name_or_path: str | None = None
+
+    def __post_init__(self) -> None:
+        check_max_rank(self.r)
+        _check_choice("method", self.method, METHODS)
+        _check_choice("scaling", self.scaling, SCALINGS)
+        _check_choice("normalize", self.normalize, NORMALIZATIONS)
+        _check_choice("inference scale", self.inference_scale, INFERENCE_SCALES)
+        _check_choice("init_a", self.init_a, A_INITS)
+        _check_choice("dylora_update", self.dylora_update, DYLORA_UPDATES)
+        if self.train_ranks is None:
+            self.train_ranks = powers_of_two_ranks(self.r)
+        self.train_ranks = check_train_ranks(self.train_ranks, self.r)
+        if self.eval_ranks is None:
+            self.eval_ranks = self.train_ranks
+        self.eval_ranks = check_rank_list(self.eval_ranks, self.r, "eval ranks")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or self.alpha <= 0:
+            raise ValueError(f"alpha must be a positive number, got {self.alpha!r}")
+        self.alpha = float(self.alpha)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        if not self.target_modules or not (
+            isinstance(self.target_modules, str)
+            or all(isinstance(t, str) and t for t in self.target_modules)
+        ):
+            raise ValueError(
+                f"target_modules must be a non-empty list of module-name suffixes or a regex string, "
+                f"got {self.target_modules!r}"
+            )
+        if self.adapter_dtype is not None and self.adapter_dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(
+                f"adapter_dtype must be 'float32', 'bfloat16', 'float16' or None, got {self.adapter_dtype!r}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["train_ranks"] = list(self.train_ranks)
+        d["eval_ranks"] = list(self.eval_ranks)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NestedLoraConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown adapter config keys {unknown}; known keys are {sorted(known)}"
+            )
+        data = dict(data)
+        for key in ("train_ranks", "eval_ranks"):
+            if data.get(key) is not None:
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> NestedLoraConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)

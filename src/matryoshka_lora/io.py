@@ -1,0 +1,230 @@
+"""Native adapter save/load: ``adapter_config.json`` + ``adapter.safetensors``.
+
+No pickles. Each file is written to a temporary name in the target folder,
+flushed to disk and renamed over the old one (``os.replace`` is atomic), weights
+first and config last. The config records the SHA-256 of the weights file, so a
+crash between the two renames, a truncated copy or flipped bytes are all
+detected at load time instead of silently loading wrong weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from .config import NestedLoraConfig
+from .model import adapter_layers, attach, detach, get_config
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter.safetensors"
+FORMAT_NAME = "matryoshka-lora"
+FORMAT_VERSION = 1
+# Fields that define the trained function; a checkpoint and a model must agree on them.
+_IDENTITY_FIELDS = ("r", "method", "train_ranks", "scaling", "alpha", "normalize", "target_modules")
+
+
+class AdapterCheckpointError(ValueError):
+    """A saved adapter is missing, corrupted, or does not fit the model."""
+
+
+def _fsync_write(path: Path, write) -> None:
+    """Write via ``write(tmp_path)`` to a temp file beside ``path``, fsync, then rename over it."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Atomically replace ``path`` with ``text`` (UTF-8)."""
+    _fsync_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def atomic_save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> None:
+    """Atomically write ``tensors`` (made contiguous, on CPU) as a safetensors file."""
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    _fsync_write(Path(path), lambda tmp: save_file(cpu, tmp, metadata=metadata))
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _module_table(model: nn.Module) -> dict[str, dict[str, Any]]:
+    return {
+        name: {
+            "in_features": layer.in_features,
+            "out_features": layer.out_features,
+            "base_type": type(layer.base_layer).__name__,
+        }
+        for name, layer in adapter_layers(model).items()
+    }
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Save the model's adapter (config and A/B tensors only, never base weights)."""
+    config = get_config(model)
+    layers = adapter_layers(model)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        f"{name}.{key}": tensor
+        for name, layer in layers.items()
+        for key, tensor in layer.adapter_parameters().items()
+    }
+    weights_path = directory / WEIGHTS_NAME
+    atomic_save_safetensors(tensors, weights_path, metadata={"format": FORMAT_NAME, "config": config.to_json()})
+    payload = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "library_version": __version__,
+        **config.to_dict(),
+        "modules": _module_table(model),
+        "weights_file": WEIGHTS_NAME,
+        "weights_sha256": file_sha256(weights_path),
+    }
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(payload, indent=2, sort_keys=True))
+    return directory
+
+
+def read_adapter_config(directory: str | os.PathLike) -> tuple[NestedLoraConfig, dict[str, Any]]:
+    """Parse and validate ``adapter_config.json``; returns the config and the raw payload."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise AdapterCheckpointError(f"{path} not found: {directory} is not a saved matryoshka-lora adapter")
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterCheckpointError(f"{path} is corrupted (not valid JSON: {err}); re-save the adapter") from err
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT_NAME:
+        raise AdapterCheckpointError(
+            f"{path} is not a matryoshka-lora adapter config (format={payload.get('format') if isinstance(payload, dict) else None!r}); "
+            "a PEFT LoRA folder loads with peft.PeftModel.from_pretrained"
+        )
+    if payload.get("format_version", 0) > FORMAT_VERSION:
+        raise AdapterCheckpointError(
+            f"{path} has format version {payload['format_version']}, newer than this library supports "
+            f"({FORMAT_VERSION}); upgrade matryoshka-lora"
+        )
+    fields = {k: v for k, v in payload.items() if k in NestedLoraConfig.__dataclass_fields__}
+    try:
+        config = NestedLoraConfig.from_dict(fields)
+    except ValueError as err:
+        raise AdapterCheckpointError(f"{path} holds an invalid config: {err}") from err
+    return config, payload
+
+
+def _read_weights(directory: Path, payload: dict[str, Any]) -> dict[str, torch.Tensor]:
+    path = directory / payload.get("weights_file", WEIGHTS_NAME)
+    if not path.is_file():
+        raise AdapterCheckpointError(f"{path} not found: the adapter folder is incomplete")
+    expected = payload.get("weights_sha256")
+    if expected is not None and file_sha256(path) != expected:
+        raise AdapterCheckpointError(
+            f"{path} is corrupted or truncated (SHA-256 differs from the one recorded in {CONFIG_NAME}); "
+            "restore it from a good copy or re-save the adapter"
+        )
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterCheckpointError(f"{path} could not be read as safetensors ({err}); the file is corrupted") from err
+
+
+def _config_differences(saved: NestedLoraConfig, current: NestedLoraConfig) -> list[str]:
+    return [
+        f"{field}: checkpoint {getattr(saved, field)!r} vs model {getattr(current, field)!r}"
+        for field in _IDENTITY_FIELDS
+        if getattr(saved, field) != getattr(current, field)
+    ]
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Load a saved adapter into ``model``, attaching it first if the model has none.
+
+    Refuses, with an :class:`AdapterCheckpointError` that lists what differs, a
+    checkpoint whose config (R, S, scaling, alpha, normalize, method, targets),
+    module names or shapes do not match the model.
+    """
+    directory = Path(directory)
+    saved_config, payload = read_adapter_config(directory)
+    tensors = _read_weights(directory, payload)
+    attached_here = not adapter_layers(model)
+    if not attached_here:
+        diffs = _config_differences(saved_config, get_config(model))
+        if diffs:
+            raise AdapterCheckpointError(
+                f"adapter in {directory} was trained with another config than the model's adapter: "
+                + "; ".join(diffs)
+            )
+    else:
+        try:
+            attach(model, saved_config)
+        except (ValueError, TypeError) as err:
+            raise AdapterCheckpointError(
+                f"adapter in {directory} does not fit this model ({type(model).__name__}): {err}"
+            ) from err
+    saved_base = saved_config.base_model_name_or_path
+    current_base = get_config(model).base_model_name_or_path
+    if saved_base and current_base and saved_base != current_base:
+        warnings.warn(
+            f"adapter in {directory} was trained on {saved_base!r}, loading into {current_base!r}",
+            stacklevel=2,
+        )
+    try:
+        _copy_tensors(model, tensors, directory)
+    except AdapterCheckpointError:
+        if attached_here:
+            detach(model)  # leave the model as it was given
+        raise
+    return model
+
+
+def _copy_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], directory: Path) -> None:
+    layers = adapter_layers(model)
+    expected = {f"{n}.{k}": p for n, layer in layers.items() for k, p in layer.adapter_parameters().items()}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensors missing from the checkpoint (e.g. {missing[:3]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} checkpoint tensors have no module in the model (e.g. {unexpected[:3]})")
+    shapes = [
+        f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(p.shape)}"
+        for k, p in expected.items()
+        if k in tensors and tensors[k].shape != p.shape
+    ]
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatches (e.g. {shapes[:3]})")
+    if problems:
+        raise AdapterCheckpointError(
+            f"adapter in {directory} does not fit this model ({type(model).__name__}), "
+            "it was saved from another architecture or config: " + "; ".join(problems)
+        )
+    with torch.no_grad():
+        for key, param in expected.items():
+            param.copy_(tensors[key].to(dtype=param.dtype, device=param.device))

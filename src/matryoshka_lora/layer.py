@@ -1,0 +1,239 @@
+"""The adapter layer: one class for LoRA, DyLoRA and MatryoshkaLoRA.
+
+Layout follows PEFT: ``lora_A`` has shape (R, in), ``lora_B`` (out, R) and the
+adapter adds ``((x @ A.T) * p) @ B.T`` to the frozen base output, with ``p`` the
+diagonal of P (see :mod:`matryoshka_lora.nesting`).
+
+State of a layer (all plain Python attributes, no process-global state):
+
+* ``active_rank = None``: the method's training function at full rank
+  (LoRA: ``p = s(R)``; Matryoshka: the fixed P; DyLoRA: the first ``b =
+  sampled_rank`` components scaled by ``s(b)``; ``matryoshka_exact``: the masked
+  sum ``sum_{r in S} w_r s(r) x A[:r].T B[:, :r].T``).
+* ``active_rank = r``: the rank-r adapter, ``((x @ A[:r].T) * q) @ B[:, :r].T``
+  with ``q = inference_p(...)`` (``paper``: s(r); ``trained``: p[:r]).
+* ``merged``: the adapter (at the rank it was merged at) is folded into the base
+  weight and the forward is the base layer alone.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import NestedLoraConfig
+from .nesting import check_rank, inference_p, rank_scale, training_p
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def conv1d_type() -> type[nn.Module] | None:
+    """transformers' GPT-2 ``Conv1D`` (weight stored (in, out)), if transformers is importable."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    return Conv1D
+
+
+def wrappable_types() -> tuple[type[nn.Module], ...]:
+    conv1d = conv1d_type()
+    return (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
+
+
+@runtime_checkable
+class NestedAdapter(Protocol):
+    """What whole-model operations rely on: found by protocol, not by parameter names."""
+
+    max_rank: int
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]: ...
+
+    def set_rank(self, rank: int | None) -> None: ...
+
+    def merge(self, rank: int | None = None) -> None: ...
+
+    def unmerge(self) -> None: ...
+
+
+class NestedLoraLinear(nn.Module):
+    """A frozen ``nn.Linear`` (or GPT-2 ``Conv1D``) plus a nested-rank LoRA adapter."""
+
+    def __init__(self, base_layer: nn.Module, config: NestedLoraConfig) -> None:
+        super().__init__()
+        if not isinstance(base_layer, wrappable_types()):
+            raise TypeError(
+                f"cannot wrap {type(base_layer).__name__}: only torch.nn.Linear and "
+                "transformers' Conv1D are supported"
+            )
+        self.base_layer = base_layer
+        weight = base_layer.weight
+        self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)  # Conv1D stores (in, out)
+        if self.fan_in_fan_out:
+            self.in_features, self.out_features = weight.shape[0], weight.shape[1]
+        else:
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+
+        self.max_rank = config.r
+        self.method = config.method
+        self.train_ranks = tuple(config.train_ranks)
+        self.scaling = config.scaling
+        self.alpha = config.alpha
+        self.normalize = config.normalize
+        self.inference_scale = config.inference_scale
+        self.init_a = config.init_a
+        self.dylora_update = config.dylora_update
+
+        dtype = weight.dtype if config.adapter_dtype is None else _DTYPES[config.adapter_dtype]
+        if not dtype.is_floating_point:
+            raise TypeError(f"cannot attach a float adapter to a {dtype} weight; set adapter_dtype")
+        self.lora_A = nn.Parameter(torch.empty(self.max_rank, self.in_features, dtype=dtype, device=weight.device))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, self.max_rank, dtype=dtype, device=weight.device))
+        self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+        p = training_p(self.method, self.max_rank, self.train_ranks, self.scaling, self.alpha, self.normalize)
+        self.register_buffer("train_p", p.to(torch.float32).to(weight.device), persistent=False)
+        self.register_buffer("rank_p", self.train_p.clone(), persistent=False)
+        self.active_rank: int | None = None
+        self.sampled_rank: int | None = None
+        self.disabled = False
+        self.merged = False
+        self.merged_rank: int | None = None
+        self.reset_adapter_parameters()
+
+    # ------------------------------------------------------------------ setup
+    def reset_adapter_parameters(self) -> None:
+        """A ~ U(+-1/sqrt(in)) (``peft``) or U(+-1/sqrt(R)) (``authors``); B = 0."""
+        fan_in = self.in_features if self.init_a == "peft" else self.max_rank
+        bound = 1.0 / math.sqrt(fan_in)
+        with torch.no_grad():
+            self.lora_A.uniform_(-bound, bound)
+            self.lora_B.zero_()
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        return {"lora_A": self.lora_A, "lora_B": self.lora_B}
+
+    # ------------------------------------------------------------------ rank state
+    def set_rank(self, rank: int | None) -> None:
+        """Deploy the rank-``rank`` adapter (None: the full training function)."""
+        if self.merged:
+            raise RuntimeError("cannot change the rank of a merged adapter: call unmerge() first")
+        if rank is None:
+            self.active_rank = None
+            return
+        check_rank(rank, self.max_rank)
+        self.rank_p = self._deployed_scales(rank).to(device=self.train_p.device)
+        self.active_rank = rank
+
+    def set_sampled_rank(self, rank: int | None) -> None:
+        """Set DyLoRA's sampled prefix ``b`` (None: b = R)."""
+        if rank is not None:
+            check_rank(rank, self.max_rank, "sampled rank b")
+        self.sampled_rank = rank
+
+    def set_inference_scale(self, inference_scale: str) -> None:
+        """Switch between ``paper`` and ``trained`` scales for the active rank."""
+        if self.merged:
+            raise RuntimeError("cannot change the inference scale of a merged adapter: call unmerge() first")
+        inference_p(self.method, 1, self.max_rank, self.train_ranks, inference_scale=inference_scale)
+        self.inference_scale = inference_scale
+        if self.active_rank is not None:
+            self.set_rank(self.active_rank)
+
+    def _deployed_scales(self, rank: int | None) -> torch.Tensor:
+        """Per-component scales (fp32) of the adapter deployed at ``rank`` (None: full)."""
+        if rank is None:
+            return self.train_p.float()
+        return inference_p(
+            self.method, rank, self.max_rank, self.train_ranks, self.scaling,
+            self.alpha, self.normalize, self.inference_scale,
+        ).to(torch.float32)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged or self.disabled:
+            return result
+        return result + self.adapter_output(x).to(result.dtype)
+
+    def adapter_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's additive output for input ``x`` (before the base output is added)."""
+        x = self.lora_dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_A.dtype)
+        if self.active_rank is not None:
+            r = self.active_rank
+            return self._scaled_lora(x, self.lora_A[:r], self.lora_B[:, :r], self.rank_p)
+        if self.method == "dylora":
+            return self._dylora_output(x)
+        if self.method == "matryoshka_exact":
+            return self._masked_sum_output(x)
+        return self._scaled_lora(x, self.lora_A, self.lora_B, self.train_p)
+
+    @staticmethod
+    def _scaled_lora(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        z = F.linear(x, a)
+        return F.linear(z * p.to(z.dtype), b)
+
+    def _dylora_output(self, x: torch.Tensor) -> torch.Tensor:
+        """First ``b`` components only (sliced, so a small b costs less), scaled by s(b)."""
+        b = self.max_rank if self.sampled_rank is None else self.sampled_rank
+        a, bm = self.lora_A[:b], self.lora_B[:, :b]
+        if self.dylora_update == "last" and b > 1:
+            a = torch.cat([a[: b - 1].detach(), a[b - 1 :]], dim=0)
+            bm = torch.cat([bm[:, : b - 1].detach(), bm[:, b - 1 :]], dim=1)
+        z = F.linear(x, a)
+        return F.linear(z * rank_scale(b, self.scaling, self.alpha), bm)
+
+    def _masked_sum_output(self, x: torch.Tensor) -> torch.Tensor:
+        """Test oracle: ``sum_{r in S} w_r s(r) x A[:r].T B[:, :r].T`` (|S| LoRA forwards)."""
+        weight = 1.0 / len(self.train_ranks) if self.normalize == "mean" else 1.0
+        out = None
+        for r in self.train_ranks:
+            term = F.linear(F.linear(x, self.lora_A[:r]), self.lora_B[:, :r])
+            term = term * (weight * rank_scale(r, self.scaling, self.alpha))
+            out = term if out is None else out + term
+        return out
+
+    # ------------------------------------------------------------------ merge
+    def delta_weight(self, rank: int | None = None) -> torch.Tensor:
+        """The update ``B[:, :r] diag(q) A[:r]`` of shape (out, in), in fp32.
+
+        ``rank=None`` gives the full training function's update (DyLoRA: b = R).
+        ``matryoshka_exact`` collapses to the same diagonal P as ``matryoshka``.
+        """
+        r = self.max_rank if rank is None else check_rank(rank, self.max_rank)
+        q = self._deployed_scales(rank).to(self.lora_A.device)
+        return (self.lora_B[:, :r].float() * q) @ self.lora_A[:r].float()
+
+    def merge(self, rank: int | None = None) -> None:
+        """Fold the rank-``rank`` adapter into the base weight (None: the active rank)."""
+        if self.merged:
+            raise RuntimeError("adapter is already merged: call unmerge() before merging again")
+        rank = self.active_rank if rank is None else check_rank(rank, self.max_rank)
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            delta = self.delta_weight(rank)
+            weight.add_((delta.T if self.fan_in_fan_out else delta).to(weight.dtype))
+        self.merged, self.merged_rank = True, rank
+
+    def unmerge(self) -> None:
+        """Subtract the merged update again (exact up to floating-point rounding)."""
+        if not self.merged:
+            raise RuntimeError("adapter is not merged: nothing to unmerge")
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            delta = self.delta_weight(self.merged_rank)
+            weight.sub_((delta.T if self.fan_in_fan_out else delta).to(weight.dtype))
+        self.merged, self.merged_rank = False, None
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, R={self.max_rank}, "
+            f"method={self.method}, train_ranks={list(self.train_ranks)}, scaling={self.scaling}, "
+            f"alpha={self.alpha}, normalize={self.normalize}, inference_scale={self.inference_scale}"
+        )

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny models built from configs (no hub access)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
+
+
+def make_tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    config._name_or_path = "tiny-llama"
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def make_tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    config._name_or_path = "tiny-gpt2"
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture
+def tiny_llama() -> LlamaForCausalLM:
+    return make_tiny_llama()
+
+
+@pytest.fixture
+def tiny_gpt2() -> GPT2LMHeadModel:
+    return make_tiny_gpt2()
+
+
+@pytest.fixture
+def input_ids() -> torch.Tensor:
+    return torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(123))
