@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from matryoshka_lora import NestedLoraConfig, dylora_p, inference_p, lora_p, matryoshka_p, rank_scale
+from matryoshka_lora import (
+    NestedLoraConfig,
+    dylora_p,
+    inference_p,
+    lora_p,
+    matryoshka_p,
+    rank_scale,
+)
 from matryoshka_lora.nesting import powers_of_two_ranks
 
 GOLDEN_R8 = {
@@ -20,12 +27,16 @@ GOLDEN_R8 = {
 @pytest.mark.parametrize("scaling", sorted(GOLDEN_R8))
 def test_matryoshka_p_golden_r8(scaling):
     p = matryoshka_p(8, [1, 2, 4, 8], scaling=scaling)
-    torch.testing.assert_close(p, torch.tensor(GOLDEN_R8[scaling], dtype=torch.float64), atol=5e-6, rtol=0)
+    torch.testing.assert_close(
+        p, torch.tensor(GOLDEN_R8[scaling], dtype=torch.float64), atol=5e-6, rtol=0
+    )
 
 
 def test_matryoshka_p_golden_r32_sqrt():
     p = matryoshka_p(32, scaling="sqrt")
-    expected = [2.98744] + [1.98744] + [1.28033] * 2 + [0.78033] * 4 + [0.42678] * 8 + [0.17678] * 16
+    expected = (
+        [2.98744] + [1.98744] + [1.28033] * 2 + [0.78033] * 4 + [0.42678] * 8 + [0.17678] * 16
+    )
     torch.testing.assert_close(p, torch.tensor(expected, dtype=torch.float64), atol=5e-6, rtol=0)
 
 
@@ -72,7 +83,9 @@ def test_inference_p_modes():
     paper = inference_p("matryoshka", 4, 8, ranks, "sqrt", inference_scale="paper")
     torch.testing.assert_close(paper, torch.full((4,), 0.5, dtype=torch.float64))
     trained = inference_p("matryoshka", 4, 8, ranks, "sqrt", inference_scale="trained")
-    torch.testing.assert_close(trained, torch.tensor(GOLDEN_R8["sqrt"][:4], dtype=torch.float64), atol=5e-6, rtol=0)
+    torch.testing.assert_close(
+        trained, torch.tensor(GOLDEN_R8["sqrt"][:4], dtype=torch.float64), atol=5e-6, rtol=0
+    )
     # LoRA keeps s(R) when trained; DyLoRA's trained function at b=r is s(r)
     lora = inference_p("lora", 2, 8, ranks, "sqrt", inference_scale="trained")
     torch.testing.assert_close(lora, torch.full((2,), 1 / math.sqrt(8), dtype=torch.float64))
@@ -123,7 +136,9 @@ def test_bad_ranks_in_pure_functions():
 
 
 def test_config_json_round_trip():
-    config = NestedLoraConfig(r=8, train_ranks=(2, 8), scaling="rank", alpha=4, target_modules="model.*q_proj")
+    config = NestedLoraConfig(
+        r=8, train_ranks=(2, 8), scaling="rank", alpha=4, target_modules="model.*q_proj"
+    )
     again = NestedLoraConfig.from_dict(config.to_dict())
     assert again == config
     with pytest.raises(ValueError, match="unknown adapter config keys \\['rank'\\]"):

@@ -15,10 +15,16 @@ def _info(args: argparse.Namespace) -> int:
     config, payload = read_adapter_config(args.adapter)
     modules = payload.get("modules", {})
     per_rank = {
-        r: sum(r * (m["in_features"] + m["out_features"]) for m in modules.values()) for r in config.eval_ranks
+        r: sum(r * (m["in_features"] + m["out_features"]) for m in modules.values())
+        for r in config.eval_ranks
     }
     if args.json:
-        print(json.dumps({"config": config.to_dict(), "modules": len(modules), "params_per_rank": per_rank}, indent=2))
+        print(
+            json.dumps(
+                {"config": config.to_dict(), "modules": len(modules), "params_per_rank": per_rank},
+                indent=2,
+            )
+        )
         return 0
     print(f"adapter: {args.adapter} (library version {payload.get('library_version')})")
     for key, value in config.to_dict().items():
@@ -37,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="show a saved adapter's config, ranks and parameter counts per rank")
+    info = sub.add_parser(
+        "info", help="show a saved adapter's config, ranks and parameter counts per rank"
+    )
     info.add_argument("adapter", help="folder written by save_adapter")
     info.add_argument("--json", action="store_true", help="print machine-readable JSON")
     info.set_defaults(func=_info)

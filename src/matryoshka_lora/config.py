@@ -67,7 +67,15 @@ class NestedLoraConfig:
     alpha: float = 1.0
     normalize: str = "none"
     target_modules: list[str] | str = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
     )
     dropout: float = 0.0
     init_a: str = "peft"
@@ -90,7 +98,11 @@ class NestedLoraConfig:
         if self.eval_ranks is None:
             self.eval_ranks = self.train_ranks
         self.eval_ranks = check_rank_list(self.eval_ranks, self.r, "eval ranks")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or self.alpha <= 0:
+        if (
+            isinstance(self.alpha, bool)
+            or not isinstance(self.alpha, int | float)
+            or self.alpha <= 0
+        ):
             raise ValueError(f"alpha must be a positive number, got {self.alpha!r}")
         self.alpha = float(self.alpha)
         if not 0.0 <= self.dropout < 1.0:
@@ -105,7 +117,11 @@ class NestedLoraConfig:
                 f"target_modules must be a non-empty list of module-name suffixes or a regex string, "
                 f"got {self.target_modules!r}"
             )
-        if self.adapter_dtype is not None and self.adapter_dtype not in ("float32", "float16", "bfloat16"):
+        if self.adapter_dtype is not None and self.adapter_dtype not in (
+            "float32",
+            "float16",
+            "bfloat16",
+        ):
             raise ValueError(
                 f"adapter_dtype must be 'float32', 'bfloat16', 'float16' or None, got {self.adapter_dtype!r}"
             )

@@ -59,7 +59,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_save_safetensors(
-    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+    tensors: dict[str, torch.Tensor],
+    path: str | os.PathLike,
+    metadata: dict[str, str] | None = None,
 ) -> None:
     """Atomically write ``tensors`` (made contiguous, on CPU) as a safetensors file."""
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
@@ -97,7 +99,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
         for key, tensor in layer.adapter_parameters().items()
     }
     weights_path = directory / WEIGHTS_NAME
-    atomic_save_safetensors(tensors, weights_path, metadata={"format": FORMAT_NAME, "config": config.to_json()})
+    atomic_save_safetensors(
+        tensors, weights_path, metadata={"format": FORMAT_NAME, "config": config.to_json()}
+    )
     payload = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -115,11 +119,15 @@ def read_adapter_config(directory: str | os.PathLike) -> tuple[NestedLoraConfig,
     """Parse and validate ``adapter_config.json``; returns the config and the raw payload."""
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
-        raise AdapterCheckpointError(f"{path} not found: {directory} is not a saved matryoshka-lora adapter")
+        raise AdapterCheckpointError(
+            f"{path} not found: {directory} is not a saved matryoshka-lora adapter"
+        )
     try:
         payload = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterCheckpointError(f"{path} is corrupted (not valid JSON: {err}); re-save the adapter") from err
+        raise AdapterCheckpointError(
+            f"{path} is corrupted (not valid JSON: {err}); re-save the adapter"
+        ) from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_NAME:
         raise AdapterCheckpointError(
             f"{path} is not a matryoshka-lora adapter config (format={payload.get('format') if isinstance(payload, dict) else None!r}); "
@@ -151,7 +159,9 @@ def _read_weights(directory: Path, payload: dict[str, Any]) -> dict[str, torch.T
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as err:
-        raise AdapterCheckpointError(f"{path} could not be read as safetensors ({err}); the file is corrupted") from err
+        raise AdapterCheckpointError(
+            f"{path} could not be read as safetensors ({err}); the file is corrupted"
+        ) from err
 
 
 def _config_differences(saved: NestedLoraConfig, current: NestedLoraConfig) -> list[str]:
@@ -205,14 +215,18 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
 
 def _copy_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], directory: Path) -> None:
     layers = adapter_layers(model)
-    expected = {f"{n}.{k}": p for n, layer in layers.items() for k, p in layer.adapter_parameters().items()}
+    expected = {
+        f"{n}.{k}": p for n, layer in layers.items() for k, p in layer.adapter_parameters().items()
+    }
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     problems = []
     if missing:
         problems.append(f"{len(missing)} tensors missing from the checkpoint (e.g. {missing[:3]})")
     if unexpected:
-        problems.append(f"{len(unexpected)} checkpoint tensors have no module in the model (e.g. {unexpected[:3]})")
+        problems.append(
+            f"{len(unexpected)} checkpoint tensors have no module in the model (e.g. {unexpected[:3]})"
+        )
     shapes = [
         f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(p.shape)}"
         for k, p in expected.items()

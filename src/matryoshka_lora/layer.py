@@ -91,12 +91,20 @@ class NestedLoraLinear(nn.Module):
         dtype = weight.dtype if config.adapter_dtype is None else _DTYPES[config.adapter_dtype]
         if not dtype.is_floating_point:
             raise TypeError(f"cannot attach a float adapter to a {dtype} weight; set adapter_dtype")
-        self.lora_A = nn.Parameter(torch.empty(self.max_rank, self.in_features, dtype=dtype, device=weight.device))
-        self.lora_B = nn.Parameter(torch.empty(self.out_features, self.max_rank, dtype=dtype, device=weight.device))
+        self.lora_A = nn.Parameter(
+            torch.empty(self.max_rank, self.in_features, dtype=dtype, device=weight.device)
+        )
+        self.lora_B = nn.Parameter(
+            torch.empty(self.out_features, self.max_rank, dtype=dtype, device=weight.device)
+        )
         self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
-        p = training_p(self.method, self.max_rank, self.train_ranks, self.scaling, self.alpha, self.normalize)
-        self.register_buffer("train_p", p.to(torch.float32).to(weight.device), persistent=False)
+        # P is kept in fp32 (fp64 for fp64 adapters): bf16 would round p_1 = 2.98744 to 2.984.
+        self._p_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        p = training_p(
+            self.method, self.max_rank, self.train_ranks, self.scaling, self.alpha, self.normalize
+        )
+        self.register_buffer("train_p", p.to(self._p_dtype).to(weight.device), persistent=False)
         self.register_buffer("rank_p", self.train_p.clone(), persistent=False)
         self.active_rank: int | None = None
         self.sampled_rank: int | None = None
@@ -138,20 +146,30 @@ class NestedLoraLinear(nn.Module):
     def set_inference_scale(self, inference_scale: str) -> None:
         """Switch between ``paper`` and ``trained`` scales for the active rank."""
         if self.merged:
-            raise RuntimeError("cannot change the inference scale of a merged adapter: call unmerge() first")
-        inference_p(self.method, 1, self.max_rank, self.train_ranks, inference_scale=inference_scale)
+            raise RuntimeError(
+                "cannot change the inference scale of a merged adapter: call unmerge() first"
+            )
+        inference_p(
+            self.method, 1, self.max_rank, self.train_ranks, inference_scale=inference_scale
+        )
         self.inference_scale = inference_scale
         if self.active_rank is not None:
             self.set_rank(self.active_rank)
 
     def _deployed_scales(self, rank: int | None) -> torch.Tensor:
-        """Per-component scales (fp32) of the adapter deployed at ``rank`` (None: full)."""
+        """Per-component scales of the adapter deployed at ``rank`` (None: full)."""
         if rank is None:
-            return self.train_p.float()
+            return self.train_p
         return inference_p(
-            self.method, rank, self.max_rank, self.train_ranks, self.scaling,
-            self.alpha, self.normalize, self.inference_scale,
-        ).to(torch.float32)
+            self.method,
+            rank,
+            self.max_rank,
+            self.train_ranks,
+            self.scaling,
+            self.alpha,
+            self.normalize,
+            self.inference_scale,
+        ).to(self._p_dtype)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -175,7 +193,9 @@ class NestedLoraLinear(nn.Module):
         return self._scaled_lora(x, self.lora_A, self.lora_B, self.train_p)
 
     @staticmethod
-    def _scaled_lora(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    def _scaled_lora(
+        x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, p: torch.Tensor
+    ) -> torch.Tensor:
         z = F.linear(x, a)
         return F.linear(z * p.to(z.dtype), b)
 
@@ -201,14 +221,14 @@ class NestedLoraLinear(nn.Module):
 
     # ------------------------------------------------------------------ merge
     def delta_weight(self, rank: int | None = None) -> torch.Tensor:
-        """The update ``B[:, :r] diag(q) A[:r]`` of shape (out, in), in fp32.
+        """The update ``B[:, :r] diag(q) A[:r]`` of shape (out, in), in fp32 (or fp64).
 
         ``rank=None`` gives the full training function's update (DyLoRA: b = R).
         ``matryoshka_exact`` collapses to the same diagonal P as ``matryoshka``.
         """
         r = self.max_rank if rank is None else check_rank(rank, self.max_rank)
         q = self._deployed_scales(rank).to(self.lora_A.device)
-        return (self.lora_B[:, :r].float() * q) @ self.lora_A[:r].float()
+        return (self.lora_B[:, :r].to(q.dtype) * q) @ self.lora_A[:r].to(q.dtype)
 
     def merge(self, rank: int | None = None) -> None:
         """Fold the rank-``rank`` adapter into the base weight (None: the active rank)."""

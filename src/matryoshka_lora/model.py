@@ -29,7 +29,13 @@ def _describe_targets(targets: list[str] | str) -> str:
 
 def _linear_suffixes(model: nn.Module) -> list[str]:
     types = wrappable_types()
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, types) and name})
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, m in model.named_modules()
+            if isinstance(m, types) and name
+        }
+    )
 
 
 def adapter_layers(model: nn.Module) -> dict[str, NestedAdapter]:
@@ -70,7 +76,9 @@ def attach(model: nn.Module, config: NestedLoraConfig | None = None, **overrides
     if overrides:
         config = config.replace(**overrides)
     if adapter_layers(model):
-        raise ValueError("the model already has nested-LoRA adapters: detach(model) before attaching again")
+        raise ValueError(
+            "the model already has nested-LoRA adapters: detach(model) before attaching again"
+        )
     if config.base_model_name_or_path is None:
         name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
         config = config.replace(base_model_name_or_path=name)
@@ -120,7 +128,9 @@ def detach(model: nn.Module) -> nn.Module:
     layers = _require_adapters(model)
     merged = [n for n, m in layers.items() if m.merged]
     if merged:
-        raise RuntimeError(f"{len(merged)} adapters are merged into their base weights: call unmerge(model) first")
+        raise RuntimeError(
+            f"{len(merged)} adapters are merged into their base weights: call unmerge(model) first"
+        )
     _unwrap_all(model)
     return model
 
@@ -241,7 +251,9 @@ def parameter_summary(model: nn.Module) -> ParameterSummary:
     layers = _require_adapters(model)
     config = getattr(model, CONFIG_ATTRIBUTE, None)
     ranks = config.eval_ranks if config is not None else (max(m.max_rank for m in layers.values()),)
-    per_rank = {r: sum(r * (m.in_features + m.out_features) for m in layers.values()) for r in ranks}
+    per_rank = {
+        r: sum(r * (m.in_features + m.out_features) for m in layers.values()) for r in ranks
+    }
     params = list(model.parameters())
     adapter = sum(p.numel() for m in layers.values() for p in m.adapter_parameters().values())
     return ParameterSummary(

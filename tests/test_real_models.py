@@ -1,0 +1,70 @@
+"""Integration on the packaged real models (SmolLM2-135M-Instruct, all-MiniLM-L6-v2)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import matryoshka_lora as ml
+from matryoshka_lora.assets import SMOLLM2_HUB_ID, load_causal_lm, minilm_dir
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_causal_lm("smollm2")
+
+
+def test_smollm2_all_paper_projections(smollm2, tmp_path):
+    model, tokenizer = smollm2
+    batch = tokenizer(
+        ["Question: What is 2+3?\nAnswer: 5", "Question: Name a colour.\nAnswer: red"],
+        return_tensors="pt",
+        padding=True,
+    )
+    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+    with torch.no_grad():
+        base_logits = model(**batch).logits
+    ml.attach(model, ml.NestedLoraConfig(r=8))
+    try:
+        layers = ml.adapter_layers(model)
+        assert len(layers) == 30 * 7
+        assert ml.get_config(model).base_model_name_or_path == SMOLLM2_HUB_ID
+        with torch.no_grad():
+            torch.testing.assert_close(model(**batch).logits, base_logits, atol=0, rtol=0)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        losses = []
+        for _ in range(4):
+            loss = model(**batch, labels=labels).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        assert losses[-1] < losses[0]
+        with torch.no_grad(), ml.at_rank(model, 2):
+            rank2 = model(**batch).logits
+        ml.save_adapter(model, tmp_path)
+    finally:
+        ml.detach(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, base_logits, atol=0, rtol=0)
+    ml.load_adapter(model, tmp_path)
+    try:
+        with torch.no_grad(), ml.at_rank(model, 2):
+            torch.testing.assert_close(model(**batch).logits, rank2, atol=0, rtol=0)
+    finally:
+        ml.detach(model)
+
+
+def test_minilm_classifier_attach():
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = minilm_dir()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=3).eval()
+    ml.attach(model, ml.NestedLoraConfig(r=4, target_modules=["query", "value"]))
+    assert len(ml.adapter_layers(model)) == 6 * 2
+    batch = tokenizer(["great drug", "terrible side effects"], return_tensors="pt", padding=True)
+    with ml.at_rank(model, 1), torch.no_grad():
+        assert model(**batch).logits.shape == (2, 3)
