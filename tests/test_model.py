@@ -190,3 +190,18 @@ def test_tiny_models_train_a_few_steps(make, targets, method):
     with torch.no_grad():
         final = model(ids, labels=ids).loss.item()
     assert final < losses[0] - 0.1
+
+
+def test_reconfigure_reinterprets_factors(tiny_llama, input_ids):
+    ml.attach(tiny_llama, ml.NestedLoraConfig(r=4, target_modules=["q_proj"]))
+    randomise_b(tiny_llama)
+    layer = tiny_llama.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 32)
+    ml.set_rank(tiny_llama, 2)
+    config = ml.reconfigure(tiny_llama, method="lora", scaling="none", alpha=1.0)
+    assert config.method == "lora" and ml.get_config(tiny_llama) == config
+    assert layer.active_rank == 2  # rank kept, scales recomputed
+    want = layer.base_layer(x) + x @ layer.lora_A[:2].T @ layer.lora_B[:, :2].T
+    torch.testing.assert_close(layer(x), want)
+    with pytest.raises(ValueError, match="cannot change \\['r'\\]"):
+        ml.reconfigure(tiny_llama, r=8)

@@ -79,14 +79,7 @@ class NestedLoraLinear(nn.Module):
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
 
         self.max_rank = config.r
-        self.method = config.method
-        self.train_ranks = tuple(config.train_ranks)
-        self.scaling = config.scaling
-        self.alpha = config.alpha
-        self.normalize = config.normalize
-        self.inference_scale = config.inference_scale
         self.init_a = config.init_a
-        self.dylora_update = config.dylora_update
 
         dtype = weight.dtype if config.adapter_dtype is None else _DTYPES[config.adapter_dtype]
         if not dtype.is_floating_point:
@@ -101,17 +94,40 @@ class NestedLoraLinear(nn.Module):
 
         # P is kept in fp32 (fp64 for fp64 adapters): bf16 would round p_1 = 2.98744 to 2.984.
         self._p_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        p = training_p(
-            self.method, self.max_rank, self.train_ranks, self.scaling, self.alpha, self.normalize
-        )
-        self.register_buffer("train_p", p.to(self._p_dtype).to(weight.device), persistent=False)
-        self.register_buffer("rank_p", self.train_p.clone(), persistent=False)
+        empty = torch.empty(0, dtype=self._p_dtype, device=weight.device)
+        self.register_buffer("train_p", empty, persistent=False)
+        self.register_buffer("rank_p", empty.clone(), persistent=False)
         self.active_rank: int | None = None
         self.sampled_rank: int | None = None
         self.disabled = False
         self.merged = False
         self.merged_rank: int | None = None
+        self.apply_scale_config(config)
         self.reset_adapter_parameters()
+
+    def apply_scale_config(self, config: NestedLoraConfig) -> None:
+        """(Re)set the fields that define P and the deployed scales; keeps A and B.
+
+        Used at construction and to reinterpret trained factors (e.g. an SVD
+        re-basis is a ``lora`` adapter with ``scaling="none"``). ``config.r``
+        must equal this layer's R.
+        """
+        if config.r != self.max_rank:
+            raise ValueError(f"config has R={config.r} but this layer has R={self.max_rank}")
+        if self.merged:
+            raise RuntimeError("cannot change the scales of a merged adapter: call unmerge() first")
+        self.method = config.method
+        self.train_ranks = tuple(config.train_ranks)
+        self.scaling = config.scaling
+        self.alpha = config.alpha
+        self.normalize = config.normalize
+        self.inference_scale = config.inference_scale
+        self.dylora_update = config.dylora_update
+        p = training_p(
+            self.method, self.max_rank, self.train_ranks, self.scaling, self.alpha, self.normalize
+        )
+        self.train_p = p.to(dtype=self._p_dtype, device=self.train_p.device)
+        self.set_rank(self.active_rank)
 
     # ------------------------------------------------------------------ setup
     def reset_adapter_parameters(self) -> None:

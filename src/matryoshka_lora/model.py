@@ -180,6 +180,24 @@ def set_inference_scale(model: nn.Module, inference_scale: str) -> None:
         setattr(model, CONFIG_ATTRIBUTE, config.replace(inference_scale=inference_scale))
 
 
+def reconfigure(model: nn.Module, **changes) -> NestedLoraConfig:
+    """Change scale-defining fields (method, scaling, alpha, normalize, train/eval ranks,
+    inference scale, dylora_update) of every adapter in place, keeping A and B.
+
+    R and the targets cannot change (they define the tensors). Returns the new config.
+    """
+    frozen = {"r", "target_modules"} & set(changes)
+    if frozen:
+        raise ValueError(
+            f"reconfigure cannot change {sorted(frozen)}: they define the adapter tensors"
+        )
+    config = get_config(model).replace(**changes)
+    for layer in _require_adapters(model).values():
+        layer.apply_scale_config(config)
+    setattr(model, CONFIG_ATTRIBUTE, config)
+    return config
+
+
 @contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the frozen base model alone (the rank-0 reference)."""
