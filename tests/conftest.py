@@ -45,3 +45,32 @@ def tiny_gpt2() -> GPT2LMHeadModel:
 @pytest.fixture
 def input_ids() -> torch.Tensor:
     return torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(123))
+
+
+CHAR_ALPHABET = list(
+    "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ \n.,:?!#$%+-*/=()'\""
+)
+
+
+def make_char_tokenizer():
+    """A character-level fast tokenizer (85 tokens, fits the tiny models' vocab of 97), offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials + CHAR_ALPHABET)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+    )
+
+
+@pytest.fixture
+def char_tokenizer():
+    return make_char_tokenizer()

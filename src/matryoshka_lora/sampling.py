@@ -1,0 +1,79 @@
+"""Rank samplers: which prefix ``b`` DyLoRA trains at each step (method.md §4).
+
+A sampler is stateless: ``b`` is a pure function of ``(seed, step, micro_step)``,
+drawn from a counter-based generator (NumPy's ``SeedSequence`` hashes the three
+integers). So every data-parallel process computes the same ``b`` for the same
+step without communicating, and a resumed run draws the same sequence as an
+uninterrupted one without saving generator state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from .nesting import _check_choice, check_max_rank, check_train_ranks
+
+DISTRIBUTIONS = ("train_ranks", "uniform")
+FREQUENCIES = ("micro_batch", "step")
+
+
+@dataclass(frozen=True)
+class RankSampler:
+    """Draws DyLoRA's rank ``b``.
+
+    Attributes:
+        max_rank: R.
+        train_ranks: S (used by ``distribution="train_ranks"``).
+        distribution: ``train_ranks`` (b uniform over S, the authors' baseline) or
+            ``uniform`` (b uniform over 1..R, the original DyLoRA paper).
+        per: ``micro_batch`` (a new b for every micro-batch, as the authors' code:
+            one accumulated step mixes several b) or ``step`` (one b per
+            optimizer step, shared by its micro-batches).
+        seed: base seed; the same seed gives the same sequence in every process.
+    """
+
+    max_rank: int
+    train_ranks: tuple[int, ...]
+    distribution: str = "train_ranks"
+    per: str = "micro_batch"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_max_rank(self.max_rank)
+        object.__setattr__(self, "train_ranks", check_train_ranks(self.train_ranks, self.max_rank))
+        _check_choice("sampler distribution", self.distribution, DISTRIBUTIONS)
+        _check_choice("sampler frequency (per)", self.per, FREQUENCIES)
+
+    @property
+    def support(self) -> tuple[int, ...]:
+        """The ranks b can take, each with equal probability."""
+        if self.distribution == "train_ranks":
+            return self.train_ranks
+        return tuple(range(1, self.max_rank + 1))
+
+    def rank_for(self, step: int, micro_step: int = 0) -> int:
+        """``b`` for optimizer step ``step`` and micro-batch ``micro_step`` within it."""
+        key = [self.seed & 0xFFFFFFFF, step, 0 if self.per == "step" else micro_step]
+        index = np.random.default_rng(np.random.SeedSequence(key)).integers(len(self.support))
+        return self.support[int(index)]
+
+    def apply(self, model: nn.Module, step: int, micro_step: int = 0) -> int:
+        """Draw ``b`` and set it on every adapter of ``model`` (one b for all layers)."""
+        from .model import set_sampled_rank
+
+        b = self.rank_for(step, micro_step)
+        set_sampled_rank(model, b)
+        return b
+
+    def state_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["train_ranks"] = list(self.train_ranks)
+        return data
+
+    @classmethod
+    def from_state_dict(cls, data: dict[str, Any]) -> RankSampler:
+        return cls(**{**data, "train_ranks": tuple(data["train_ranks"])})

@@ -1,0 +1,326 @@
+"""A plain PyTorch training loop for nested adapters (no Trainer needed).
+
+AdamW with a linear schedule and warm-up, gradient accumulation, gradient
+clipping, optional autocast, a tqdm progress bar (loss, DyLoRA rank, tokens/s),
+seeding, periodic atomic checkpoints and exact resume. Under ``torchrun``
+(``WORLD_SIZE > 1``) it runs data-parallel with DDP (gloo on CPU, nccl on GPU):
+each optimizer micro-step takes one global batch of ``batch_size * world_size``
+examples in a seeded order and gives each process its slice, so a run on N
+processes computes the same update as one process with the same global batch.
+
+Reproducibility: the data order of epoch ``e`` is a permutation seeded by
+``(seed, e)``, DyLoRA's rank is a function of ``(seed, step, micro_step)``
+(see :mod:`matryoshka_lora.sampling`), and checkpoints hold the RNG state, so a
+run resumed from a checkpoint ends bit-identical (on CPU, deterministic ops) to
+the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..io import atomic_write_text, save_adapter
+from ..model import adapter_layers, get_config, set_sampled_rank
+from ..sampling import RankSampler
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; training stopped before the bad update."""
+
+
+@dataclass
+class TrainConfig:
+    """Settings of :func:`train_adapter` (per-process micro-batch ``batch_size``)."""
+
+    output_dir: str = "runs/matryoshka-lora"
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    max_steps: int | None = None
+    epochs: float = 1.0
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float | None = 1.0
+    autocast_dtype: str | None = None  # "bfloat16" or "float16"
+    seed: int = 42
+    save_every: int | None = None
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    progress: bool = True
+    sampler_distribution: str = "train_ranks"
+    sampler_per: str = "micro_batch"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        for name in ("batch_size", "gradient_accumulation_steps", "keep_checkpoints", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.autocast_dtype not in (None, "bfloat16", "float16"):
+            raise ValueError(
+                f"autocast_dtype must be None, 'bfloat16' or 'float16', got {self.autocast_dtype!r}"
+            )
+        self.adam_betas = tuple(self.adam_betas)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    losses: list[float]
+    adapter_dir: Path
+    resumed_from: int | None
+    seconds: float
+    tokens: int
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size), initialising the process group under torchrun if needed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def _micro_batches(dataset, collate, config: TrainConfig, rank: int, world: int, start: int):
+    """Yield (global micro index, this process's batch) forever, from micro index ``start``."""
+    global_batch = config.batch_size * world
+    per_epoch = len(dataset) // global_batch
+    if per_epoch == 0:
+        raise ValueError(
+            f"the dataset has {len(dataset)} examples, fewer than one global batch "
+            f"({config.batch_size} x {world} processes)"
+        )
+    index = start
+    while True:
+        epoch, position = divmod(index, per_epoch)
+        order = epoch_order(len(dataset), config.seed, epoch)
+        while position < per_epoch:
+            chunk = order[position * global_batch : (position + 1) * global_batch]
+            mine = chunk[rank * config.batch_size : (rank + 1) * config.batch_size]
+            yield index, collate([dataset[i] for i in mine])
+            index += 1
+            position += 1
+
+
+def _move(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _all_finite(loss: torch.Tensor) -> bool:
+    finite = torch.tensor([1.0 if torch.isfinite(loss).all() else 0.0], device=loss.device)
+    if dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item() == 1.0)
+
+
+def total_steps(n_examples: int, config: TrainConfig, world: int = 1) -> int:
+    if config.max_steps is not None:
+        return config.max_steps
+    per_epoch = n_examples // (config.batch_size * world)
+    return max(1, math.floor(config.epochs * per_epoch / config.gradient_accumulation_steps))
+
+
+def train_adapter(
+    model: nn.Module,
+    dataset: torch.utils.data.Dataset,
+    config: TrainConfig,
+    collate: Callable[[list[dict]], dict[str, torch.Tensor]],
+    *,
+    resume: bool | str = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Train the adapters attached to ``model`` on ``dataset``.
+
+    ``resume=True`` continues from the newest complete checkpoint in
+    ``<output_dir>/checkpoints`` if there is one; a path resumes from that
+    checkpoint; ``False`` starts afresh. ``on_step(step, loss)`` is called after
+    every optimizer step (tests use it to simulate a crash). The final adapter
+    is saved to ``<output_dir>/adapter``.
+    """
+    rank, world = _distributed()
+    layers = adapter_layers(model)
+    if not layers:
+        raise ValueError("the model has no nested-LoRA adapter: call attach(model, config) first")
+    adapter_config = get_config(model)
+    device = next(iter(layers.values())).lora_A.device
+    output = Path(config.output_dir)
+    checkpoints = output / "checkpoints"
+    torch.manual_seed(config.seed)
+
+    sampler = None
+    if adapter_config.method == "dylora":
+        sampler = RankSampler(
+            adapter_config.r,
+            adapter_config.train_ranks,
+            config.sampler_distribution,
+            config.sampler_per,
+            config.seed,
+        )
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=config.learning_rate, weight_decay=config.weight_decay, betas=config.adam_betas
+    )
+    steps = total_steps(len(dataset), config, world)
+    from transformers import get_linear_schedule_with_warmup
+
+    scheduler = get_linear_schedule_with_warmup(optimizer, config.warmup_steps, steps)
+
+    start_step, resumed_from, losses = 0, None, []
+    resume_path = None
+    if resume is True:
+        found = list_checkpoints(checkpoints)
+        resume_path = found[-1][1] if found else None
+    elif resume:
+        resume_path = Path(resume)
+    if resume_path is not None:
+        state = load_checkpoint(resume_path, model, optimizer, scheduler)
+        start_step = resumed_from = state["step"]
+        losses = state.get("losses", [])
+        if (
+            state.get("sampler")
+            and sampler is not None
+            and RankSampler.from_state_dict(state["sampler"]) != sampler
+        ):
+            raise ValueError(
+                f"checkpoint {resume_path} was trained with another rank sampler: {state['sampler']}"
+            )
+
+    ddp_model = model
+    if world > 1:
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    autocast = (
+        torch.autocast(device.type, dtype=getattr(torch, config.autocast_dtype))
+        if config.autocast_dtype
+        else torch.autocast(device.type, enabled=False)
+    )
+    accum = config.gradient_accumulation_steps
+    batches = _micro_batches(dataset, collate, config, rank, world, start_step * accum)
+    (output / "checkpoints").mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        atomic_write_text(
+            output / "train_config.json",
+            json.dumps({"train": asdict(config), "adapter": adapter_config.to_dict()}, indent=2),
+        )
+
+    model.train()
+    started, tokens, last_good = time.perf_counter(), 0, resume_path
+    bar = tqdm(
+        total=steps,
+        initial=start_step,
+        disable=not config.progress or rank != 0,
+        desc="train",
+        dynamic_ncols=True,
+    )
+    log_path = output / "training_log.jsonl"
+    try:
+        for step in range(start_step, steps):
+            step_loss, b = 0.0, None
+            for micro in range(accum):
+                _, batch = next(batches)
+                batch = _move(batch, device)
+                if sampler is not None:
+                    b = sampler.apply(model, step, micro)
+                sync = micro == accum - 1 or world == 1
+                context = ddp_model.no_sync() if (world > 1 and not sync) else nullcontext()
+                with context:
+                    with autocast:
+                        loss = ddp_model(**batch).loss
+                    if not _all_finite(loss):
+                        where = (
+                            f"the last good checkpoint is {last_good}"
+                            if last_good
+                            else "no checkpoint was written yet"
+                        )
+                        raise NonFiniteLossError(
+                            f"loss is {loss.item()} at step {step} (micro-batch {micro}); training stopped before "
+                            f"the update, {where}. Lower the learning rate, enable gradient clipping or check the data."
+                        )
+                    (loss / accum).backward()
+                step_loss += loss.item() / accum
+                tokens += (
+                    int((batch["labels"] != -100).sum())
+                    if "labels" in batch
+                    else batch["input_ids"].numel()
+                )
+            if config.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(step_loss)
+            done = step + 1
+            elapsed = time.perf_counter() - started
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{step_loss:.4f}",
+                rank=b if b is not None else "all",
+                tok_s=f"{tokens * world / max(elapsed, 1e-9):.0f}",
+            )
+            if rank == 0 and (done % config.log_every == 0 or done == steps):
+                with open(log_path, "a", encoding="utf-8") as fh:
+                    fh.write(
+                        json.dumps(
+                            {
+                                "step": done,
+                                "loss": step_loss,
+                                "lr": scheduler.get_last_lr()[0],
+                                "rank": b,
+                            }
+                        )
+                        + "\n"
+                    )
+            if config.save_every and done % config.save_every == 0 and done < steps:
+                if rank == 0:
+                    last_good = save_checkpoint(
+                        checkpoints,
+                        done,
+                        model,
+                        optimizer,
+                        scheduler,
+                        {"losses": losses, "sampler": sampler.state_dict() if sampler else None},
+                        keep=config.keep_checkpoints,
+                    )
+                if world > 1:
+                    dist.barrier()
+            if on_step is not None:
+                on_step(done, step_loss)
+    finally:
+        bar.close()
+        if sampler is not None:
+            set_sampled_rank(model, None)
+        model.eval()
+    adapter_dir = output / "adapter"
+    if rank == 0:
+        save_adapter(model, adapter_dir)
+    if world > 1:
+        dist.barrier()
+    return TrainResult(
+        steps, losses, adapter_dir, resumed_from, time.perf_counter() - started, tokens * world
+    )

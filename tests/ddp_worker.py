@@ -1,0 +1,56 @@
+"""Worker for the multi-process test: run under torchrun (or alone for the 1-process reference).
+
+usage: ddp_worker.py OUT_DIR METHOD BATCH_SIZE
+Trains a tiny Llama for a few steps with the plain loop and writes this process's
+final adapter tensors to OUT_DIR/rank<k>.safetensors.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.dirname(__file__))
+from conftest import LLAMA_TARGETS, make_tiny_llama  # noqa: E402
+
+import matryoshka_lora as ml  # noqa: E402
+from matryoshka_lora.train import PaddingCollator, TrainConfig, train_adapter  # noqa: E402
+
+
+def fixed_length_dataset(n: int = 32, length: int = 12) -> list[dict]:
+    g = torch.Generator().manual_seed(5)
+    data = []
+    for _ in range(n):
+        start = int(torch.randint(0, 80, (1,), generator=g))
+        ids = [(start + i) % 97 for i in range(length)]  # learnable: counting sequences
+        data.append({"input_ids": ids, "labels": [-100] * 3 + ids[3:]})
+    return data
+
+
+def main() -> None:
+    out_dir, method, batch_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    torch.use_deterministic_algorithms(True)
+    model = make_tiny_llama()
+    ml.attach(model, ml.NestedLoraConfig(r=8, method=method, target_modules=LLAMA_TARGETS))
+    config = TrainConfig(
+        output_dir=os.path.join(out_dir, "run"),
+        learning_rate=1e-2,
+        batch_size=batch_size,
+        gradient_accumulation_steps=2,
+        max_steps=4,
+        progress=False,
+        seed=3,
+    )
+    train_adapter(model, fixed_length_dataset(), config, PaddingCollator(0), resume=False)
+    rank = int(os.environ.get("RANK", "0"))
+    tensors = {k: v.detach().clone().contiguous() for k, v in ml.adapter_state_dict(model).items()}
+    save_file(tensors, os.path.join(out_dir, f"rank{rank}.safetensors"))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""The plain training loop: accumulation, resume, crashes, NaN, multi-process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import LLAMA_TARGETS, make_tiny_llama
+from ddp_worker import fixed_length_dataset
+from safetensors.torch import load_file
+
+import matryoshka_lora as ml
+from matryoshka_lora.train import (
+    NonFiniteLossError,
+    PaddingCollator,
+    TrainConfig,
+    list_checkpoints,
+    train_adapter,
+)
+from matryoshka_lora.train import checkpoint as ckpt_module
+
+COLLATE = PaddingCollator(0)
+
+
+def fresh(method="matryoshka", dropout=0.0):
+    model = make_tiny_llama()
+    ml.attach(
+        model,
+        ml.NestedLoraConfig(r=8, method=method, dropout=dropout, target_modules=LLAMA_TARGETS),
+    )
+    return model
+
+
+def adapter(model):
+    return {k: v.detach().clone() for k, v in ml.adapter_state_dict(model).items()}
+
+
+def cfg(tmp_path, name, **kw):
+    base = dict(
+        output_dir=str(tmp_path / name),
+        learning_rate=5e-3,
+        batch_size=4,
+        max_steps=8,
+        progress=False,
+        seed=1,
+        warmup_steps=2,
+        weight_decay=0.01,
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def test_training_lowers_loss_and_writes_outputs(tmp_path):
+    model = fresh()
+    result = train_adapter(
+        model, fixed_length_dataset(), cfg(tmp_path, "a", max_steps=15, learning_rate=2e-2), COLLATE
+    )
+    assert result.steps == 15 and len(result.losses) == 15
+    assert sum(result.losses[-3:]) / 3 < sum(result.losses[:3]) / 3 - 0.1
+    out = tmp_path / "a"
+    assert (out / "adapter" / "adapter.safetensors").is_file() and (
+        out / "train_config.json"
+    ).is_file()
+    assert (out / "training_log.jsonl").read_text().count("\n") >= 2
+    assert result.tokens == 15 * 4 * 9
+
+
+def test_gradient_accumulation_matches_big_batch(tmp_path):
+    big, small = fresh(), fresh()
+    train_adapter(big, fixed_length_dataset(), cfg(tmp_path, "big", batch_size=4), COLLATE)
+    train_adapter(
+        small,
+        fixed_length_dataset(),
+        cfg(tmp_path, "small", batch_size=2, gradient_accumulation_steps=2),
+        COLLATE,
+    )
+    for key, value in adapter(big).items():
+        torch.testing.assert_close(adapter(small)[key], value, atol=1e-6, rtol=1e-5)
+
+
+class Crash(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("method, dropout", [("matryoshka", 0.1), ("dylora", 0.0)])
+def test_resume_after_crash_is_bit_identical(tmp_path, method, dropout):
+    torch.use_deterministic_algorithms(True)
+    try:
+        whole = fresh(method, dropout)
+        train_adapter(whole, fixed_length_dataset(), cfg(tmp_path, "whole", save_every=3), COLLATE)
+
+        def crash_at_5(step, loss):
+            if step == 5:
+                raise Crash("simulated kill")
+
+        crashed = fresh(method, dropout)
+        with pytest.raises(Crash):
+            train_adapter(
+                crashed,
+                fixed_length_dataset(),
+                cfg(tmp_path, "crash", save_every=3),
+                COLLATE,
+                on_step=crash_at_5,
+            )
+        assert [s for s, _ in list_checkpoints(tmp_path / "crash" / "checkpoints")] == [3]
+        resumed = fresh(method, dropout)  # a new process: fresh model, same config
+        torch.manual_seed(12345)  # whatever RNG state the new process has
+        result = train_adapter(
+            resumed, fixed_length_dataset(), cfg(tmp_path, "crash", save_every=3), COLLATE
+        )
+        assert result.resumed_from == 3
+        want = adapter(whole)
+        for key, value in adapter(resumed).items():
+            assert torch.equal(value, want[key]), key
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_crash_during_checkpoint_save_keeps_previous(tmp_path, monkeypatch):
+    model = fresh()
+    calls = {"n": 0}
+    real_save_adapter = ckpt_module.save_adapter
+
+    def flaky_save_adapter(m, directory):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            real_save_adapter(m, directory)
+            raise OSError("power cut mid-save")
+        return real_save_adapter(m, directory)
+
+    monkeypatch.setattr(ckpt_module, "save_adapter", flaky_save_adapter)
+    with pytest.raises(OSError, match="power cut"):
+        train_adapter(model, fixed_length_dataset(), cfg(tmp_path, "r", save_every=3), COLLATE)
+    checkpoints = list_checkpoints(tmp_path / "r" / "checkpoints")
+    assert [s for s, _ in checkpoints] == [3]
+    assert not [
+        p for p in (tmp_path / "r" / "checkpoints").iterdir() if p.name.startswith(".")
+    ]  # no debris
+    other = fresh()
+    ml.load_adapter(other, checkpoints[0][1] / "adapter")  # readable
+
+
+def test_non_finite_loss_stops_with_clear_message(tmp_path):
+    model = fresh()
+    poison = {"on": False}
+
+    def hook(module, args, output):
+        return output * float("nan") if poison["on"] else output
+
+    model.lm_head.register_forward_hook(hook)
+
+    def poison_after_4(step, loss):
+        if step == 4:
+            poison["on"] = True
+
+    with pytest.raises(
+        NonFiniteLossError, match=r"loss is nan at step 4 .*last good checkpoint is .*step-000003"
+    ):
+        train_adapter(
+            model,
+            fixed_length_dataset(),
+            cfg(tmp_path, "nan", save_every=3),
+            COLLATE,
+            on_step=poison_after_4,
+        )
+    assert all(torch.isfinite(v).all() for v in adapter(model).values())  # no bad update applied
+    good = list_checkpoints(tmp_path / "nan" / "checkpoints")
+    assert [s for s, _ in good] == [3]
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="learning_rate must be > 0"):
+        TrainConfig(learning_rate=0)
+    with pytest.raises(ValueError, match="autocast_dtype"):
+        TrainConfig(autocast_dtype="int8")
+    model = fresh()
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        train_adapter(
+            model,
+            fixed_length_dataset(n=2),
+            TrainConfig(batch_size=4, progress=False, output_dir="/tmp/x"),
+            COLLATE,
+            resume=False,
+        )
+
+
+def test_bf16_autocast_training(tmp_path):
+    model = fresh()
+    result = train_adapter(
+        model,
+        fixed_length_dataset(),
+        cfg(tmp_path, "bf16", autocast_dtype="bfloat16", learning_rate=2e-2, max_steps=10),
+        COLLATE,
+    )
+    assert result.losses[-1] < result.losses[0]
+    assert all(v.dtype == torch.float32 for v in adapter(model).values())
+
+
+@pytest.mark.parametrize("method", ["matryoshka", "dylora"])
+def test_two_process_ddp_matches_one_process(tmp_path, method):
+    worker = Path(__file__).parent / "ddp_worker.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    two = tmp_path / "two"
+    one = tmp_path / "one"
+    for d in (two, one):
+        d.mkdir()
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(worker),
+            str(two),
+            method,
+            "2",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=180,
+    )
+    subprocess.run(
+        [sys.executable, str(worker), str(one), method, "4"],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
+    r0, r1 = load_file(two / "rank0.safetensors"), load_file(two / "rank1.safetensors")
+    single = load_file(one / "rank0.safetensors")
+    for key in single:
+        assert torch.equal(r0[key], r1[key]), key  # every process holds the same adapter
+        torch.testing.assert_close(r0[key], single[key], atol=1e-5, rtol=1e-4)
+    assert any(
+        not torch.equal(single[k], torch.zeros_like(single[k]))
+        for k in single
+        if k.endswith("lora_B")
+    )
