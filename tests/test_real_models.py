@@ -68,3 +68,50 @@ def test_minilm_classifier_attach():
     batch = tokenizer(["great drug", "terrible side effects"], return_tensors="pt", padding=True)
     with ml.at_rank(model, 1), torch.no_grad():
         assert model(**batch).logits.shape == (2, 3)
+
+
+def _held_out_loss(model, batches) -> float:
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in batches:
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            total += model(**batch).loss.item() * n
+            count += n
+    return total / count
+
+
+@pytest.mark.parametrize("inference_scale", ["paper", "trained"])
+def test_smollm2_short_matryoshka_run_lowers_loss_at_every_rank(smollm2, tmp_path, inference_scale):
+    from matryoshka_lora.train import PaddingCollator, TrainConfig, build_sft_dataset, train_adapter
+
+    model, tokenizer = smollm2
+    train = build_sft_dataset(
+        "reasoning-gym:gsm_symbolic", tokenizer, size=48, seed=1, max_length=160
+    )
+    held = build_sft_dataset(
+        "reasoning-gym:gsm_symbolic", tokenizer, size=8, seed=999, max_length=160
+    )
+    collate = PaddingCollator(tokenizer.pad_token_id)
+    batches = [collate([held[i] for i in range(j, j + 4)]) for j in range(0, 8, 4)]
+    ml.attach(model, ml.NestedLoraConfig(r=8, inference_scale=inference_scale))
+    try:
+        before = {r: _held_out_loss(model, batches) for r in (1, 2, 4, 8)}  # B = 0: the base model
+        config = TrainConfig(
+            output_dir=str(tmp_path),
+            learning_rate=2e-3,
+            batch_size=4,
+            max_steps=12,
+            warmup_steps=2,
+            progress=False,
+            seed=0,
+        )
+        train_adapter(model, train, config, collate)
+        after = {}
+        for r in (1, 2, 4, 8):
+            with ml.at_rank(model, r):
+                after[r] = _held_out_loss(model, batches)
+        print(inference_scale, before, after)
+        for r in (1, 2, 4, 8):
+            assert after[r] < before[r] - 0.02, (r, before[r], after[r])
+    finally:
+        ml.detach(model)

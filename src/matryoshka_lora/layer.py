@@ -150,7 +150,7 @@ class NestedLoraLinear(nn.Module):
             self.active_rank = None
             return
         check_rank(rank, self.max_rank)
-        self.rank_p = self._deployed_scales(rank).to(device=self.train_p.device)
+        self.rank_p = self.deployed_scales(rank).to(device=self.train_p.device)
         self.active_rank = rank
 
     def set_sampled_rank(self, rank: int | None) -> None:
@@ -172,7 +172,7 @@ class NestedLoraLinear(nn.Module):
         if self.active_rank is not None:
             self.set_rank(self.active_rank)
 
-    def _deployed_scales(self, rank: int | None) -> torch.Tensor:
+    def deployed_scales(self, rank: int | None) -> torch.Tensor:
         """Per-component scales of the adapter deployed at ``rank`` (None: full)."""
         if rank is None:
             return self.train_p
@@ -243,7 +243,7 @@ class NestedLoraLinear(nn.Module):
         ``matryoshka_exact`` collapses to the same diagonal P as ``matryoshka``.
         """
         r = self.max_rank if rank is None else check_rank(rank, self.max_rank)
-        q = self._deployed_scales(rank).to(self.lora_A.device)
+        q = self.deployed_scales(rank).to(self.lora_A.device)
         return (self.lora_B[:, :r].to(q.dtype) * q) @ self.lora_A[:r].to(q.dtype)
 
     def merge(self, rank: int | None = None) -> None:

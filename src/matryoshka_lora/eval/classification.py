@@ -1,0 +1,74 @@
+"""Sequence-classification accuracy for encoder models (BERT-style heads).
+
+Each batch is a mapping of model inputs (``input_ids``, ``attention_mask``,
+``token_type_ids``, ...) plus ``labels`` (B,) of class indices. With ``N`` the
+number of examples over all batches::
+
+    accuracy = 100 * (1/N) sum_i [argmax_c logits_{i,c} = y_i]
+    loss     = (1/N) sum_i -log softmax(logits_i)[y_i]
+
+(example-weighted, so batches of different sizes are combined exactly).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._utils import eval_mode, model_device, percent, reiterable
+
+CLASSIFICATION_METRICS: tuple[str, ...] = ("accuracy", "loss")
+
+
+def classification_metrics(
+    model: nn.Module, batches: Iterable[Mapping[str, Any]]
+) -> dict[str, float]:
+    """``accuracy`` (%), ``loss`` (mean cross-entropy) and ``n`` over all ``batches``.
+
+    Every key of a batch except ``labels`` is passed to the model. Runs under
+    ``torch.no_grad`` in eval mode (training flags restored afterwards).
+    """
+    device = model_device(model)
+    correct, total, nll = 0, 0, 0.0
+    with torch.no_grad(), eval_mode(model):
+        for batch in batches:
+            if "labels" not in batch:
+                raise ValueError("each batch needs 'labels' (class indices)")
+            labels = batch["labels"].to(device)
+            inputs = {
+                k: v.to(device) if isinstance(v, torch.Tensor) else v
+                for k, v in batch.items()
+                if k != "labels"
+            }
+            logits = model(**inputs).logits.float()
+            if logits.ndim != 2:
+                raise ValueError(
+                    f"expected sequence-classification logits (batch, classes), got shape "
+                    f"{tuple(logits.shape)}"
+                )
+            correct += int((logits.argmax(dim=-1) == labels).sum())
+            nll += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+            total += labels.numel()
+    if total == 0:
+        raise ValueError("no examples in the batches")
+    return {"accuracy": percent(correct, total), "loss": nll / total, "n": float(total)}
+
+
+def classification_metric_fn(
+    batches: Iterable[Mapping[str, Any]], metric: str | None = "accuracy"
+) -> Callable[[nn.Module], float | dict[str, float]]:
+    """A ``metric_fn`` for :func:`~matryoshka_lora.eval.sweep.rank_sweep` (``None``: both)."""
+    if metric is not None and metric not in CLASSIFICATION_METRICS:
+        raise ValueError(f"unknown metric {metric!r}: choose from {CLASSIFICATION_METRICS}")
+    batches = reiterable(batches)
+
+    def metric_fn(model: nn.Module) -> float | dict[str, float]:
+        result = classification_metrics(model, batches)
+        if metric is None:
+            return {k: result[k] for k in CLASSIFICATION_METRICS}
+        return result[metric]
+
+    return metric_fn

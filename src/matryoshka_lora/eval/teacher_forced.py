@@ -1,0 +1,112 @@
+"""Teacher-forced metrics of a causal LM from one forward pass per batch.
+
+Each batch is a mapping with ``input_ids`` (B, T), optional ``attention_mask``
+and ``labels`` (B, T) where ``-100`` marks positions that are not scored
+(prompt, padding). As in transformers' causal-LM loss, position t's logits
+predict label t + 1. With ``M`` the set of scored (sequence, position) pairs
+over all batches and ``y`` the label:
+
+    loss            = (1/|M|) sum_{(i,t) in M} -log softmax(logits_{i,t-1})[y_{i,t}]
+    perplexity      = exp(loss)
+    token_accuracy  = 100 * (1/|M|) sum_{(i,t) in M} [argmax logits_{i,t-1} = y_{i,t}]
+    exact_match     = 100 * (1/N) sum_i prod_{t in M_i} [argmax logits_{i,t-1} = y_{i,t}]
+
+The loss is token-weighted over the whole set (a batch with more answer tokens
+counts more), which equals ``model(..., labels=labels).loss`` for a single batch.
+``exact_match`` is over the ``N`` sequences that have at least one scored token:
+the whole answer is right under teacher forcing. Accuracies are in percent.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._utils import eval_mode, model_device, percent, reiterable
+
+IGNORE_INDEX = -100
+MODEL_INPUT_KEYS: tuple[str, ...] = ("input_ids", "attention_mask", "position_ids")
+TEACHER_FORCED_METRICS: tuple[str, ...] = ("loss", "perplexity", "token_accuracy", "exact_match")
+
+
+def _batch_counts(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Sums for one batch: NLL, scored tokens, correct tokens, answered and exact sequences."""
+    shifted = logits[:, :-1]
+    targets = labels[:, 1:].to(shifted.device)
+    mask = targets != IGNORE_INDEX
+    selected = shifted[mask].float()  # (n_scored, vocab): only scored positions go to fp32
+    gold = targets[mask]
+    nll = torch.nn.functional.cross_entropy(selected, gold, reduction="sum")
+    hits = torch.zeros_like(mask)
+    hits[mask] = selected.argmax(dim=-1) == gold
+    per_seq_scored = mask.sum(dim=1)
+    per_seq_hits = hits.sum(dim=1)
+    answered = per_seq_scored > 0
+    return {
+        "nll": nll.item(),
+        "tokens": int(mask.sum()),
+        "correct": int(hits.sum()),
+        "sequences": int(answered.sum()),
+        "exact": int(((per_seq_hits == per_seq_scored) & answered).sum()),
+    }
+
+
+def teacher_forced_metrics(
+    model: nn.Module, batches: Iterable[Mapping[str, Any]]
+) -> dict[str, float]:
+    """Loss, perplexity, token accuracy (%) and exact match (%) over all ``batches``.
+
+    ``batches`` is any iterable of mappings (a list, a DataLoader) with
+    ``input_ids``, ``labels`` and optionally ``attention_mask`` / ``position_ids``;
+    other keys are ignored. Runs under ``torch.no_grad`` with the model in eval
+    mode (each module's training flag is restored afterwards). Also returns
+    ``n_tokens`` and ``n_sequences``. Raises ``ValueError`` if no token is scored.
+    """
+    device = model_device(model)
+    totals = {"nll": 0.0, "tokens": 0, "correct": 0, "sequences": 0, "exact": 0}
+    with torch.no_grad(), eval_mode(model):
+        for batch in batches:
+            if "labels" not in batch:
+                raise ValueError("each batch needs 'labels' (-100 marks positions not scored)")
+            inputs = {k: batch[k].to(device) for k in MODEL_INPUT_KEYS if batch.get(k) is not None}
+            logits = model(**inputs).logits
+            for key, value in _batch_counts(logits, batch["labels"]).items():
+                totals[key] += value
+    if totals["tokens"] == 0:
+        raise ValueError("no scored token in the batches: every label is -100")
+    loss = totals["nll"] / totals["tokens"]
+    return {
+        "loss": loss,
+        "perplexity": math.exp(loss) if loss < 709 else float("inf"),
+        "token_accuracy": percent(totals["correct"], totals["tokens"]),
+        "exact_match": percent(totals["exact"], totals["sequences"]),
+        "n_tokens": float(totals["tokens"]),
+        "n_sequences": float(totals["sequences"]),
+    }
+
+
+def teacher_forced_metric_fn(
+    batches: Iterable[Mapping[str, Any]], metric: str | None = "token_accuracy"
+) -> Callable[[nn.Module], float | dict[str, float]]:
+    """A ``metric_fn`` for :func:`~matryoshka_lora.eval.sweep.rank_sweep`.
+
+    ``metric`` picks one of ``loss``, ``perplexity``, ``token_accuracy``,
+    ``exact_match``; ``None`` returns all four as a dict (one forward pass per
+    rank records every curve). One-shot iterators are materialised into a list
+    so that the batches can be replayed at each rank.
+    """
+    if metric is not None and metric not in TEACHER_FORCED_METRICS:
+        raise ValueError(f"unknown metric {metric!r}: choose from {TEACHER_FORCED_METRICS}")
+    batches = reiterable(batches)
+
+    def metric_fn(model: nn.Module) -> float | dict[str, float]:
+        result = teacher_forced_metrics(model, batches)
+        if metric is None:
+            return {k: result[k] for k in TEACHER_FORCED_METRICS}
+        return result[metric]
+
+    return metric_fn

@@ -1,0 +1,119 @@
+"""Hugging Face Trainer integration: adapter-only checkpoints, resume, DyLoRA sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import LLAMA_TARGETS, make_tiny_llama
+from ddp_worker import fixed_length_dataset
+from transformers import TrainerCallback, TrainingArguments
+
+import matryoshka_lora as ml
+from matryoshka_lora.sampling import RankSampler
+from matryoshka_lora.train import PaddingCollator
+from matryoshka_lora.train.hf_trainer import NestedLoraTrainer
+
+
+def make_trainer(tmp_path, name, method="matryoshka", callbacks=None, **kw):
+    model = make_tiny_llama()
+    ml.attach(model, ml.NestedLoraConfig(r=8, method=method, target_modules=LLAMA_TARGETS))
+    args = TrainingArguments(
+        output_dir=str(tmp_path / name),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=6,
+        learning_rate=1e-2,
+        save_steps=3,
+        save_strategy="steps",
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        seed=7,
+        data_seed=7,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        **kw,
+    )
+    trainer = NestedLoraTrainer(
+        model=model,
+        args=args,
+        train_dataset=fixed_length_dataset(),
+        data_collator=PaddingCollator(0),
+        callbacks=callbacks or [],
+    )
+    return model, trainer
+
+
+def adapter(model):
+    return {k: v.detach().clone() for k, v in ml.adapter_state_dict(model).items()}
+
+
+class CrashAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt("simulated kill")
+
+
+def test_adapter_only_checkpoints_and_exact_resume(tmp_path):
+    model, trainer = make_trainer(tmp_path, "whole")
+    before = adapter(model)
+    trainer.train()
+    whole = adapter(model)
+    assert any(not torch.equal(whole[k], before[k]) for k in whole)
+    checkpoint = tmp_path / "whole" / "checkpoint-3"
+    names = sorted(p.name for p in checkpoint.iterdir())
+    assert "adapter.safetensors" in names and "adapter_config.json" in names
+    assert not [
+        n for n in names if n.startswith("model") or n == "pytorch_model.bin"
+    ]  # no base weights
+    reloaded = make_tiny_llama()
+    ml.load_adapter(reloaded, checkpoint)  # a checkpoint is a loadable adapter
+
+    model2, crashing = make_trainer(tmp_path, "crash", callbacks=[CrashAt(4)])
+    with pytest.raises(KeyboardInterrupt):
+        crashing.train()
+    model3, resumed = make_trainer(tmp_path, "crash")
+    resumed.train(resume_from_checkpoint=True)
+    final = adapter(model3)
+    for key, value in whole.items():
+        torch.testing.assert_close(final[key], value, atol=1e-6, rtol=1e-5)
+
+
+def test_dylora_ranks_drawn_per_micro_batch(tmp_path):
+    model, trainer = make_trainer(tmp_path, "dyl", method="dylora")
+    seen = []
+    for layer in list(ml.adapter_layers(model).values())[:1]:
+        layer.register_forward_pre_hook(lambda m, args: seen.append(m.sampled_rank))
+    trainer.train()
+    sampler = RankSampler(8, (1, 2, 4, 8), seed=7)
+    expected = [sampler.rank_for(step, micro) for step in range(6) for micro in range(2)]
+    assert [b for _, _, b in trainer.sampled_ranks] == expected
+    assert seen == expected  # the layers really ran at those ranks
+    assert all(layer.sampled_rank is None for layer in ml.adapter_layers(model).values())
+    with pytest.raises(ValueError, match="only applies to method 'dylora'"):
+        make_trainer_with_sampler(tmp_path)
+
+
+def make_trainer_with_sampler(tmp_path):
+    model = make_tiny_llama()
+    ml.attach(model, ml.NestedLoraConfig(r=8, target_modules=LLAMA_TARGETS))
+    args = TrainingArguments(output_dir=str(tmp_path / "x"), report_to=[], use_cpu=True)
+    return NestedLoraTrainer(
+        model=model,
+        args=args,
+        train_dataset=fixed_length_dataset(),
+        data_collator=PaddingCollator(0),
+        rank_sampler=RankSampler(8, (1, 2, 4, 8)),
+    )
+
+
+def test_gradient_checkpointing_trains(tmp_path):
+    model, trainer = make_trainer(tmp_path, "gc", activation_checkpointing=True)
+    before = adapter(model)
+    trainer.train()
+    after = adapter(model)
+    changed = [k for k in after if not torch.equal(after[k], before[k])]
+    assert any(k.endswith("lora_A") for k in changed) and any(k.endswith("lora_B") for k in changed)
