@@ -205,3 +205,27 @@ def test_reconfigure_reinterprets_factors(tiny_llama, input_ids):
     torch.testing.assert_close(layer(x), want)
     with pytest.raises(ValueError, match="cannot change \\['r'\\]"):
         ml.reconfigure(tiny_llama, r=8)
+
+
+@pytest.mark.parametrize("inference_scale", ["paper", "trained"])
+def test_mixed_rank_batch_matches_per_rank_batches(inference_scale):
+    model = make_tiny_llama()
+    ml.attach(
+        model,
+        ml.NestedLoraConfig(r=8, target_modules=LLAMA_TARGETS, inference_scale=inference_scale),
+    )
+    randomise_b(model)
+    ids = torch.randint(0, 97, (5, 10), generator=torch.Generator().manual_seed(3))
+    ranks = [1, 8, 2, 4, 1]
+    with ml.mixed_ranks(model, ranks):
+        mixed = logits(model, ids)
+    for i, r in enumerate(ranks):
+        with ml.at_rank(model, r):
+            alone = logits(model, ids)[i]
+        torch.testing.assert_close(mixed[i], alone, atol=1e-5, rtol=1e-5)
+    assert all(layer.example_scales is None for layer in ml.adapter_layers(model).values())
+    with pytest.raises(ValueError, match="example ranks must be in 1..8"):
+        ml.set_example_ranks(model, [0, 9])
+    with pytest.raises(ValueError, match="batch has 5 examples but 2 example ranks"):
+        with ml.mixed_ranks(model, [1, 2]):
+            logits(model, ids)

@@ -100,6 +100,7 @@ class NestedLoraLinear(nn.Module):
         self.active_rank: int | None = None
         self.sampled_rank: int | None = None
         self.disabled = False
+        self.example_scales: torch.Tensor | None = None  # (batch, R): mixed-rank batches
         self.merged = False
         self.merged_rank: int | None = None
         self.apply_scale_config(config)
@@ -172,6 +173,35 @@ class NestedLoraLinear(nn.Module):
         if self.active_rank is not None:
             self.set_rank(self.active_rank)
 
+    def set_example_ranks(self, ranks: torch.Tensor | None) -> None:
+        """Give each example of the next batches its own rank (None: back to one rank).
+
+        ``ranks`` has one integer in 1..R per example (the first input dimension).
+        Example i then computes ``((x_i @ A.T) * m_i) @ B.T`` with ``m_i`` the
+        deployed scales of rank ``ranks[i]`` padded with zeros to length R, which
+        equals running it alone at that rank; one loaded adapter serves a batch of
+        requests at different ranks, and a rank sweep can run as one pass.
+        """
+        if ranks is None:
+            self.example_scales = None
+            return
+        if self.merged:
+            raise RuntimeError("mixed-rank batches need an unmerged adapter: call unmerge() first")
+        ranks = torch.as_tensor(ranks)
+        if ranks.ndim != 1 or ranks.dtype.is_floating_point or ranks.numel() == 0:
+            raise ValueError(
+                f"example ranks must be a non-empty 1-D integer tensor, got {tuple(ranks.shape)} {ranks.dtype}"
+            )
+        low, high = int(ranks.min()), int(ranks.max())
+        if low < 1 or high > self.max_rank:
+            raise ValueError(
+                f"example ranks must be in 1..{self.max_rank} (the adapter's max rank R), got {low}..{high}"
+            )
+        table = torch.zeros(self.max_rank, self.max_rank, dtype=self._p_dtype)
+        for r in sorted(set(ranks.tolist())):
+            table[r - 1, :r] = self.deployed_scales(r).cpu()
+        self.example_scales = table[ranks.cpu() - 1].to(self.train_p.device)
+
     def deployed_scales(self, rank: int | None) -> torch.Tensor:
         """Per-component scales of the adapter deployed at ``rank`` (None: full)."""
         if rank is None:
@@ -199,6 +229,13 @@ class NestedLoraLinear(nn.Module):
         x = self.lora_dropout(x)
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.lora_A.dtype)
+        if self.example_scales is not None:
+            if x.shape[0] != self.example_scales.shape[0]:
+                raise ValueError(
+                    f"batch has {x.shape[0]} examples but {self.example_scales.shape[0]} example ranks were set"
+                )
+            scales = self.example_scales.reshape(x.shape[0], *([1] * (x.ndim - 2)), self.max_rank)
+            return self._scaled_lora(x, self.lora_A, self.lora_B, scales)
         if self.active_rank is not None:
             r = self.active_rank
             return self._scaled_lora(x, self.lora_A[:r], self.lora_B[:, :r], self.rank_p)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .config import NestedLoraConfig
@@ -163,6 +164,25 @@ def at_rank(model: nn.Module, rank: int | None) -> Iterator[nn.Module]:
     finally:
         for name, layer in layers.items():
             layer.set_rank(previous[name])
+
+
+def set_example_ranks(model: nn.Module, ranks: torch.Tensor | Sequence[int] | None) -> None:
+    """Give each example of the batch its own rank (a mixed-rank batch); None turns it off."""
+    layers = _require_adapters(model)
+    if ranks is not None:
+        ranks = torch.as_tensor(ranks)
+    for layer in layers.values():
+        layer.set_example_ranks(ranks)
+
+
+@contextmanager
+def mixed_ranks(model: nn.Module, ranks: torch.Tensor | Sequence[int]) -> Iterator[nn.Module]:
+    """Run batches whose example i is served at rank ``ranks[i]``."""
+    set_example_ranks(model, ranks)
+    try:
+        yield model
+    finally:
+        set_example_ranks(model, None)
 
 
 def set_sampled_rank(model: nn.Module, rank: int | None) -> None:

@@ -1,0 +1,474 @@
+"""The comparison runner: train every method on the same data and budget, sweep all ranks.
+
+Methods compared (rows of the result table):
+
+* ``lora_trunc_paper`` / ``lora_trunc_trained``: LoRA trained at R, deployed as its
+  first r components with scale s(r) (the authors' rule) or the trained s(R);
+* ``lora_svd``: the same LoRA run, re-based on the SVD of each module's update
+  and truncated (best rank-r approximation; what PEFT's conversion gives);
+* ``lora_per_rank``: a separate LoRA trained at each rank r (the grid-search
+  envelope);
+* ``dylora``: DyLoRA with b uniform over the train ranks, per micro-batch;
+* ``matryoshka_paper`` / ``matryoshka_trained``: MatryoshkaLoRA deployed with
+  s(r) or with the trained p[:r].
+
+Protocol (fair to every method): each training run (kind, rank, learning rate,
+seed) is trained once on the same data order, evaluated on a validation and a
+test split at every rank, and its record is appended to ``runs.jsonl``, so an
+interrupted comparison resumes where it stopped. Each row picks its own
+learning rate from its grid on the validation split (per rank for the per-rank
+envelope), never on the test split. The grid runs with the first seed; the
+other seeds run at each row's chosen rate. The table reports the test metric,
+mean ± sample std over seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import NestedLoraConfig
+from .eval.aurac import aurac
+from .eval.results import Comparison
+from .eval.svd import svd_rebase_
+from .eval.sweep import rank_sweep
+from .eval.teacher_forced import teacher_forced_metrics
+from .model import at_rank, attach, detach
+from .nesting import powers_of_two_ranks
+from .train.data import PaddingCollator, SFTDataset, load_records
+from .train.loop import TrainConfig, train_adapter
+
+ROWS = (
+    "lora_trunc_paper",
+    "lora_trunc_trained",
+    "lora_svd",
+    "lora_per_rank",
+    "dylora",
+    "matryoshka_paper",
+    "matryoshka_trained",
+)
+ROW_SOURCE = {  # row -> (training method, how it is deployed)
+    "lora_trunc_paper": ("lora", "paper"),
+    "lora_trunc_trained": ("lora", "trained"),
+    "lora_svd": ("lora", "svd"),
+    "lora_per_rank": ("lora_r", "full"),
+    "dylora": ("dylora", "paper"),
+    "matryoshka_paper": ("matryoshka", "paper"),
+    "matryoshka_trained": ("matryoshka", "trained"),
+}
+SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class ComparisonSpec:
+    """What to compare and at which budget (every field is recorded with the results)."""
+
+    model: str = "smollm2"
+    dataset: str = "reasoning-gym:gsm_symbolic"
+    format: str = "gsm8k"
+    max_rank: int = 16
+    ranks: tuple[int, ...] | None = None
+    scaling: str = "sqrt"
+    alpha: float = 1.0
+    target_modules: list[str] = field(default_factory=lambda: list(SEVEN_PROJECTIONS))
+    rows: tuple[str, ...] = ROWS
+    learning_rates: dict[str, list[float]] = field(
+        default_factory=lambda: {
+            "lora": [2e-3, 8e-3, 2e-2],
+            "lora_r": [2e-3, 8e-3, 2e-2],
+            "dylora": [2e-3, 8e-3, 2e-2],
+            "matryoshka": [5e-4, 2e-3, 8e-3],
+        }
+    )
+    seeds: tuple[int, ...] = (0, 1, 2)
+    steps: int = 40
+    batch_size: int = 4
+    warmup_steps: int = 4
+    max_length: int = 128
+    train_size: int = 320
+    val_size: int = 16
+    test_size: int = 32
+    data_seed: int = 1234
+    metric: str = "token_accuracy"
+    autocast_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        self.ranks = tuple(self.ranks) if self.ranks else powers_of_two_ranks(self.max_rank)
+        self.seeds = tuple(self.seeds)
+        self.rows = tuple(self.rows)
+        unknown = [r for r in self.rows if r not in ROW_SOURCE]
+        if unknown:
+            raise ValueError(f"unknown comparison rows {unknown}: choose from {list(ROW_SOURCE)}")
+        needed = {ROW_SOURCE[r][0] for r in self.rows}
+        missing = sorted(k for k in needed if not self.learning_rates.get(k))
+        if missing:
+            raise ValueError(f"no learning rates given for training method(s) {missing}")
+        if not self.seeds:
+            raise ValueError("give at least one seed")
+
+    def training_kinds(self) -> list[str]:
+        return sorted({ROW_SOURCE[r][0] for r in self.rows})
+
+
+@dataclass(frozen=True)
+class RunKey:
+    kind: str  # lora | lora_r | dylora | matryoshka
+    rank: int  # R, or r for lora_r
+    lr: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}-r{self.rank}-lr{self.lr:g}-s{self.seed}"
+
+
+# ----------------------------------------------------------------------------- data
+def _splits(spec: ComparisonSpec, tokenizer) -> dict[str, SFTDataset]:
+    """Train / validation / test splits drawn from disjoint seeds or slices."""
+    splits = {}
+    if spec.dataset.startswith("reasoning-gym:"):
+        sizes = {"train": spec.train_size, "val": spec.val_size, "test": spec.test_size}
+        for i, (name, size) in enumerate(sizes.items()):
+            records = load_records(spec.dataset, size=size, seed=spec.data_seed + 7919 * i)
+            splits[name] = SFTDataset(records, tokenizer, spec.format, spec.max_length)
+        return splits
+    train = load_records(spec.dataset, "train")
+    test = load_records(spec.dataset, "test", size=spec.test_size)
+    generator = torch.Generator().manual_seed(spec.data_seed)
+    order = torch.randperm(len(train), generator=generator).tolist()
+    val_idx, train_idx = (
+        order[: spec.val_size],
+        order[spec.val_size : spec.val_size + spec.train_size],
+    )
+    splits["train"] = SFTDataset(
+        [train[i] for i in train_idx], tokenizer, spec.format, spec.max_length
+    )
+    splits["val"] = SFTDataset([train[i] for i in val_idx], tokenizer, spec.format, spec.max_length)
+    splits["test"] = SFTDataset(test, tokenizer, spec.format, spec.max_length)
+    return splits
+
+
+def _batches(dataset: SFTDataset, collate, batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
+    return [
+        collate([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
+        for i in range(0, len(dataset), batch_size)
+    ]
+
+
+# ----------------------------------------------------------------------------- one run
+def _adapter_config(spec: ComparisonSpec, key: RunKey) -> NestedLoraConfig:
+    method = "lora" if key.kind == "lora_r" else key.kind
+    rank = key.rank
+    ranks = tuple(r for r in spec.ranks if r <= rank) if key.kind != "lora_r" else (rank,)
+    if rank not in ranks:
+        ranks = ranks + (rank,)
+    return NestedLoraConfig(
+        r=rank,
+        method=method,
+        train_ranks=ranks,
+        eval_ranks=ranks,
+        scaling=spec.scaling,
+        alpha=spec.alpha,
+        target_modules=spec.target_modules,
+    )
+
+
+def run_one(
+    model: nn.Module,
+    key: RunKey,
+    spec: ComparisonSpec,
+    splits: dict[str, SFTDataset],
+    collate,
+    output_dir: Path,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train one adapter on ``model`` (attached and detached here) and evaluate every deployment."""
+    torch.manual_seed(key.seed)
+    attach(model, _adapter_config(spec, key))
+    eval_batches = {name: _batches(splits[name], collate) for name in ("val", "test")}
+    metric = spec.metric
+
+    def both_splits(m: nn.Module) -> dict[str, float]:
+        return {
+            name: teacher_forced_metrics(m, batches)[metric]
+            for name, batches in eval_batches.items()
+        }
+
+    try:
+        started = time.perf_counter()
+        result = train_adapter(
+            model,
+            splits["train"],
+            TrainConfig(
+                output_dir=str(output_dir / key.name),
+                learning_rate=key.lr,
+                batch_size=spec.batch_size,
+                max_steps=spec.steps,
+                warmup_steps=spec.warmup_steps,
+                seed=key.seed,
+                progress=progress,
+                autocast_dtype=spec.autocast_dtype,
+            ),
+            collate,
+            resume=False,
+        )
+        train_seconds = time.perf_counter() - started
+        curves: dict[str, dict[str, dict[int, float]]] = {"val": {}, "test": {}}
+
+        def keep(deployment: str, values: dict[int, dict[str, float]]) -> None:
+            for split in ("val", "test"):
+                curves[split][deployment] = {r: v[split] for r, v in values.items()}
+
+        if key.kind == "lora_r":
+            with at_rank(model, None):
+                keep("full", {key.rank: both_splits(model)})
+        else:
+            scales = ("paper",) if key.kind == "dylora" else ("paper", "trained")
+            ranks = [r for r in spec.ranks if r <= key.rank]
+            sweep = rank_sweep(
+                model, both_splits, ranks=ranks, inference_scales=scales, progress=progress
+            )
+            for scale in scales:
+                keep(
+                    scale,
+                    {r: {s: sweep.values[s][scale][r] for s in ("val", "test")} for r in ranks},
+                )
+            if key.kind == "lora" and any(ROW_SOURCE[row] == ("lora", "svd") for row in spec.rows):
+                svd_rebase_(model)
+                sweep = rank_sweep(
+                    model, both_splits, ranks=ranks, inference_scales=("paper",), progress=progress
+                )
+                keep(
+                    "svd",
+                    {r: {s: sweep.values[s]["paper"][r] for s in ("val", "test")} for r in ranks},
+                )
+    finally:
+        detach(model)
+    return {
+        "key": asdict(key),
+        "name": key.name,
+        "curves": curves,
+        "train_seconds": train_seconds,
+        "final_loss": result.losses[-1],
+        "losses": result.losses,
+        "tokens": result.tokens,
+    }
+
+
+# ----------------------------------------------------------------------------- the whole protocol
+class ComparisonRunner:
+    """Runs (and resumes) a comparison; see the module docstring for the protocol."""
+
+    def __init__(self, spec: ComparisonSpec, output_dir: str | Path, progress: bool = True) -> None:
+        self.spec = spec
+        self.output_dir = Path(output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.progress = progress
+        self.log_path = self.output_dir / "runs.jsonl"
+        spec_path = self.output_dir / "spec.json"
+        spec_json = json.dumps(asdict(spec), indent=2, sort_keys=True)
+        if spec_path.exists() and json.loads(spec_path.read_text()) != json.loads(spec_json):
+            raise ValueError(
+                f"{self.output_dir} holds a comparison with another spec ({spec_path}); "
+                "use a new output folder or the same settings to resume"
+            )
+        spec_path.write_text(spec_json)
+        self.records = self._read_records()
+
+    def _read_records(self) -> dict[str, dict[str, Any]]:
+        if not self.log_path.exists():
+            return {}
+        records = {}
+        for line in self.log_path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                records[record["name"]] = record
+        return records
+
+    # -- which runs
+    def _grid_keys(self, seed: int) -> list[RunKey]:
+        spec, keys = self.spec, []
+        for kind in spec.training_kinds():
+            ranks = (
+                [r for r in spec.ranks if r < spec.max_rank]
+                if kind == "lora_r"
+                else [spec.max_rank]
+            )
+            if kind == "lora_r" and "lora" not in spec.training_kinds():
+                ranks.append(spec.max_rank)
+            for rank in ranks:
+                for lr in spec.learning_rates[kind]:
+                    keys.append(RunKey(kind, rank, lr, seed))
+        return keys
+
+    def _curve(
+        self, row: str, lr_by_rank: dict[int, float] | float, seed: int, split: str
+    ) -> dict[int, float] | None:
+        """A row's curve for one seed (None if a needed run is missing)."""
+        kind, deployment = ROW_SOURCE[row]
+        if kind != "lora_r":
+            record = self.records.get(RunKey(kind, self.spec.max_rank, lr_by_rank, seed).name)
+            return (
+                None
+                if record is None
+                else {int(r): v for r, v in record["curves"][split][deployment].items()}
+            )
+        curve = {}
+        for r in self.spec.ranks:
+            lr = lr_by_rank[r]
+            if r == self.spec.max_rank and "lora" in self.spec.training_kinds():
+                record = self.records.get(RunKey("lora", r, lr, seed).name)
+                value = None if record is None else record["curves"][split]["trained"].get(str(r))
+            else:
+                record = self.records.get(RunKey("lora_r", r, lr, seed).name)
+                value = None if record is None else record["curves"][split]["full"].get(str(r))
+            if value is None:
+                return None
+            curve[r] = value
+        return curve
+
+    def chosen_learning_rates(self) -> dict[str, Any]:
+        """Each row's learning rate by validation AURAC_log on the first seed (per rank for the envelope)."""
+        spec, seed, chosen = self.spec, self.spec.seeds[0], {}
+        for row in spec.rows:
+            kind, _ = ROW_SOURCE[row]
+            grid = spec.learning_rates[kind]
+            if kind == "lora_r":
+                per_rank = {}
+                for r in spec.ranks:
+                    scores = {}
+                    for lr in grid:
+                        curve = self._curve(row, {q: lr for q in spec.ranks}, seed, "val")
+                        if curve is not None:
+                            scores[lr] = curve[r]
+                    if scores:
+                        per_rank[r] = max(scores, key=scores.get)
+                if len(per_rank) == len(spec.ranks):
+                    chosen[row] = per_rank
+                continue
+            scores = {}
+            for lr in grid:
+                curve = self._curve(row, lr, seed, "val")
+                if curve is not None:
+                    scores[lr] = aurac(list(curve), list(curve.values()), "log2")
+            if scores:
+                chosen[row] = max(scores, key=scores.get)
+        return chosen
+
+    def _seed_keys(self, seed: int, chosen: dict[str, Any]) -> list[RunKey]:
+        keys = set()
+        for row, lr in chosen.items():
+            kind, _ = ROW_SOURCE[row]
+            if kind == "lora_r":
+                for r, rate in lr.items():
+                    if r == self.spec.max_rank and "lora" in self.spec.training_kinds():
+                        keys.add(RunKey("lora", r, rate, seed))
+                    else:
+                        keys.add(RunKey("lora_r", r, rate, seed))
+            else:
+                keys.add(RunKey(kind, self.spec.max_rank, lr, seed))
+        return sorted(keys, key=lambda k: (k.kind, k.rank, k.lr))
+
+    def planned_runs(self) -> list[RunKey]:
+        """The grid on the first seed, then the other seeds at the chosen rates (as far as known)."""
+        plan = self._grid_keys(self.spec.seeds[0])
+        chosen = self.chosen_learning_rates()
+        for seed in self.spec.seeds[1:]:
+            plan += self._seed_keys(seed, chosen)
+        return plan
+
+    def run(
+        self,
+        model: nn.Module,
+        tokenizer,
+        max_runs: int | None = None,
+        on_record: Callable[[dict[str, Any]], None] | None = None,
+    ) -> Comparison:
+        """Run every missing training run (at most ``max_runs`` now), then build the table."""
+        splits = _splits(self.spec, tokenizer)
+        collate = PaddingCollator(tokenizer.pad_token_id)
+        done = 0
+        for phase in ("grid", "seeds"):
+            plan = self._grid_keys(self.spec.seeds[0]) if phase == "grid" else self.planned_runs()
+            todo = [k for k in plan if k.name not in self.records]
+            for key in tqdm(
+                todo, desc=f"comparison ({phase})", disable=not self.progress or not todo
+            ):
+                if max_runs is not None and done >= max_runs:
+                    return self.table()
+                record = run_one(
+                    model,
+                    key,
+                    self.spec,
+                    splits,
+                    collate,
+                    self.output_dir / "runs",
+                    progress=self.progress,
+                )
+                line = json.dumps(record)
+                with open(self.log_path, "a", encoding="utf-8") as fh:
+                    fh.write(line + "\n")
+                self.records[record["name"]] = json.loads(line)  # same form as a resumed record
+                done += 1
+                if on_record is not None:
+                    on_record(record)
+        return self.table()
+
+    def table(self, split: str = "test") -> Comparison:
+        """Rows at their chosen learning rates, one run per available seed."""
+        chosen = self.chosen_learning_rates()
+        table = Comparison(ranks=tuple(self.spec.ranks), metric=self.spec.metric)
+        for row in self.spec.rows:
+            if row not in chosen:
+                continue
+            for seed in self.spec.seeds:
+                curve = self._curve(row, chosen[row], seed, split)
+                if curve is not None:
+                    table.add(row, curve, seed=seed)
+        return table
+
+    def training_cost(self) -> dict[str, float]:
+        """Mean training seconds per run, by training method."""
+        by_kind: dict[str, list[float]] = {}
+        for record in self.records.values():
+            by_kind.setdefault(record["key"]["kind"], []).append(record["train_seconds"])
+        return {k: sum(v) / len(v) for k, v in by_kind.items()}
+
+    def write_outputs(self, title: str | None = None) -> dict[str, Path]:
+        """results.json / .csv / .md, the chosen learning rates and the plot (PNG + SVG)."""
+        table = self.table()
+        out = self.output_dir
+        paths = {"json": table.save_json(out / "results.json")}
+        table.to_csv(out / "results.csv")
+        paths["csv"] = out / "results.csv"
+        chosen = self.chosen_learning_rates()
+        lines = [table.to_markdown(), "", "Learning rate chosen on the validation split:", ""]
+        for row, lr in chosen.items():
+            lines.append(
+                f"- {row}: {lr if not isinstance(lr, dict) else ', '.join(f'r={r}: {v:g}' for r, v in lr.items())}"
+            )
+        lines += [
+            "",
+            f"Mean training time per run (s): {json.dumps({k: round(v, 1) for k, v in self.training_cost().items()})}",
+        ]
+        (out / "results.md").write_text("\n".join(lines) + "\n")
+        paths["markdown"] = out / "results.md"
+        if any(table.n_runs(row) for row in self.spec.rows if row in chosen):
+            from .eval.plots import plot_rank_curves
+
+            written = plot_rank_curves(
+                table, out / "rank_curves", title=title, ylabel=f"test {self.spec.metric} (%)"
+            )
+            paths["png"], paths["svg"] = written[0], written[1]
+        return paths
+
+
+__all__: Sequence[str] = ("ComparisonRunner", "ComparisonSpec", "RunKey", "ROWS", "run_one")
