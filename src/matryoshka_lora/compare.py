@@ -115,7 +115,10 @@ class ComparisonSpec:
             raise ValueError("give at least one seed")
 
     def training_kinds(self) -> list[str]:
-        return sorted({ROW_SOURCE[r][0] for r in self.rows})
+        """Training methods needed by the rows, in run order (the cheap, central ones first)."""
+        order = ("matryoshka", "lora", "dylora", "lora_r")
+        needed = {ROW_SOURCE[r][0] for r in self.rows}
+        return [kind for kind in order if kind in needed]
 
 
 @dataclass(frozen=True)
@@ -395,6 +398,15 @@ class ComparisonRunner:
         """Run every missing training run (at most ``max_runs`` now), then build the table."""
         splits = _splits(self.spec, tokenizer)
         collate = PaddingCollator(tokenizer.pad_token_id)
+        base_path = self.output_dir / "base_model.json"
+        if not base_path.exists():  # the frozen model without adapter: the rank-0 reference
+            base = {
+                name: teacher_forced_metrics(model, _batches(splits[name], collate))[
+                    self.spec.metric
+                ]
+                for name in ("val", "test")
+            }
+            base_path.write_text(json.dumps(base))
         done = 0
         for phase in ("grid", "seeds"):
             plan = self._grid_keys(self.spec.seeds[0]) if phase == "grid" else self.planned_runs()
@@ -426,6 +438,9 @@ class ComparisonRunner:
         """Rows at their chosen learning rates, one run per available seed."""
         chosen = self.chosen_learning_rates()
         table = Comparison(ranks=tuple(self.spec.ranks), metric=self.spec.metric)
+        base_path = self.output_dir / "base_model.json"
+        if base_path.exists():
+            table.add_reference("base model (no adapter)", json.loads(base_path.read_text())[split])
         for row in self.spec.rows:
             if row not in chosen:
                 continue
