@@ -239,6 +239,8 @@ def train_adapter(
         dynamic_ncols=True,
     )
     log_path = output / "training_log.jsonl"
+    if rank == 0 and resume_path is None and log_path.exists():
+        log_path.unlink()  # a fresh run starts a fresh log; a resumed one appends
     try:
         for step in range(start_step, steps):
             step_loss, b = 0.0, None

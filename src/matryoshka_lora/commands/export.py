@@ -1,0 +1,186 @@
+"""``matryoshka-lora export``: deploy a saved adapter at chosen ranks.
+
+* ``--format peft``: a standard PEFT LoRA folder (``adapter_config.json`` +
+  ``adapter_model.safetensors``) that vanilla ``peft.PeftModel.from_pretrained``
+  loads; several ranks give one ``rank-<r>/`` sub-folder each
+  (:func:`matryoshka_lora.export.export_peft`).
+* ``--format merged``: a plain transformers model with the rank-r update folded
+  into its weights, plus the tokenizer (:func:`matryoshka_lora.export.save_merged`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from ..nesting import INFERENCE_SCALES
+from ._common import (
+    DTYPES,
+    CLIError,
+    HelpFormatter,
+    base_model_name,
+    check_ranks,
+    load_model,
+    locate_adapter,
+    model_source,
+    rank_list,
+    resolve_device,
+)
+
+EXPORT_FORMATS = ("peft", "merged")
+SCALE_ENCODINGS = ("baked", "alpha")  # matryoshka_lora.export.SCALE_ENCODINGS
+
+DESCRIPTION = """\
+Export a saved adapter at one or several ranks.
+
+  matryoshka-lora export runs/gsm8k/adapter --rank 8 --output-dir deploy/r8
+  matryoshka-lora export runs/gsm8k/adapter --rank 4,8,16 --output-dir deploy/peft
+  matryoshka-lora export runs/gsm8k/adapter --format merged --rank 16 --output-dir merged-r16
+
+peft: a standard PEFT LoRA folder (vanilla peft.PeftModel.from_pretrained, vLLM); several
+ranks give one rank-<r>/ sub-folder each. merged: a plain transformers model (weights +
+tokenizer) with the rank-r update folded in, loadable with AutoModelForCausalLM.
+"""
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "export",
+        help="write a PEFT LoRA folder or a merged model at chosen ranks",
+        description=DESCRIPTION,
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument(
+        "adapter", help="adapter folder (save_adapter output) or a training --output-dir"
+    )
+    p.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+    p.add_argument(
+        "--format",
+        choices=EXPORT_FORMATS,
+        default="peft",
+        help="peft: PEFT LoRA folder; merged: full model with the update folded into the weights",
+    )
+    p.add_argument(
+        "--rank",
+        type=rank_list,
+        required=True,
+        metavar="R[,R2,...]",
+        help="rank(s) to export, each <= R; several ranks (peft only) give rank-<r>/ "
+        "sub-folders (required)",
+    )
+    p.add_argument(
+        "--output-dir",
+        required=True,
+        help="folder to create, empty unless --overwrite (required)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
+    p.add_argument(
+        "--scale-encoding",
+        choices=SCALE_ENCODINGS,
+        help="peft: baked = per-component scales folded into B, lora_alpha = r (exact for every "
+        "method); alpha = B unscaled, scale in lora_alpha/use_rslora (constant scales only) "
+        "(default: baked)",
+    )
+    p.add_argument(
+        "--inference-scale",
+        choices=INFERENCE_SCALES,
+        help="which rank-r function to export: paper (s(r)) or trained (p[:r]) "
+        "(default: the adapter's own)",
+    )
+    p.add_argument(
+        "--model",
+        help="base model (hub id, local folder, smollm2, minilm; default: the one recorded in "
+        "the adapter)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="peft: dtype of the written tensors (auto: the adapter's); merged: dtype of the "
+        "model (auto: the base checkpoint's)",
+    )
+    p.add_argument("--device", default="cpu", help="device for loading and merging")
+    p.set_defaults(func=run, parser=p)
+    return p
+
+
+def check_options(args: argparse.Namespace, max_rank: int) -> tuple[int, ...]:
+    ranks = check_ranks(args.rank, max_rank, "export rank")
+    if args.format == "merged":
+        if len(ranks) > 1:
+            raise CLIError(
+                "--format merged writes one model: give a single --rank (or export several "
+                "ranks with --format peft)"
+            )
+        if args.scale_encoding is not None:
+            raise CLIError("--scale-encoding applies to --format peft only")
+    out = Path(args.output_dir)
+    if out.exists():
+        if not out.is_dir():
+            raise CLIError(f"--output-dir {out} exists and is not a folder")
+        if any(out.iterdir()) and not args.overwrite:
+            raise CLIError(
+                f"--output-dir {out} exists and is not empty: pass --overwrite to replace it, "
+                "or choose another folder"
+            )
+    return ranks
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..io import read_adapter_config
+    from ._seqcls import head_metadata
+
+    adapter_dir = locate_adapter(args.adapter)
+    config, _ = read_adapter_config(adapter_dir)
+    ranks = check_options(args, config.r)
+    head = head_metadata(adapter_dir)
+    if head is not None and args.format == "peft":
+        raise CLIError(
+            "the adapter has a trained classifier head (a --task seq-cls run), which a PEFT "
+            "export does not carry yet: use --format merged"
+        )
+    device = resolve_device(args.device)
+    model_name = base_model_name(args.model, config)
+    model_source(model_name)
+
+    from .. import export as mlx
+    from ..io import load_adapter
+    from ..model import set_inference_scale
+
+    task = "seq-cls" if head is not None else "causal-lm"
+    num_labels = int(head["num_labels"]) if head is not None else None
+    dtype = args.dtype if args.format == "merged" else "auto"
+    model, tokenizer = load_model(
+        model_name, task, num_labels=num_labels, dtype=dtype, device=device
+    )
+    load_adapter(model, adapter_dir)
+    if head is not None:
+        from ._seqcls import load_head
+
+        load_head(model, adapter_dir)
+    if args.inference_scale is not None:
+        set_inference_scale(model, args.inference_scale)
+    out = Path(args.output_dir)
+    if args.format == "peft":
+        dtype = None if args.dtype == "auto" else args.dtype
+        encoding = args.scale_encoding or "baked"
+        if len(ranks) == 1:
+            mlx.export_peft(model, ranks[0], out, encoding, overwrite=args.overwrite, dtype=dtype)
+            print(f"PEFT LoRA at rank {ranks[0]}: {out}")
+        else:
+            mlx.export_peft(model, None, out, encoding, args.overwrite, ranks=ranks, dtype=dtype)
+            for r in ranks:
+                print(f"PEFT LoRA at rank {r}: {out / mlx.RANK_FOLDER.format(rank=r)}")
+        print(
+            "load with: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("
+            f"{model_name!r}), <folder>)"
+        )
+    else:
+        mlx.save_merged(model, ranks[0], out, overwrite=args.overwrite, tokenizer=tokenizer)
+        print(f"merged model at rank {ranks[0]}: {out}")
+        loader = "AutoModelForSequenceClassification" if head else "AutoModelForCausalLM"
+        print(f"load with: {loader}.from_pretrained({str(out)!r})")
+    return 0

@@ -1,0 +1,53 @@
+"""``matryoshka-lora info``: a saved adapter's config, adapted modules and size per rank."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from ._common import HelpFormatter, locate_adapter
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "info",
+        help="show a saved adapter's config, ranks and parameter counts per rank",
+        description="Show a saved adapter's config, its adapted modules and the number of "
+        "adapter parameters deployed at each eval rank.",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("adapter", help="folder written by save_adapter (or a training --output-dir)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+    p.set_defaults(func=run, parser=p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..io import read_adapter_config
+
+    folder = locate_adapter(args.adapter)
+    config, payload = read_adapter_config(folder)
+    modules = payload.get("modules", {})
+    per_rank = {
+        r: sum(r * (m["in_features"] + m["out_features"]) for m in modules.values())
+        for r in config.eval_ranks
+    }
+    if args.json:
+        print(
+            json.dumps(
+                {"config": config.to_dict(), "modules": len(modules), "params_per_rank": per_rank},
+                indent=2,
+            )
+        )
+        return 0
+    print(f"adapter: {folder} (library version {payload.get('library_version')})")
+    for key, value in config.to_dict().items():
+        print(f"  {key}: {value}")
+    print(f"  adapted modules: {len(modules)}")
+    for r, n in per_rank.items():
+        print(f"  rank {r:>4}: {n:,} adapter parameters")
+    return 0
