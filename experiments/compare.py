@@ -19,7 +19,9 @@ from matryoshka_lora.compare import ROWS, ComparisonRunner, ComparisonSpec
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--output", required=True, help="folder for runs.jsonl, results.* and the plot")
     p.add_argument("--model", default="smollm2")
     p.add_argument("--dataset", default="reasoning-gym:gsm_symbolic")
@@ -27,8 +29,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-rank", type=int, default=16)
     p.add_argument("--scaling", default="sqrt")
     p.add_argument("--rows", default=",".join(ROWS), help="comma list of rows to compare")
-    p.add_argument("--lr", action="append", default=[], metavar="KIND=LR1,LR2",
-                   help="learning-rate grid of a training method (lora, lora_r, dylora, matryoshka)")
+    p.add_argument(
+        "--lr",
+        action="append",
+        default=[],
+        metavar="KIND=LR1,LR2",
+        help="learning-rate grid of a training method (lora, lora_r, dylora, matryoshka)",
+    )
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=4)
@@ -36,7 +43,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--train-size", type=int, default=320)
     p.add_argument("--val-size", type=int, default=16)
     p.add_argument("--test-size", type=int, default=32)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's choice)"
+    )
     p.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
     return p.parse_args()
 
@@ -46,11 +55,19 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = ComparisonSpec(
-        model=args.model, dataset=args.dataset, format=args.format, max_rank=args.max_rank,
-        scaling=args.scaling, rows=tuple(args.rows.split(",")),
-        seeds=tuple(int(s) for s in args.seeds.split(",")), steps=args.steps,
-        batch_size=args.batch_size, max_length=args.max_length, train_size=args.train_size,
-        val_size=args.val_size, test_size=args.test_size,
+        model=args.model,
+        dataset=args.dataset,
+        format=args.format,
+        max_rank=args.max_rank,
+        scaling=args.scaling,
+        rows=tuple(args.rows.split(",")),
+        seeds=tuple(int(s) for s in args.seeds.split(",")),
+        steps=args.steps,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        train_size=args.train_size,
+        val_size=args.val_size,
+        test_size=args.test_size,
     )
     for item in args.lr:
         kind, _, rates = item.partition("=")

@@ -394,8 +394,14 @@ class ComparisonRunner:
         tokenizer,
         max_runs: int | None = None,
         on_record: Callable[[dict[str, Any]], None] | None = None,
+        kinds: Sequence[str] | None = None,
     ) -> Comparison:
-        """Run every missing training run (at most ``max_runs`` now), then build the table."""
+        """Run every missing training run (at most ``max_runs`` now), then build the table.
+
+        ``kinds`` restricts this call to some training methods, so that several
+        processes can share one comparison folder (each appends whole lines to
+        ``runs.jsonl``); the others' records are re-read before each run.
+        """
         splits = _splits(self.spec, tokenizer)
         collate = PaddingCollator(tokenizer.pad_token_id)
         base_path = self.output_dir / "base_model.json"
@@ -410,12 +416,17 @@ class ComparisonRunner:
         done = 0
         for phase in ("grid", "seeds"):
             plan = self._grid_keys(self.spec.seeds[0]) if phase == "grid" else self.planned_runs()
-            todo = [k for k in plan if k.name not in self.records]
+            todo = [
+                k for k in plan if k.name not in self.records and (kinds is None or k.kind in kinds)
+            ]
             for key in tqdm(
                 todo, desc=f"comparison ({phase})", disable=not self.progress or not todo
             ):
                 if max_runs is not None and done >= max_runs:
                     return self.table()
+                self.records.update(self._read_records())
+                if key.name in self.records:
+                    continue
                 record = run_one(
                     model,
                     key,
