@@ -47,6 +47,11 @@ def parse_args() -> argparse.Namespace:
         "--threads", type=int, default=None, help="torch threads (default: torch's choice)"
     )
     p.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
+    p.add_argument(
+        "--kinds",
+        default=None,
+        help="only these training methods (comma list), to share a folder between processes",
+    )
     return p.parse_args()
 
 
@@ -79,7 +84,8 @@ def main() -> None:
         runner.write_outputs(title=f"{spec.model} on {spec.dataset}")
         print(f"done {record['name']}: {record['train_seconds']:.0f}s train", flush=True)
 
-    runner.run(model, tokenizer, max_runs=args.max_runs, on_record=report)
+    kinds = args.kinds.split(",") if args.kinds else None
+    runner.run(model, tokenizer, max_runs=args.max_runs, on_record=report, kinds=kinds)
     paths = runner.write_outputs(title=f"{spec.model} on {spec.dataset}")
     print((runner.output_dir / "results.md").read_text())
     print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
