@@ -1,0 +1,210 @@
+"""Training-step time and peak memory as the max rank R grows: matryoshka vs PEFT LoRA.
+
+For each R (default 8, 16, 32, 64, 128, 256) both adapters are built over one set of frozen
+base weights and all 2 x len(R) configurations plus the frozen base are timed round-robin in
+one process; peak memory is measured per configuration in a fresh process (CPU: RSS high-water
+mark; CUDA: torch.cuda.max_memory_allocated). A smaller batch than train_step.py keeps it quick.
+
+    python bench/scaling.py
+    python bench/scaling.py --write
+    python bench/scaling.py --device cuda --dtype bfloat16 --threads 8 --write
+    python bench/scaling.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+
+import common as C
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="smollm2", help="smollm2, wide or tiny")
+    p.add_argument("--ranks", default="8,16,32,64,128,256", help="max ranks R")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument(
+        "--memory",
+        choices=["subprocess", "inprocess", "none"],
+        default="subprocess",
+        help="peak memory per configuration in a fresh process, in this process, or not at all",
+    )
+    p.add_argument("--memory-steps", type=int, default=3)
+    C.add_common_args(p, repeats=5, warmup=2)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.model, args.ranks, args.batch, args.seq = "tiny", "4,8", 1, 16
+        if args.memory == "subprocess":
+            args.memory = "inprocess"
+        args.memory_steps = 2
+    args.rank_list = [int(r) for r in args.ranks.split(",")]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = C.setup_runtime(args)
+    start = time.perf_counter()
+    meta = {
+        "script": "scaling",
+        "command": C.command_line(),
+        "date": C.now_iso(),
+        "machine": C.machine_info(device),
+        "versions": C.versions(),
+        "settings": (
+            f"model {args.model}, R in {args.rank_list}, targets q,k,v,o,gate,up,down, batch "
+            f"{args.batch} x {args.seq} tokens, base {args.dtype}, adapters fp32, AdamW, "
+            f"{args.warmup} warmup + {args.repeats} timed rounds"
+        ),
+    }
+    dtype = C.DTYPES[args.dtype]
+    targets = C.SEVEN_TARGETS
+    C.log(f"[{args.model}] loading")
+    base = C.load_base(args.model, dtype, device, args.seed)
+    ids = C.make_batch(base, args.batch, args.seq, device, args.seed)
+    per_layer = C.adapter_flop_fraction(base, targets, 1.0)
+
+    specs = [C.variant("frozen base", "base")]
+    for r in args.rank_list:
+        specs.append(C.variant(f"matryoshka R={r}", "nested", method="matryoshka", r=r))
+        specs.append(C.variant(f"PEFT LoRA r={r}", "peft", r=r))
+    models = {s["name"]: C.build_variant(base, s, targets) for s in specs}
+    steps = {s["name"]: C.make_train_step(models[s["name"]], s, ids) for s in specs}
+    C.log(f"[{args.model}] timing {len(specs)} configurations, interleaved")
+    times = C.interleaved_timing(steps, args.repeats, args.warmup, device, log=C.log)
+
+    memory: dict[str, dict] = {}
+    if args.memory == "inprocess":
+        for s in specs:
+            memory[s["name"]] = C.measure_memory_here(
+                models[s["name"]], steps[s["name"]], device, args.memory_steps
+            )
+    del models, steps, base
+    gc.collect()
+    if args.memory == "subprocess":
+        for s in specs:
+            C.log(f"[{args.model}] memory of {s['name']} (fresh process)")
+            memory[s["name"]] = C.memory_in_subprocess(
+                {
+                    "model": args.model,
+                    "variant": s,
+                    "targets": targets,
+                    "device": args.device,
+                    "dtype": args.dtype,
+                    "threads": args.threads,
+                    "batch": args.batch,
+                    "seq": args.seq,
+                    "seed": args.seed,
+                    "steps": args.memory_steps,
+                }
+            )
+
+    base_t = times["frozen base"]
+    base_med = C.summarize(base_t)["median_s"]
+    rows = []
+    for r in args.rank_list:
+        m, p = f"matryoshka R={r}", f"PEFT LoRA r={r}"
+        row = {
+            "R": r,
+            "flop_fraction_mean": r * per_layer["mean"],
+            "flop_fraction_weighted": r * per_layer["weighted"],
+            "matryoshka": {"time": C.summarize(times[m]), "times_s": times[m]},
+            "peft": {"time": C.summarize(times[p]), "times_s": times[p]},
+            "x_peft_paired": C.paired_ratio(times[m], times[p]),
+        }
+        for key, name in (("matryoshka", m), ("peft", p)):
+            row[key]["overhead_vs_base"] = row[key]["time"]["median_s"] / base_med - 1
+            row[key]["memory"] = memory.get(name)
+        if memory:
+            mm, pm = memory[m], memory[p]
+            row["mem_x_peft_delta"] = mm["delta"] / pm["delta"] if pm["delta"] > 0 else None
+            row["mem_x_peft_saved"] = mm["saved_activations"] / pm["saved_activations"]
+            row["mem_x_peft_tensor_peak"] = mm["tensor_peak"] / pm["tensor_peak"]
+        rows.append(row)
+    result = {
+        "model": args.model,
+        "description": C.MODEL_DESCRIPTIONS[args.model],
+        "tokens_per_step": args.batch * args.seq,
+        "base": {
+            "time": C.summarize(base_t),
+            "times_s": base_t,
+            "memory": memory.get("frozen base"),
+        },
+        "rows": rows,
+    }
+    meta["wall_s"] = time.perf_counter() - start
+    meta["machine"]["load_average_at_end"] = C.load_average()
+
+    table = []
+    for row in rows:
+        mt, pt = row["matryoshka"], row["peft"]
+        xp = row["x_peft_paired"]
+        cells = [
+            row["R"],
+            C.fmt_ms(mt["time"]["median_s"]),
+            C.fmt_ms(pt["time"]["median_s"]),
+            f"{xp['median']:.3f} [{xp['p25']:.3f}, {xp['p75']:.3f}]",
+            f"{100 * mt['overhead_vs_base']:+.1f}% / {100 * pt['overhead_vs_base']:+.1f}%",
+            f"{100 * row['flop_fraction_mean']:.1f}% / {100 * row['flop_fraction_weighted']:.1f}%",
+        ]
+        if memory:
+            cells += [
+                f"{C.fmt_mib(mt['memory']['delta'])} / {C.fmt_mib(pt['memory']['delta'])}",
+                C.fmt_ratio(row["mem_x_peft_delta"]),
+                f"{C.fmt_mib(mt['memory']['tensor_peak'])} / "
+                f"{C.fmt_mib(pt['memory']['tensor_peak'])}",
+                C.fmt_ratio(row["mem_x_peft_tensor_peak"]),
+                f"{C.fmt_mib(mt['memory']['saved_activations'])} / "
+                f"{C.fmt_mib(pt['memory']['saved_activations'])}",
+            ]
+        table.append(cells)
+    headers = [
+        "R",
+        "matryoshka ms/step",
+        "PEFT ms/step",
+        "× PEFT paired [IQR]",
+        "time over frozen base (ours / PEFT)",
+        "adapter FLOP fraction (mean / weighted)",
+    ]
+    if memory:
+        headers += [
+            "RSS peak over model MiB (ours / PEFT)",
+            "× PEFT (RSS)",
+            "step tensor peak MiB (ours / PEFT)",
+            "× PEFT (tensor peak)",
+            "saved for backward MiB (ours / PEFT)",
+        ]
+    base_line = f"Frozen base: {C.fmt_ms(base_med)} ms/step"
+    if memory.get("frozen base"):
+        bm = memory["frozen base"]
+        base_line += (
+            f", peak {C.fmt_mib(bm['peak'])} MiB ({bm['kind']}), "
+            f"{C.fmt_mib(bm['delta'])} MiB over the model"
+        )
+    title = f"### Rank scaling ({C.title_suffix(args)})"
+    body = "\n".join(
+        [title, "", *C.header_lines(meta)]
+        + [f"- Load average at end: {meta['machine']['load_average_at_end']}", ""]
+        + [
+            f"**{result['description']}**; {result['tokens_per_step']} tokens per step. "
+            + base_line
+            + ".",
+            "",
+            C.md_table(headers, table),
+        ]
+    )
+    print(body)
+    if args.write:
+        key = C.result_key("scaling", args)
+        path = C.write_json(args.results_dir, key, {"meta": meta, "results": [result]})
+        C.replace_subsection(args.benchmarks_file, key, body)
+        C.log(f"wrote {path} and the {key} block of {args.benchmarks_file}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
