@@ -119,13 +119,17 @@ def test_gradient_checkpointing_trains(tmp_path):
     assert any(k.endswith("lora_A") for k in changed) and any(k.endswith("lora_B") for k in changed)
 
 
-@pytest.mark.parametrize("extra", [{"bf16": True}, {"torch_compile": True, "torch_compile_backend": "aot_eager"}])
+@pytest.mark.parametrize(
+    "extra", [{"bf16": True}, {"torch_compile": True, "torch_compile_backend": "aot_eager"}]
+)
 def test_trainer_bf16_and_compile(tmp_path, extra):
     model, trainer = make_trainer(tmp_path, "opt", **extra)
     before = adapter(model)
     trainer.train()
     after = adapter(model)
-    assert all(v.dtype == torch.float32 for v in after.values())  # fp32 adapters under bf16 autocast
+    assert all(
+        v.dtype == torch.float32 for v in after.values()
+    )  # fp32 adapters under bf16 autocast
     assert any(not torch.equal(after[k], before[k]) for k in after if k.endswith("lora_B"))
     assert all(torch.isfinite(v).all() for v in after.values())
     reloaded = make_tiny_llama()
