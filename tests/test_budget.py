@@ -21,7 +21,12 @@ def trained(arch: str = "llama", **config):
     """A tiny model whose modules have updates of very different sizes."""
     make, targets = MODELS[arch]
     model = make()
-    ml.attach(model, ml.NestedLoraConfig(**{"r": 8, "target_modules": targets, **config}))
+    ml.attach(
+        model,
+        ml.NestedLoraConfig(
+            **{"r": 8, "target_modules": targets, "inference_scale": "paper", **config}
+        ),
+    )
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for i, layer in enumerate(ml.adapter_layers(model).values()):

@@ -62,7 +62,9 @@ def test_accuracy_and_loss_on_known_labels():
 
 def test_sweep_over_ranks_with_an_adapter():
     model = tiny_bert()
-    ml.attach(model, ml.NestedLoraConfig(r=4, target_modules=["query", "value"]))
+    ml.attach(
+        model, ml.NestedLoraConfig(r=4, target_modules=["query", "value"], inference_scale="paper")
+    )
     randomise_adapters(model, scale=1.0)
     b = batch(2, 6)
     with ml.at_rank(model, 4):

@@ -14,7 +14,9 @@ from matryoshka_lora.eval import flatten_lm_eval_results, lm_eval_sweep
 
 def adapted():
     model = make_tiny_llama()
-    ml.attach(model, ml.NestedLoraConfig(r=4, target_modules=LLAMA_TARGETS))
+    ml.attach(
+        model, ml.NestedLoraConfig(r=4, target_modules=LLAMA_TARGETS, inference_scale="paper")
+    )
     return model
 
 

@@ -15,7 +15,18 @@ IDS = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(7))
 
 def adapted(method: str = "matryoshka", r: int = 8, **kw):
     model = make_tiny_llama()
-    ml.attach(model, ml.NestedLoraConfig(r=r, method=method, target_modules=LLAMA_TARGETS, **kw))
+    ml.attach(
+        model,
+        ml.NestedLoraConfig(
+            **{
+                "r": r,
+                "method": method,
+                "target_modules": LLAMA_TARGETS,
+                "inference_scale": "paper",
+                **kw,
+            }
+        ),
+    )
     randomise_adapters(model)
     return model
 

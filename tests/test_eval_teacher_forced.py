@@ -94,7 +94,9 @@ def test_training_flags_restored_and_no_grad():
 
 def test_metric_fn_replays_a_generator_in_a_rank_sweep():
     model = make_tiny_llama()
-    ml.attach(model, ml.NestedLoraConfig(r=4, target_modules=LLAMA_TARGETS))
+    ml.attach(
+        model, ml.NestedLoraConfig(r=4, target_modules=LLAMA_TARGETS, inference_scale="paper")
+    )
     randomise_adapters(model)
     batches = [make_batch(5, 2, 10, 4), make_batch(6, 2, 10, 4)]
     fn = teacher_forced_metric_fn(iter(batches), metric="loss")

@@ -22,7 +22,12 @@ TRAIN_RANKS = (1, 2, 4, 8)
 def trained(arch: str = "llama", **config):
     make, targets = MODELS[arch]
     model = make()
-    ml.attach(model, ml.NestedLoraConfig(**{"r": 8, "target_modules": targets, **config}))
+    ml.attach(
+        model,
+        ml.NestedLoraConfig(
+            **{"r": 8, "target_modules": targets, "inference_scale": "paper", **config}
+        ),
+    )
     g = torch.Generator().manual_seed(11)
     with torch.no_grad():
         for layer in ml.adapter_layers(model).values():

@@ -50,7 +50,11 @@ class NestedLoraConfig:
         init_a: ``peft`` (U(+-1/sqrt(in)), PEFT's kaiming default) or
             ``authors`` (U(+-1/sqrt(R)), the authors' code). B starts at 0.
         inference_scale: how an active rank r < full is scaled: ``paper``
-            (s(r), P dropped) or ``trained`` (p[:r]).
+            (s(r), P dropped: the authors' rule) or ``trained`` (p[:r]). Default
+            (None): ``trained`` for the Matryoshka methods, which won every
+            comparison in BENCHMARKS.md by 5-6 AURAC points, and ``paper`` for
+            LoRA and DyLoRA (for DyLoRA the two coincide). Pass ``paper`` to
+            reproduce the authors' evaluation.
         dylora_update: ``prefix`` (components 1..b learn) or ``last`` (only
             component b learns, the original DyLoRA's frozen mode).
         adapter_dtype: dtype of A and B, or None to follow the base weight;
@@ -79,7 +83,7 @@ class NestedLoraConfig:
     )
     dropout: float = 0.0
     init_a: str = "peft"
-    inference_scale: str = "paper"
+    inference_scale: str | None = None
     dylora_update: str = "prefix"
     adapter_dtype: str | None = "float32"
     base_model_name_or_path: str | None = None
@@ -89,6 +93,8 @@ class NestedLoraConfig:
         _check_choice("method", self.method, METHODS)
         _check_choice("scaling", self.scaling, SCALINGS)
         _check_choice("normalize", self.normalize, NORMALIZATIONS)
+        if self.inference_scale is None:
+            self.inference_scale = "trained" if self.method.startswith("matryoshka") else "paper"
         _check_choice("inference scale", self.inference_scale, INFERENCE_SCALES)
         _check_choice("init_a", self.init_a, A_INITS)
         _check_choice("dylora_update", self.dylora_update, DYLORA_UPDATES)

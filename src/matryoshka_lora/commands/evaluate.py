@@ -118,9 +118,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--inference-scales",
         type=choice_list(INFERENCE_SCALES),
-        default=["paper"],
+        default=["paper", "trained"],
         metavar="SCALE,...",
-        help="paper (s(r), P dropped) and/or trained (p[:r]), comma-separated (default: paper)",
+        help="paper (s(r), P dropped) and/or trained (p[:r]), comma-separated "
+        "(default: both; identical deployments are evaluated once)",
     )
     p.add_argument(
         "--include-base",

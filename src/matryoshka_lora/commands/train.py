@@ -199,8 +199,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument(
         "--inference-scale",
         choices=INFERENCE_SCALES,
-        default="paper",
-        help="scale at a deployed rank r: paper = s(r), P dropped; trained = p[:r]",
+        default=None,
+        help="scale at a deployed rank r: paper = s(r), P dropped; trained = p[:r] "
+        "(default: trained for matryoshka, paper for lora and dylora)",
     )
     g.add_argument(
         "--dylora-update",

@@ -1,0 +1,101 @@
+"""Write the quality sections of BENCHMARKS.md from the experiment folders.
+
+    python experiments/write_benchmarks.py
+
+Replaces the blocks between ``<!-- quality:<name>:begin -->`` and
+``<!-- quality:<name>:end -->`` (adding them after the title if missing) with the
+current tables of ``experiments/results/<name>/``, so the numbers always match the
+committed results files.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "experiments" / "results"
+BENCHMARKS = ROOT / "BENCHMARKS.md"
+
+
+def replace_block(text: str, name: str, body: str) -> str:
+    begin, end = f"<!-- quality:{name}:begin -->", f"<!-- quality:{name}:end -->"
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    if pattern.search(text):
+        return pattern.sub(lambda _: block, text)
+    anchor = "## Speed and memory"
+    return (
+        text.replace(anchor, block + "\n\n" + anchor, 1)
+        if anchor in text
+        else text + "\n" + block + "\n"
+    )
+
+
+def comparison_block(folder: Path, heading: str, command: str) -> str:
+    spec = json.loads((folder / "spec.json").read_text())
+    runs = [
+        json.loads(line)
+        for line in (folder / "runs.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
+    seeds = sorted({r["key"]["seed"] for r in runs})
+    lines = [
+        f"### {heading}",
+        "",
+        f"- Command: `{command}` (resumable: the same command continues an interrupted comparison)",
+        f"- Setup: {spec['model']} on `{spec['dataset']}` ({spec['format']} format), R = {spec['max_rank']}, "
+        f"ranks {spec['ranks']}, {spec['scaling']} scaling, targets {', '.join(spec['target_modules'])}; "
+        f"{spec['steps']} steps x {spec['batch_size']} examples (<= {spec['max_length']} tokens), "
+        f"{spec['val_size']} validation / {spec['test_size']} test problems; metric: teacher-forced "
+        f"{spec['metric']} (%) on the test split.",
+        f"- Learning-rate grids: {json.dumps(spec['learning_rates'])}; seeds planned {spec['seeds']}, "
+        f"seeds finished so far {seeds}; {len(runs)} training runs done.",
+        "",
+        (folder / "results.md").read_text().strip(),
+        "",
+        f"![rank curves]({(folder / 'rank_curves.png').relative_to(ROOT).as_posix()})",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
+    folder = RESULTS / "smollm2-gsm-symbolic"
+    if (folder / "runs.jsonl").exists():
+        body = comparison_block(
+            folder,
+            "Quality: every method on SmolLM2-135M-Instruct + GSM-Symbolic, ranks 1..16",
+            "python experiments/compare.py --output experiments/results/smollm2-gsm-symbolic --threads 1",
+        )
+        notes = ROOT / "experiments" / "notes-smollm2-gsm-symbolic.md"
+        if notes.exists():
+            body += "\n\n" + notes.read_text().strip()
+        text = replace_block(text, "smollm2-gsm-symbolic", body)
+    budget = RESULTS / "budget-smollm2"
+    if (budget / "budget.md").exists():
+        args = json.loads((budget / "budget.json").read_text())["args"]
+        body = "\n".join(
+            [
+                "### Per-module rank budgets vs a uniform rank (SmolLM2, trained Matryoshka adapter)",
+                "",
+                f"- Command: `python experiments/budget.py --adapter {args['adapter']} --output {args['output']}`",
+                f"- Adapter: the MatryoshkaLoRA run above (R = 16, lr 2e-3, seed 0), deployed with the "
+                f"`{args['inference_scale']}` scale; {args['size']} held-out GSM-Symbolic problems (seed "
+                f"{args['data_seed']}), teacher-forced token accuracy and loss. Each budget is the parameter "
+                "count of a uniform rank; the allocations never exceed it.",
+                "",
+                (budget / "budget.md").read_text().strip(),
+            ]
+        )
+        notes = ROOT / "experiments" / "notes-budget.md"
+        if notes.exists():
+            body += "\n\n" + notes.read_text().strip()
+        text = replace_block(text, "budget-smollm2", body)
+    BENCHMARKS.write_text(text)
+    print(f"wrote {BENCHMARKS}")
+
+
+if __name__ == "__main__":
+    main()
