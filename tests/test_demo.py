@@ -16,25 +16,20 @@ def test_demo_runs_and_writes_results(tmp_path):
     out = tmp_path / "demo"
     exe = shutil.which("matryoshka-lora") or None
     cmd = [exe] if exe else [sys.executable, "-m", "matryoshka_lora.cli"]
-    proc = subprocess.run(
-        cmd
-        + [
-            "demo",
-            "--steps",
-            "2",
-            "--ranks",
-            "2",
-            "--test-size",
-            "4",
-            "--max-length",
-            "96",
-            "--output-dir",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    args = cmd + [
+        "demo",
+        "--steps",
+        "2",
+        "--ranks",
+        "2",
+        "--test-size",
+        "4",
+        "--max-length",
+        "96",
+        "--output-dir",
+        str(out),
+    ]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| matryoshka_trained |" in proc.stdout and "AURAC_log" in proc.stdout
     results = json.loads((out / "results.json").read_text())
@@ -47,23 +42,5 @@ def test_demo_runs_and_writes_results(tmp_path):
     assert (out / "rank_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "rank_curves.svg").is_file() and (out / "results.csv").is_file()
     # a second call with the same flags reuses the finished runs
-    again = subprocess.run(
-        cmd
-        + [
-            "demo",
-            "--steps",
-            "2",
-            "--ranks",
-            "2",
-            "--test-size",
-            "4",
-            "--max-length",
-            "96",
-            "--output-dir",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    again = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and (out / "runs.jsonl").read_text().count("\n") == 3
