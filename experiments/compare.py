@@ -15,7 +15,7 @@ import json
 import torch
 
 from matryoshka_lora.assets import load_causal_lm
-from matryoshka_lora.compare import ROWS, ComparisonRunner, ComparisonSpec
+from matryoshka_lora.compare import RESEARCH_ROWS, ROWS, ComparisonRunner, ComparisonSpec
 
 
 def parse_args() -> argparse.Namespace:
@@ -28,13 +28,18 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--format", default="gsm8k")
     p.add_argument("--max-rank", type=int, default=16)
     p.add_argument("--scaling", default="sqrt")
-    p.add_argument("--rows", default=",".join(ROWS), help="comma list of rows to compare")
+    p.add_argument(
+        "--rows",
+        default="research",
+        help="comma list of rows to compare, 'research' (every variant and deployment) "
+        "or 'methods' (the five methods of the evaluation issue)",
+    )
     p.add_argument(
         "--lr",
         action="append",
         default=[],
         metavar="KIND=LR1,LR2",
-        help="learning-rate grid of a training method (lora, lora_r, dylora, matryoshka)",
+        help="learning-rate grid of a training method (lora, lora_r, dylora, matryoshka, mat_*)",
     )
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=40)
@@ -65,7 +70,8 @@ def main() -> None:
         format=args.format,
         max_rank=args.max_rank,
         scaling=args.scaling,
-        rows=tuple(args.rows.split(",")),
+        rows={"research": RESEARCH_ROWS, "methods": ROWS}.get(args.rows)
+        or tuple(args.rows.split(",")),
         seeds=tuple(int(s) for s in args.seeds.split(",")),
         steps=args.steps,
         batch_size=args.batch_size,

@@ -93,7 +93,9 @@ def test_dylora_ranks_drawn_per_micro_batch(tmp_path):
     assert [b for _, _, b in trainer.sampled_ranks] == expected
     assert seen == expected  # the layers really ran at those ranks
     assert all(layer.sampled_rank is None for layer in ml.adapter_layers(model).values())
-    with pytest.raises(ValueError, match="only applies to method 'dylora'"):
+    with pytest.raises(
+        ValueError, match="applies to method 'dylora' or to an adapter with prefix_sampling"
+    ):
         make_trainer_with_sampler(tmp_path)
 
 

@@ -41,12 +41,69 @@ from .eval.results import Comparison
 from .eval.svd import svd_rebase_
 from .eval.sweep import rank_sweep
 from .eval.teacher_forced import teacher_forced_metrics
+from .io import load_adapter
 from .model import at_rank, attach, detach
 from .nesting import powers_of_two_ranks
 from .train.data import PaddingCollator, SFTDataset, load_records
 from .train.loop import TrainConfig, train_adapter
 
-ROWS = (
+# Training methods ("kinds") and the adapter-config fields that define them. The
+# ``mat_*`` kinds are the MatryoshkaLoRA variants of the research comparison.
+KIND_SETTINGS: dict[str, dict[str, Any]] = {
+    "lora": {"method": "lora"},
+    "lora_r": {"method": "lora"},
+    "dylora": {"method": "dylora"},
+    "matryoshka": {"method": "matryoshka"},
+    # P rescaled to LoRA's step size (so LoRA's learning rate applies)
+    "mat_rms": {"method": "matryoshka", "normalize": "rms"},
+    # steeper P (s(r) = 1/r), at LoRA's step size
+    "mat_steep": {"method": "matryoshka", "scaling": "rank", "normalize": "rms"},
+    # rank sampling on top of P: half of the micro-batches train a sampled prefix
+    "mat_sampled": {"method": "matryoshka", "prefix_sampling": 0.5},
+    # the prefix-loss objective (mean of the train ranks' losses)
+    "mat_prefix": {"method": "matryoshka", "prefix_loss": True},
+}
+VARIANT_KINDS = tuple(k for k in KIND_SETTINGS if k.startswith("mat_"))
+# How a trained adapter is deployed at rank r (a row's second half):
+#   paper: prefix, s(r) | trained: prefix, trained p[:r] | svd: the best rank-r
+#   approximation of the full update | select: per rank, prefix or svd, whichever
+#   scores higher on the validation split | full: a run trained at that rank.
+SELECT_FROM = {"lora": ("paper", "svd"), "dylora": ("paper", "svd")}  # others: trained / svd
+
+ROW_SOURCE = {  # row -> (training method, how it is deployed)
+    "lora_trunc_paper": ("lora", "paper"),
+    "lora_trunc_trained": ("lora", "trained"),
+    "lora_svd": ("lora", "svd"),
+    "lora_select": ("lora", "select"),
+    "lora_per_rank": ("lora_r", "full"),
+    "dylora": ("dylora", "paper"),
+    "dylora_svd": ("dylora", "svd"),
+    "matryoshka_paper": ("matryoshka", "paper"),
+    "matryoshka_trained": ("matryoshka", "trained"),
+    "matryoshka_svd": ("matryoshka", "svd"),
+    "matryoshka_select": ("matryoshka", "select"),
+}
+for _kind in VARIANT_KINDS:
+    for _deployment in ("trained", "svd", "select"):
+        ROW_SOURCE[f"{_kind}_{_deployment}"] = (_kind, _deployment)
+RESEARCH_ROWS = (  # the research comparison: every deployment of every variant
+    "lora_trunc_paper",
+    "lora_svd",
+    "lora_select",
+    "lora_per_rank",
+    "dylora",
+    "dylora_svd",
+    "matryoshka_paper",
+    "matryoshka_trained",
+    "matryoshka_svd",
+    "matryoshka_select",
+    *(
+        f"{k}_{d}"
+        for k in ("mat_rms", "mat_sampled", "mat_prefix")
+        for d in ("trained", "svd", "select")
+    ),
+)
+ROWS = (  # the evaluation issue's five methods
     "lora_trunc_paper",
     "lora_trunc_trained",
     "lora_svd",
@@ -55,15 +112,6 @@ ROWS = (
     "matryoshka_paper",
     "matryoshka_trained",
 )
-ROW_SOURCE = {  # row -> (training method, how it is deployed)
-    "lora_trunc_paper": ("lora", "paper"),
-    "lora_trunc_trained": ("lora", "trained"),
-    "lora_svd": ("lora", "svd"),
-    "lora_per_rank": ("lora_r", "full"),
-    "dylora": ("dylora", "paper"),
-    "matryoshka_paper": ("matryoshka", "paper"),
-    "matryoshka_trained": ("matryoshka", "trained"),
-}
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -84,8 +132,12 @@ class ComparisonSpec:
         default_factory=lambda: {
             "lora": [2e-3, 8e-3, 2e-2],
             "lora_r": [2e-3, 8e-3, 2e-2],
-            "dylora": [2e-3, 8e-3, 2e-2],
-            "matryoshka": [5e-4, 2e-3, 8e-3],
+            "dylora": [5e-4, 2e-3, 8e-3, 2e-2],
+            "matryoshka": [5e-4, 2e-3, 8e-3, 3.2e-2],
+            "mat_rms": [2e-3, 8e-3, 2e-2],
+            "mat_steep": [2e-3, 8e-3, 2e-2],
+            "mat_sampled": [8e-3, 3.2e-2],
+            "mat_prefix": [8e-3],
         }
     )
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -116,14 +168,22 @@ class ComparisonSpec:
 
     def training_kinds(self) -> list[str]:
         """Training methods needed by the rows, in run order (the cheap, central ones first)."""
-        order = ("matryoshka", "lora", "dylora", "lora_r")
+        order = ("matryoshka", "lora", "dylora", "lora_r", *VARIANT_KINDS)
         needed = {ROW_SOURCE[r][0] for r in self.rows}
         return [kind for kind in order if kind in needed]
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that define the runs' data and budget: a folder's records are only
+        reused under a spec with the same identity (rows, grids and seeds may grow)."""
+        data = asdict(self)
+        for name in ("rows", "learning_rates", "seeds"):
+            data.pop(name)
+        return json.loads(json.dumps(data))
 
 
 @dataclass(frozen=True)
 class RunKey:
-    kind: str  # lora | lora_r | dylora | matryoshka
+    kind: str  # a key of KIND_SETTINGS
     rank: int  # R, or r for lora_r
     lr: float
     seed: int
@@ -168,20 +228,65 @@ def _batches(dataset: SFTDataset, collate, batch_size: int = 8) -> list[dict[str
 
 # ----------------------------------------------------------------------------- one run
 def _adapter_config(spec: ComparisonSpec, key: RunKey) -> NestedLoraConfig:
-    method = "lora" if key.kind == "lora_r" else key.kind
     rank = key.rank
     ranks = tuple(r for r in spec.ranks if r <= rank) if key.kind != "lora_r" else (rank,)
     if rank not in ranks:
         ranks = ranks + (rank,)
+    settings = {"scaling": spec.scaling, **KIND_SETTINGS[key.kind]}
     return NestedLoraConfig(
         r=rank,
-        method=method,
         train_ranks=ranks,
         eval_ranks=ranks,
-        scaling=spec.scaling,
         alpha=spec.alpha,
         target_modules=spec.target_modules,
+        **settings,
     )
+
+
+def _svd_curves(
+    model: nn.Module, evaluate: Callable[[nn.Module], dict[str, float]], ranks, progress: bool
+) -> dict[int, dict[str, float]]:
+    """Re-base the model's adapters on the SVD of their full update (in place) and sweep."""
+    svd_rebase_(model)
+    sweep = rank_sweep(model, evaluate, ranks=ranks, inference_scales=("paper",), progress=progress)
+    return {r: {s: sweep.values[s]["paper"][r] for s in ("val", "test")} for r in ranks}
+
+
+def _evaluator(
+    spec: ComparisonSpec, splits: dict[str, SFTDataset], collate
+) -> Callable[[nn.Module], dict[str, float]]:
+    """``evaluate(model) -> {"val": metric, "test": metric}``."""
+    eval_batches = {name: _batches(splits[name], collate) for name in ("val", "test")}
+
+    def both_splits(m: nn.Module) -> dict[str, float]:
+        return {
+            name: teacher_forced_metrics(m, batches)[spec.metric]
+            for name, batches in eval_batches.items()
+        }
+
+    return both_splits
+
+
+def add_svd_curves(
+    model: nn.Module,
+    record: dict[str, Any],
+    spec: ComparisonSpec,
+    splits: dict[str, SFTDataset],
+    collate,
+    output_dir: Path,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """A record of an earlier run, completed with its SVD deployment from its saved adapter."""
+    load_adapter(model, output_dir / record["name"] / "adapter")
+    try:
+        ranks = [r for r in spec.ranks if r <= record["key"]["rank"]]
+        values = _svd_curves(model, _evaluator(spec, splits, collate), ranks, progress)
+    finally:
+        detach(model)
+    record = json.loads(json.dumps(record))
+    for split in ("val", "test"):
+        record["curves"][split]["svd"] = {str(r): v[split] for r, v in values.items()}
+    return record
 
 
 def run_one(
@@ -196,15 +301,7 @@ def run_one(
     """Train one adapter on ``model`` (attached and detached here) and evaluate every deployment."""
     torch.manual_seed(key.seed)
     attach(model, _adapter_config(spec, key))
-    eval_batches = {name: _batches(splits[name], collate) for name in ("val", "test")}
-    metric = spec.metric
-
-    def both_splits(m: nn.Module) -> dict[str, float]:
-        return {
-            name: teacher_forced_metrics(m, batches)[metric]
-            for name, batches in eval_batches.items()
-        }
-
+    both_splits = _evaluator(spec, splits, collate)
     try:
         started = time.perf_counter()
         result = train_adapter(
@@ -244,15 +341,7 @@ def run_one(
                     scale,
                     {r: {s: sweep.values[s][scale][r] for s in ("val", "test")} for r in ranks},
                 )
-            if key.kind == "lora" and any(ROW_SOURCE[row] == ("lora", "svd") for row in spec.rows):
-                svd_rebase_(model)
-                sweep = rank_sweep(
-                    model, both_splits, ranks=ranks, inference_scales=("paper",), progress=progress
-                )
-                keep(
-                    "svd",
-                    {r: {s: sweep.values[s]["paper"][r] for s in ("val", "test")} for r in ranks},
-                )
+            keep("svd", _svd_curves(model, both_splits, ranks, progress))
     finally:
         detach(model)
     return {
@@ -278,11 +367,17 @@ class ComparisonRunner:
         self.log_path = self.output_dir / "runs.jsonl"
         spec_path = self.output_dir / "spec.json"
         spec_json = json.dumps(asdict(spec), indent=2, sort_keys=True)
-        if spec_path.exists() and json.loads(spec_path.read_text()) != json.loads(spec_json):
-            raise ValueError(
-                f"{self.output_dir} holds a comparison with another spec ({spec_path}); "
-                "use a new output folder or the same settings to resume"
-            )
+        if spec_path.exists():
+            saved = ComparisonSpec(**json.loads(spec_path.read_text()))
+            if saved.identity() != spec.identity():
+                differ = sorted(
+                    k for k, v in spec.identity().items() if saved.identity().get(k) != v
+                )
+                raise ValueError(
+                    f"{self.output_dir} holds a comparison with another data or budget "
+                    f"({spec_path}: {', '.join(differ)} differ); use a new output folder, or the "
+                    "same settings to resume (rows, learning-rate grids and seeds may change)"
+                )
         spec_path.write_text(spec_json)
         self.records = self._read_records()
 
@@ -319,11 +414,22 @@ class ComparisonRunner:
         kind, deployment = ROW_SOURCE[row]
         if kind != "lora_r":
             record = self.records.get(RunKey(kind, self.spec.max_rank, lr_by_rank, seed).name)
-            return (
-                None
-                if record is None
-                else {int(r): v for r, v in record["curves"][split][deployment].items()}
-            )
+            if record is None:
+                return None
+            curves = record["curves"]
+            if deployment == "select":  # per rank, the deployment that wins on validation
+                prefix, svd = SELECT_FROM.get(kind, ("trained", "svd"))
+                if svd not in curves["val"]:
+                    return None
+                return {
+                    int(r): curves[split][
+                        svd if curves["val"][svd][r] > curves["val"][prefix][r] else prefix
+                    ][r]
+                    for r in curves[split][prefix]
+                }
+            if deployment not in curves[split]:
+                return None
+            return {int(r): v for r, v in curves[split][deployment].items()}
         curve = {}
         for r in self.spec.ranks:
             lr = lr_by_rank[r]
@@ -404,6 +510,7 @@ class ComparisonRunner:
         """
         splits = _splits(self.spec, tokenizer)
         collate = PaddingCollator(tokenizer.pad_token_id)
+        self._complete_records(model, splits, collate, kinds)
         base_path = self.output_dir / "base_model.json"
         if not base_path.exists():  # the frozen model without adapter: the rank-0 reference
             base = {
@@ -444,6 +551,25 @@ class ComparisonRunner:
                 if on_record is not None:
                     on_record(record)
         return self.table()
+
+    def _complete_records(self, model, splits, collate, kinds) -> None:
+        """Add the SVD deployment to records written before it was part of every run."""
+        self.records.update(self._read_records())
+        todo = [
+            record
+            for record in self.records.values()
+            if record["key"]["kind"] != "lora_r"
+            and "svd" not in record["curves"]["test"]
+            and (kinds is None or record["key"]["kind"] in kinds)
+            and (self.output_dir / "runs" / record["name"] / "adapter").is_dir()
+        ]
+        for record in tqdm(todo, desc="add SVD deployments", disable=not self.progress or not todo):
+            completed = add_svd_curves(
+                model, record, self.spec, splits, collate, self.output_dir / "runs", self.progress
+            )
+            with open(self.log_path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(completed) + "\n")
+            self.records[completed["name"]] = completed
 
     def table(self, split: str = "test") -> Comparison:
         """Rows at their chosen learning rates, one run per available seed."""
@@ -497,4 +623,14 @@ class ComparisonRunner:
         return paths
 
 
-__all__: Sequence[str] = ("ComparisonRunner", "ComparisonSpec", "RunKey", "ROWS", "run_one")
+__all__: Sequence[str] = (
+    "KIND_SETTINGS",
+    "RESEARCH_ROWS",
+    "ROWS",
+    "ROW_SOURCE",
+    "ComparisonRunner",
+    "ComparisonSpec",
+    "RunKey",
+    "add_svd_curves",
+    "run_one",
+)

@@ -57,6 +57,14 @@ class NestedLoraConfig:
             reproduce the authors' evaluation.
         dylora_update: ``prefix`` (components 1..b learn) or ``last`` (only
             component b learns, the original DyLoRA's frozen mode).
+        prefix_sampling: Matryoshka methods only: the probability that a
+            training micro-batch trains a sampled prefix ``b`` (uniform over S,
+            with its deployed scales) instead of the full adapter, i.e. DyLoRA's
+            rank sampling on top of P. 0 (default) = plain MatryoshkaLoRA.
+        prefix_loss: train on the mean of the losses of the deployed rank-r
+            adapters, r in S (Matryoshka representation learning's objective),
+            instead of the loss of the full adapter. Costs |S| forward passes
+            per micro-batch (the small prefixes' adapter part is sliced).
         adapter_dtype: dtype of A and B, or None to follow the base weight;
             ``"float32"`` (default) keeps adapters in fp32 under a bf16/fp16
             base, like PEFT's ``autocast_adapter_dtype``.
@@ -85,6 +93,8 @@ class NestedLoraConfig:
     init_a: str = "peft"
     inference_scale: str | None = None
     dylora_update: str = "prefix"
+    prefix_sampling: float = 0.0
+    prefix_loss: bool = False
     adapter_dtype: str | None = "float32"
     base_model_name_or_path: str | None = None
 
@@ -98,6 +108,23 @@ class NestedLoraConfig:
         _check_choice("inference scale", self.inference_scale, INFERENCE_SCALES)
         _check_choice("init_a", self.init_a, A_INITS)
         _check_choice("dylora_update", self.dylora_update, DYLORA_UPDATES)
+        if isinstance(self.prefix_sampling, bool) or not 0.0 <= self.prefix_sampling <= 1.0:
+            raise ValueError(
+                f"prefix_sampling must be a probability in [0, 1], got {self.prefix_sampling!r}"
+            )
+        self.prefix_sampling = float(self.prefix_sampling)
+        if self.prefix_sampling and not self.method.startswith("matryoshka"):
+            raise ValueError(
+                f"prefix_sampling applies to the Matryoshka methods; method {self.method!r} "
+                "trains without it (DyLoRA always samples): set prefix_sampling=0"
+            )
+        if not isinstance(self.prefix_loss, bool):
+            raise ValueError(f"prefix_loss must be True or False, got {self.prefix_loss!r}")
+        if self.prefix_loss and self.method == "dylora":
+            raise ValueError(
+                "prefix_loss and DyLoRA's rank sampling are two ways to train prefixes: "
+                "use prefix_loss with method 'matryoshka' or 'lora'"
+            )
         if self.train_ranks is None:
             self.train_ranks = powers_of_two_ranks(self.r)
         self.train_ranks = check_train_ranks(self.train_ranks, self.r)

@@ -8,7 +8,8 @@ State of a layer (all plain Python attributes, no process-global state):
 
 * ``active_rank = None``: the method's training function at full rank
   (LoRA: ``p = s(R)``; Matryoshka: the fixed P; DyLoRA: the first ``b =
-  sampled_rank`` components scaled by ``s(b)``; ``matryoshka_exact``: the masked
+  sampled_rank`` components scaled by ``s(b)``; Matryoshka with a sampled
+  prefix ``b`` (``prefix_sampling``): the deployed rank-b adapter; ``matryoshka_exact``: the masked
   sum ``sum_{r in S} w_r s(r) x A[:r].T B[:, :r].T``).
 * ``active_rank = r``: the rank-r adapter, ``((x @ A[:r].T) * q) @ B[:, :r].T``
   with ``q = inference_p(...)`` (``paper``: s(r); ``trained``: p[:r]).
@@ -97,6 +98,7 @@ class NestedLoraLinear(nn.Module):
         empty = torch.empty(0, dtype=self._p_dtype, device=weight.device)
         self.register_buffer("train_p", empty, persistent=False)
         self.register_buffer("rank_p", empty.clone(), persistent=False)
+        self.register_buffer("sampled_p", empty.clone(), persistent=False)
         self.active_rank: int | None = None
         self.sampled_rank: int | None = None
         self.disabled = False
@@ -128,7 +130,12 @@ class NestedLoraLinear(nn.Module):
             self.method, self.max_rank, self.train_ranks, self.scaling, self.alpha, self.normalize
         )
         self.train_p = p.to(dtype=self._p_dtype, device=self.train_p.device)
+        # w_r of the masked-sum oracle: the normalisations rescale the whole P by one factor
+        self._masked_sum_weight = float(p[0]) / sum(
+            rank_scale(r, self.scaling, self.alpha) for r in self.train_ranks
+        )
         self.set_rank(self.active_rank)
+        self.set_sampled_rank(self.sampled_rank)
 
     # ------------------------------------------------------------------ setup
     def reset_adapter_parameters(self) -> None:
@@ -155,9 +162,16 @@ class NestedLoraLinear(nn.Module):
         self.active_rank = rank
 
     def set_sampled_rank(self, rank: int | None) -> None:
-        """Set DyLoRA's sampled prefix ``b`` (None: b = R)."""
+        """Set the sampled training prefix ``b`` (None: the full adapter).
+
+        DyLoRA trains components 1..b scaled by s(b). The other methods (a
+        Matryoshka adapter with ``prefix_sampling``) train the deployed rank-b
+        adapter, components 1..b with ``deployed_scales(b)``.
+        """
         if rank is not None:
             check_rank(rank, self.max_rank, "sampled rank b")
+            if self.method != "dylora":
+                self.sampled_p = self.deployed_scales(rank).to(device=self.train_p.device)
         self.sampled_rank = rank
 
     def set_inference_scale(self, inference_scale: str) -> None:
@@ -241,6 +255,9 @@ class NestedLoraLinear(nn.Module):
             return self._scaled_lora(x, self.lora_A[:r], self.lora_B[:, :r], self.rank_p)
         if self.method == "dylora":
             return self._dylora_output(x)
+        if self.sampled_rank is not None:
+            b = self.sampled_rank
+            return self._scaled_lora(x, self.lora_A[:b], self.lora_B[:, :b], self.sampled_p)
         if self.method == "matryoshka_exact":
             return self._masked_sum_output(x)
         return self._scaled_lora(x, self.lora_A, self.lora_B, self.train_p)
@@ -264,7 +281,7 @@ class NestedLoraLinear(nn.Module):
 
     def _masked_sum_output(self, x: torch.Tensor) -> torch.Tensor:
         """Test oracle: ``sum_{r in S} w_r s(r) x A[:r].T B[:, :r].T`` (|S| LoRA forwards)."""
-        weight = 1.0 / len(self.train_ranks) if self.normalize == "mean" else 1.0
+        weight = self._masked_sum_weight
         out = None
         for r in self.train_ranks:
             term = F.linear(F.linear(x, self.lora_A[:r]), self.lora_B[:, :r])

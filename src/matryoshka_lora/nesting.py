@@ -18,6 +18,14 @@ three methods differ only in ``p`` (a length-R vector, the diagonal of P)::
 
 ``normalize="mean"`` divides the Matryoshka P by ``n = |S|``; with ``b``
 uniform over ``S`` this is exactly ``E[P_DyLoRA]``.
+
+``normalize="rms"`` rescales the Matryoshka P to LoRA's step size: under Adam
+every entry of A and B moves by about the learning rate per step, so the update
+of ``dW = B diag(p) A`` per step has Frobenius size proportional to
+``lr * ||p||_2``; LoRA's is ``lr * sqrt(R) * s(R)``. Dividing P by
+``rms(p) / s(R)`` (``rms(p) = sqrt(mean_k p_k^2)``) equalises the two, so the
+learning rate tuned for LoRA serves Matryoshka too, while the shape of P (the
+relative weights of the components) is kept.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 SCALINGS: tuple[str, ...] = ("none", "rank", "sqrt")
-NORMALIZATIONS: tuple[str, ...] = ("none", "mean")
+NORMALIZATIONS: tuple[str, ...] = ("none", "mean", "rms")
 METHODS: tuple[str, ...] = ("matryoshka", "matryoshka_exact", "lora", "dylora")
 INFERENCE_SCALES: tuple[str, ...] = ("paper", "trained")
 
@@ -164,6 +172,8 @@ def matryoshka_p(
         p[k - 1] = running
     if normalize == "mean":
         p /= len(ranks)
+    elif normalize == "rms":
+        p *= rank_scale(max_rank, scaling, alpha) / p.square().mean().sqrt()
     return p
 
 

@@ -34,6 +34,10 @@ class RankSampler:
             one accumulated step mixes several b) or ``step`` (one b per
             optimizer step, shared by its micro-batches).
         seed: base seed; the same seed gives the same sequence in every process.
+        probability: chance that a micro-batch trains a sampled prefix at all;
+            otherwise ``rank_for`` returns None (the full adapter). 1.0 for
+            DyLoRA; MatryoshkaLoRA's ``prefix_sampling`` uses less ("rank
+            sampling on top of P").
     """
 
     max_rank: int
@@ -41,12 +45,18 @@ class RankSampler:
     distribution: str = "train_ranks"
     per: str = "micro_batch"
     seed: int = 0
+    probability: float = 1.0
 
     def __post_init__(self) -> None:
         check_max_rank(self.max_rank)
         object.__setattr__(self, "train_ranks", check_train_ranks(self.train_ranks, self.max_rank))
         _check_choice("sampler distribution", self.distribution, DISTRIBUTIONS)
         _check_choice("sampler frequency (per)", self.per, FREQUENCIES)
+        if not 0.0 < self.probability <= 1.0:
+            raise ValueError(
+                f"sampler probability must be in (0, 1], got {self.probability}: "
+                "use no sampler to always train the full adapter"
+            )
 
     @property
     def support(self) -> tuple[int, ...]:
@@ -55,13 +65,19 @@ class RankSampler:
             return self.train_ranks
         return tuple(range(1, self.max_rank + 1))
 
-    def rank_for(self, step: int, micro_step: int = 0) -> int:
-        """``b`` for optimizer step ``step`` and micro-batch ``micro_step`` within it."""
+    def rank_for(self, step: int, micro_step: int = 0) -> int | None:
+        """``b`` for optimizer step ``step`` and micro-batch ``micro_step`` within it.
+
+        None (only when ``probability < 1``) means: train the full adapter.
+        """
         key = [self.seed & 0xFFFFFFFF, step, 0 if self.per == "step" else micro_step]
-        index = np.random.default_rng(np.random.SeedSequence(key)).integers(len(self.support))
+        rng = np.random.default_rng(np.random.SeedSequence(key))
+        index = rng.integers(len(self.support))
+        if self.probability < 1.0 and rng.random() >= self.probability:
+            return None
         return self.support[int(index)]
 
-    def apply(self, model: nn.Module, step: int, micro_step: int = 0) -> int:
+    def apply(self, model: nn.Module, step: int, micro_step: int = 0) -> int | None:
         """Draw ``b`` and set it on every adapter of ``model`` (one b for all layers)."""
         from .model import set_sampled_rank
 

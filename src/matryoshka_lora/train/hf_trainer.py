@@ -30,6 +30,7 @@ from transformers import Trainer
 from ..io import load_adapter, save_adapter
 from ..model import adapter_layers, get_config, set_sampled_rank
 from ..sampling import RankSampler
+from .objective import prefix_loss, rank_sampler_for
 
 
 class NestedLoraTrainer(Trainer):
@@ -47,13 +48,15 @@ class NestedLoraTrainer(Trainer):
                 "NestedLoraTrainer needs a model with adapters: call matryoshka_lora.attach first"
             )
         config = get_config(model)
-        if rank_sampler is None and config.method == "dylora":
-            rank_sampler = RankSampler(config.r, config.train_ranks, seed=self.args.seed)
-        if rank_sampler is not None and config.method != "dylora":
+        if rank_sampler is None:
+            rank_sampler = rank_sampler_for(config, seed=self.args.seed)
+        elif config.method != "dylora" and not config.prefix_sampling:
             raise ValueError(
-                f"a rank sampler only applies to method 'dylora', the adapter's method is {config.method!r}"
+                f"a rank sampler applies to method 'dylora' or to an adapter with prefix_sampling > 0; "
+                f"the adapter's method is {config.method!r} without prefix_sampling"
             )
         self.rank_sampler = rank_sampler
+        self.adapter_config = config
         self._sampler_position = (-1, 0)  # (global step, micro-batches seen in it)
         self.sampled_ranks: list[tuple[int, int, int]] = []  # (step, micro, b), for inspection
         checkpointing = (
@@ -73,6 +76,27 @@ class NestedLoraTrainer(Trainer):
             b = self.rank_sampler.apply(self.model, step, micro)
             self.sampled_ranks.append((step, micro, b))
         return super().training_step(model, inputs, num_items_in_batch)
+
+    def compute_loss(self, model: nn.Module, inputs, return_outputs: bool = False, **kwargs):
+        """The Trainer's loss, or with ``prefix_loss`` the mean of the train ranks' losses."""
+        if not (self.adapter_config.prefix_loss and model.training):
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        outputs = {}
+
+        def loss_of(module: nn.Module):
+            def compute() -> torch.Tensor:
+                loss, out = super(NestedLoraTrainer, self).compute_loss(
+                    module, inputs, return_outputs=True, **kwargs
+                )
+                outputs["last"] = out
+                return loss
+
+            return compute
+
+        loss = prefix_loss(
+            self._unwrapped(), self.adapter_config, loss_of(model), loss_of(self._unwrapped())
+        )
+        return (loss, outputs["last"]) if return_outputs else loss
 
     def _unwrapped(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)

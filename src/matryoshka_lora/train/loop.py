@@ -36,6 +36,7 @@ from ..io import atomic_write_text, save_adapter
 from ..model import adapter_layers, get_config, set_sampled_rank
 from ..sampling import RankSampler
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .objective import prefix_loss, rank_sampler_for
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -172,15 +173,9 @@ def train_adapter(
     checkpoints = output / "checkpoints"
     torch.manual_seed(config.seed)
 
-    sampler = None
-    if adapter_config.method == "dylora":
-        sampler = RankSampler(
-            adapter_config.r,
-            adapter_config.train_ranks,
-            config.sampler_distribution,
-            config.sampler_per,
-            config.seed,
-        )
+    sampler = rank_sampler_for(
+        adapter_config, config.seed, config.sampler_distribution, config.sampler_per
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=config.learning_rate, weight_decay=config.weight_decay, betas=config.adam_betas
@@ -253,7 +248,15 @@ def train_adapter(
                 context = ddp_model.no_sync() if (world > 1 and not sync) else nullcontext()
                 with context:
                     with autocast:
-                        loss = ddp_model(**batch).loss
+                        if adapter_config.prefix_loss:
+                            loss = prefix_loss(
+                                model,
+                                adapter_config,
+                                lambda batch=batch: ddp_model(**batch).loss,
+                                lambda batch=batch: model(**batch).loss,
+                            )
+                        else:
+                            loss = ddp_model(**batch).loss
                     if not _all_finite(loss):
                         where = (
                             f"the last good checkpoint is {last_good}"

@@ -1,0 +1,72 @@
+"""What a training micro-batch optimises: the full adapter, a sampled prefix, or all prefixes.
+
+Three ways to make every prefix of an adapter useful, all set in
+:class:`~matryoshka_lora.config.NestedLoraConfig`:
+
+* **fixed P** (``method="matryoshka"``): one forward of the full adapter,
+  ``h = base(x) + ((x A^T) * p) B^T``; P weights the early components more.
+* **rank sampling** (``method="dylora"``, or ``prefix_sampling = q`` on top of
+  P): each micro-batch trains a prefix ``b`` drawn by a
+  :class:`~matryoshka_lora.sampling.RankSampler` (always for DyLoRA; with
+  probability q for Matryoshka, the full adapter otherwise).
+* **prefix loss** (``prefix_loss=True``): the loss is the mean over the train
+  ranks of the deployed rank-r adapters' losses,
+  ``L = (1/|S|) sum_{r in S} loss(f_r(x))``, as in Matryoshka representation
+  learning. It costs |S| forward passes and one backward per micro-batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..config import NestedLoraConfig
+from ..model import set_rank
+from ..sampling import RankSampler
+
+
+def rank_sampler_for(
+    config: NestedLoraConfig,
+    seed: int,
+    distribution: str = "train_ranks",
+    per: str = "micro_batch",
+) -> RankSampler | None:
+    """The rank sampler an adapter trains with (None: no sampling)."""
+    if config.method == "dylora":
+        return RankSampler(config.r, config.train_ranks, distribution, per, seed)
+    if config.prefix_sampling > 0:
+        return RankSampler(
+            config.r, config.train_ranks, distribution, per, seed, config.prefix_sampling
+        )
+    return None
+
+
+def prefix_loss(
+    model: nn.Module,
+    config: NestedLoraConfig,
+    full_loss: Callable[[], torch.Tensor],
+    prefix_loss_at: Callable[[], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``(1/|S|) sum_{r in S} loss at rank r``, as one graph (so one backward).
+
+    ``full_loss()`` computes the loss of the model as it is; the ranks below R
+    are computed by ``prefix_loss_at()`` (default: ``full_loss``) with the
+    model's adapters deployed at rank r, e.g. the unwrapped model under DDP, so
+    that only the last forward goes through the DDP wrapper. The model is left
+    at the full training function.
+    """
+    compute_prefix = prefix_loss_at or full_loss
+    total = None
+    try:
+        for r in config.train_ranks:  # sorted, ending with R
+            set_rank(model, r)
+            loss = full_loss() if r == config.r else compute_prefix()
+            total = loss if total is None else total + loss
+    finally:
+        set_rank(model, None)
+    return total / len(config.train_ranks)
+
+
+__all__ = ["prefix_loss", "rank_sampler_for"]

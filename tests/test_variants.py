@@ -1,0 +1,234 @@
+"""The MatryoshkaLoRA training variants: step-size-normalised P, prefix sampling, prefix loss."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import LLAMA_TARGETS, make_tiny_llama
+from ddp_worker import fixed_length_dataset
+from transformers import TrainingArguments
+
+import matryoshka_lora as ml
+from matryoshka_lora.layer import NestedLoraLinear
+from matryoshka_lora.nesting import matryoshka_p, rank_scale
+from matryoshka_lora.sampling import RankSampler
+from matryoshka_lora.train import PaddingCollator, TrainConfig, train_adapter
+from matryoshka_lora.train.hf_trainer import NestedLoraTrainer
+from matryoshka_lora.train.objective import prefix_loss, rank_sampler_for
+
+COLLATE = PaddingCollator(0)
+
+# ----------------------------------------------------------------------------- normalize="rms"
+# R = 8, S = {1, 2, 4, 8}, sqrt: method.md's P divided by rms(P) / s(8), by hand:
+# rms(P) = sqrt((2.56066^2 + 1.56066^2 + 2 * 0.85355^2 + 4 * 0.35355^2) / 8) = 1.16993,
+# factor = 0.35355 / 1.16993 = 0.302200.
+RMS_GOLDEN_R8_SQRT = [0.77383, 0.47163, 0.25794, 0.25794, 0.10684, 0.10684, 0.10684, 0.10684]
+
+
+def test_rms_normalised_p_golden_values():
+    p = matryoshka_p(8, (1, 2, 4, 8), "sqrt", normalize="rms")
+    torch.testing.assert_close(
+        p, torch.tensor(RMS_GOLDEN_R8_SQRT, dtype=torch.float64), atol=1e-5, rtol=0
+    )
+
+
+@pytest.mark.parametrize("scaling", ["sqrt", "rank", "none"])
+@pytest.mark.parametrize("alpha", [1.0, 16.0])
+def test_rms_normalised_p_has_loras_step_size_and_p_shape(scaling, alpha):
+    plain = matryoshka_p(16, None, scaling, alpha)
+    p = matryoshka_p(16, None, scaling, alpha, normalize="rms")
+    # ||p||_2 = sqrt(R) * s(R): LoRA's per-step update size under Adam
+    assert float(p.norm()) == pytest.approx(math.sqrt(16) * rank_scale(16, scaling, alpha))
+    torch.testing.assert_close(p / p[0], plain / plain[0])  # same relative weights
+
+
+def test_rms_normalised_layer_matches_masked_sum_oracle():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(12, 10).double()
+    kwargs = dict(r=8, normalize="rms", adapter_dtype=None, target_modules=["x"])
+    diag = NestedLoraLinear(base, ml.NestedLoraConfig(method="matryoshka", **kwargs))
+    exact = NestedLoraLinear(base, ml.NestedLoraConfig(method="matryoshka_exact", **kwargs))
+    with torch.no_grad():
+        diag.lora_B.normal_()
+        exact.lora_A.copy_(diag.lora_A)
+        exact.lora_B.copy_(diag.lora_B)
+    x = torch.randn(3, 12, dtype=torch.float64)
+    torch.testing.assert_close(diag(x), exact(x))
+
+
+# ----------------------------------------------------------------------------- prefix sampling
+def randomised_layer(**config):
+    torch.manual_seed(1)
+    layer = NestedLoraLinear(
+        torch.nn.Linear(12, 10), ml.NestedLoraConfig(r=8, target_modules=["x"], **config)
+    )
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    return layer
+
+
+@pytest.mark.parametrize("inference_scale", ["trained", "paper"])
+def test_sampled_prefix_of_matryoshka_is_the_deployed_rank_b_adapter(inference_scale):
+    layer = randomised_layer(method="matryoshka", inference_scale=inference_scale)
+    x = torch.randn(5, 12)
+    layer.set_rank(4)
+    deployed = layer(x)
+    layer.set_rank(None)
+    layer.set_sampled_rank(4)
+    sampled = layer(x)
+    torch.testing.assert_close(sampled, deployed)
+    sampled.square().sum().backward()
+    assert layer.lora_B.grad[:, 4:].abs().max() == 0 and layer.lora_B.grad[:, :4].abs().max() > 0
+    layer.set_sampled_rank(None)
+    full = layer(x)
+    expected = layer.base_layer(x) + ((x @ layer.lora_A.T) * layer.train_p) @ layer.lora_B.T
+    torch.testing.assert_close(full, expected)
+
+
+def test_sampler_probability_mixes_full_and_prefix_steps():
+    sampler = RankSampler(8, (1, 2, 4, 8), seed=3, probability=0.25)
+    draws = [sampler.rank_for(step, micro) for step in range(400) for micro in range(2)]
+    full = sum(b is None for b in draws) / len(draws)
+    sd = math.sqrt(0.25 * 0.75 / len(draws))
+    assert abs(full - 0.75) < 5 * sd
+    assert {b for b in draws if b is not None} == {1, 2, 4, 8}
+    # probability 1 is DyLoRA's sampler, unchanged: never the full adapter
+    always = RankSampler(8, (1, 2, 4, 8), seed=3)
+    assert None not in {always.rank_for(s) for s in range(100)}
+    # the prefix b is the same draw with and without the extra coin
+    assert all(
+        b is None or b == always.rank_for(step, micro)
+        for (step, micro), b in zip(
+            [(s, m) for s in range(400) for m in range(2)], draws, strict=True
+        )
+    )
+    with pytest.raises(ValueError, match="probability"):
+        RankSampler(8, (1, 2, 4, 8), probability=0.0)
+
+
+def test_rank_sampler_for_each_method():
+    matryoshka = ml.NestedLoraConfig(r=8, prefix_sampling=0.5, target_modules=["q"])
+    assert rank_sampler_for(matryoshka, seed=1).probability == 0.5
+    assert rank_sampler_for(ml.NestedLoraConfig(r=8, target_modules=["q"]), seed=1) is None
+    assert (
+        rank_sampler_for(
+            ml.NestedLoraConfig(r=8, method="dylora", target_modules=["q"]), 1
+        ).probability
+        == 1.0
+    )
+
+
+def test_variant_options_are_validated():
+    with pytest.raises(ValueError, match="prefix_sampling applies to the Matryoshka"):
+        ml.NestedLoraConfig(r=8, method="lora", prefix_sampling=0.5)
+    with pytest.raises(ValueError, match="probability in"):
+        ml.NestedLoraConfig(r=8, prefix_sampling=1.5)
+    with pytest.raises(ValueError, match="prefix_loss and DyLoRA"):
+        ml.NestedLoraConfig(r=8, method="dylora", prefix_loss=True)
+    with pytest.raises(ValueError, match="normalize"):
+        ml.NestedLoraConfig(r=8, normalize="l2")
+    config = ml.NestedLoraConfig(r=8, prefix_sampling=0.5, prefix_loss=True, normalize="rms")
+    assert ml.NestedLoraConfig.from_dict(config.to_dict()) == config
+
+
+def test_loop_with_prefix_sampling_trains_sampled_prefixes(tmp_path):
+    model = make_tiny_llama()
+    ml.attach(model, ml.NestedLoraConfig(r=8, prefix_sampling=0.5, target_modules=LLAMA_TARGETS))
+    config = TrainConfig(output_dir=str(tmp_path), max_steps=12, batch_size=4, progress=False)
+    train_adapter(model, fixed_length_dataset(), config, COLLATE)
+    logged = (tmp_path / "training_log.jsonl").read_text().splitlines()
+    ranks = {json.loads(line)["rank"] for line in logged}
+    assert None in ranks and ranks - {None}  # both full steps and sampled prefixes
+    assert all(layer.sampled_rank is None for layer in ml.adapter_layers(model).values())
+
+
+# ----------------------------------------------------------------------------- prefix loss
+def trained_tiny(method="matryoshka", **config):
+    model = make_tiny_llama()
+    ml.attach(
+        model, ml.NestedLoraConfig(r=8, method=method, target_modules=LLAMA_TARGETS, **config)
+    )
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for layer in ml.adapter_layers(model).values():
+            layer.lora_B.normal_(std=0.05)
+    return model
+
+
+def batch_of(n=4):
+    return COLLATE(fixed_length_dataset()[:n])
+
+
+@pytest.mark.parametrize("method", ["matryoshka", "lora"])
+def test_prefix_loss_is_the_mean_of_deployed_rank_losses_with_matching_gradient(method):
+    model = trained_tiny(method, prefix_loss=True)
+    config = ml.get_config(model)
+    batch = batch_of()
+    expected, grads = 0.0, None
+    for r in config.train_ranks:
+        model.zero_grad()
+        with ml.at_rank(model, r):
+            loss = model(**batch).loss
+        (loss / len(config.train_ranks)).backward()
+        expected += loss.item() / len(config.train_ranks)
+        step = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        grads = step if grads is None else {n: grads[n] + g for n, g in step.items()}
+    model.zero_grad()
+    loss = prefix_loss(model, config, lambda: model(**batch).loss)
+    loss.backward()
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            torch.testing.assert_close(param.grad, grads[name], rtol=1e-5, atol=1e-7)
+    assert ml.get_rank(model) is None  # back at the full training function
+
+
+def test_loop_and_trainer_use_the_prefix_loss(tmp_path):
+    data = fixed_length_dataset(n=4)
+    model = trained_tiny(prefix_loss=True)
+    config = ml.get_config(model)
+    batch = COLLATE(data)
+    with torch.no_grad():
+        expected = prefix_loss(model, config, lambda: model(**batch).loss).item()
+    plain = model(**batch).loss.item()
+    assert abs(expected - plain) > 1e-3  # the two objectives differ here
+    train_config = TrainConfig(
+        output_dir=str(tmp_path / "loop"), max_steps=1, batch_size=4, progress=False
+    )
+    result = train_adapter(model, data, train_config, COLLATE)
+    assert result.losses[0] == pytest.approx(expected, rel=1e-5)
+
+    model = trained_tiny(prefix_loss=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "trainer"), use_cpu=True, report_to=[], disable_tqdm=True
+    )
+    trainer = NestedLoraTrainer(model=model, args=args, data_collator=COLLATE)
+    model.train()
+    assert trainer.compute_loss(model, batch).item() == pytest.approx(expected, rel=1e-5)
+    model.eval()
+    assert trainer.compute_loss(model, batch).item() == pytest.approx(plain, rel=1e-5)
+
+
+def test_trainer_samples_prefixes_for_prefix_sampling(tmp_path):
+    model = make_tiny_llama()
+    ml.attach(model, ml.NestedLoraConfig(r=8, prefix_sampling=0.5, target_modules=LLAMA_TARGETS))
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to=[],
+        disable_tqdm=True,
+        max_steps=8,
+        per_device_train_batch_size=4,
+        save_strategy="no",
+        seed=3,
+    )
+    trainer = NestedLoraTrainer(
+        model=model, args=args, train_dataset=fixed_length_dataset(), data_collator=COLLATE
+    )
+    assert trainer.rank_sampler.probability == 0.5
+    trainer.train()
+    drawn = {b for _, _, b in trainer.sampled_ranks}
+    assert None in drawn and drawn - {None}
