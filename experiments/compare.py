@@ -1,6 +1,8 @@
 """Run (or resume) a method comparison and write its table and figure.
 
     python experiments/compare.py --output experiments/results/smollm2-gsm-symbolic
+    python experiments/compare.py --output experiments/results/minilm-drug-reviews \
+        --task seq-cls --model minilm --dataset drug-reviews --num-labels 3 ...
 
 Every field of :class:`matryoshka_lora.compare.ComparisonSpec` has a flag; the run
 log (``runs.jsonl``) makes the command resumable: run it again with the same
@@ -14,7 +16,7 @@ import json
 
 import torch
 
-from matryoshka_lora.assets import load_causal_lm
+from matryoshka_lora.assets import load_causal_lm, load_sequence_classifier
 from matryoshka_lora.compare import RESEARCH_ROWS, ROWS, ComparisonRunner, ComparisonSpec
 
 
@@ -41,6 +43,17 @@ def parse_args() -> argparse.Namespace:
         metavar="KIND=LR1,LR2",
         help="learning-rate grid of a training method (lora, lora_r, dylora, matryoshka, mat_*)",
     )
+    p.add_argument("--task", default="sft", choices=["sft", "seq-cls"])
+    p.add_argument(
+        "--metric", default=None, help="default: token_accuracy (sft), accuracy (seq-cls)"
+    )
+    p.add_argument("--num-labels", type=int, default=2, help="seq-cls: number of classes")
+    p.add_argument(
+        "--target-modules",
+        default=None,
+        help="comma list of module-name suffixes (default: the seven Llama projections)",
+    )
+    p.add_argument("--warmup-steps", type=int, default=4)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=4)
@@ -79,12 +92,20 @@ def main() -> None:
         train_size=args.train_size,
         val_size=args.val_size,
         test_size=args.test_size,
+        warmup_steps=args.warmup_steps,
+        task=args.task,
+        num_labels=args.num_labels,
+        metric=args.metric or ("accuracy" if args.task == "seq-cls" else "token_accuracy"),
+        **({"target_modules": args.target_modules.split(",")} if args.target_modules else {}),
     )
     for item in args.lr:
         kind, _, rates = item.partition("=")
         spec.learning_rates[kind] = [float(x) for x in rates.split(",")]
     runner = ComparisonRunner(spec, args.output)
-    model, tokenizer = load_causal_lm(spec.model)
+    if spec.task == "seq-cls":
+        model, tokenizer = load_sequence_classifier(spec.model, spec.num_labels)
+    else:
+        model, tokenizer = load_causal_lm(spec.model)
 
     def report(record: dict) -> None:
         runner.write_outputs(title=f"{spec.model} on {spec.dataset}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import LLAMA_TARGETS, make_char_tokenizer, make_tiny_llama
 
 from matryoshka_lora.compare import ComparisonRunner, ComparisonSpec, RunKey
@@ -142,3 +143,51 @@ def test_variants_svd_and_select_deployments_and_record_completion(tmp_path):
     for split in ("val", "test"):
         assert again[split]["svd"] == pytest.approx(curves[split]["svd"], abs=1e-6)
     assert "lora-r4-lr0.001-s0" not in grown.records  # kinds restricts what runs
+
+
+def test_sequence_classification_comparison(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    data = tmp_path / "reviews"
+    data.mkdir()
+    words = {0: "bad awful", 1: "okay fine", 2: "great good"}
+    for split, n in (("train", 24), ("test", 9)):
+        rows = [{"text": f"{words[i % 3]} {i}", "label": i % 3} for i in range(n)]
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = tiny_spec(
+        str(data),
+        task="seq-cls",
+        metric="accuracy",
+        num_labels=3,
+        target_modules=["query", "value"],
+        rows=("lora_svd", "matryoshka_trained", "matryoshka_select"),
+        learning_rates={"lora": [1e-2], "matryoshka": [1e-2]},
+        seeds=(0,),
+        val_size=6,
+        train_size=18,
+        test_size=9,
+    )
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=97,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
+    model = BertForSequenceClassification(config)
+    runner = ComparisonRunner(spec, tmp_path / "out", progress=False)
+    head_before = model.classifier.weight.detach().clone()
+    table = runner.run(model, make_char_tokenizer())
+    assert table.n_runs("matryoshka_trained") == 1
+    values = table.curves("lora_svd")[0].values
+    assert len(values) == 3 and all(0.0 <= v <= 100.0 for v in values)
+    assert not torch.equal(model.classifier.weight, head_before)  # the head trained too
+    # the reference is the majority class (3 classes in equal numbers in the test split)
+    assert json.loads((tmp_path / "out" / "base_model.json").read_text())["test"] == pytest.approx(
+        100 / 3
+    )
+    with pytest.raises(ValueError, match="does not apply to task"):
+        tiny_spec(task="seq-cls", metric="token_accuracy")

