@@ -673,3 +673,24 @@ def test_paper_recipes_follow_the_method(capsys):
         assert train.epochs == 3 and train.batch_size * train.gradient_accumulation_steps == 32
         assert train.learning_rate == 8e-5 and train.autocast_dtype == "bfloat16"
         assert args.seed == 42
+
+
+def test_train_preset_sets_the_authors_options_and_options_override_it(tmp_path):
+    from matryoshka_lora.cli import parse_args
+
+    base = ["train", "--model", "m", "--dataset", "d", "--output-dir", str(tmp_path / "o")]
+    args = parse_args([*base, "--preset", "matryoshka-paper"])
+    assert (args.method, args.init_a, args.inference_scale, args.normalize) == (
+        "matryoshka",
+        "authors",
+        "paper",
+        "none",
+    )
+    args = parse_args([*base, "--preset", "matryoshka-paper", "--inference-scale", "trained"])
+    assert (args.init_a, args.inference_scale) == ("authors", "trained")
+    config = tmp_path / "c.yaml"
+    config.write_text("preset: matryoshka-paper\ninit_a: peft\n")
+    args = parse_args([*base, "--config", str(config)])
+    assert (args.init_a, args.inference_scale) == ("peft", "paper")  # file > preset
+    args = parse_args([*base, "--prefix-sampling", "0.5", "--prefix-loss", "--normalize", "rms"])
+    assert (args.prefix_sampling, args.prefix_loss, args.normalize) == (0.5, True, "rms")

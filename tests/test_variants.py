@@ -232,3 +232,26 @@ def test_trainer_samples_prefixes_for_prefix_sampling(tmp_path):
     trainer.train()
     drawn = {b for _, _, b in trainer.sampled_ranks}
     assert None in drawn and drawn - {None}
+
+
+# ----------------------------------------------------------------------------- presets
+def test_authors_preset_reproduces_the_papers_formulas():
+    config = ml.NestedLoraConfig.from_preset("matryoshka-paper", r=8, target_modules=["q"])
+    assert (config.method, config.scaling, config.alpha, config.normalize) == (
+        "matryoshka",
+        "sqrt",
+        1.0,
+        "none",
+    )
+    assert (config.init_a, config.inference_scale) == ("authors", "paper")
+    torch.manual_seed(0)
+    layer = NestedLoraLinear(torch.nn.Linear(12, 10), config)
+    golden = [2.56066, 1.56066, 0.85355, 0.85355, 0.35355, 0.35355, 0.35355, 0.35355]
+    torch.testing.assert_close(layer.train_p, torch.tensor(golden), atol=1e-5, rtol=0)
+    # the authors' deployment: P dropped, s(r) = 1/sqrt(r) on each of the r components
+    torch.testing.assert_close(layer.deployed_scales(4), torch.full((4,), 0.5))
+    assert layer.lora_A.abs().max() <= 1 / math.sqrt(8)  # A ~ U(+-1/sqrt(R))
+    assert layer.lora_A.abs().max() > 1 / math.sqrt(12)  # not PEFT's U(+-1/sqrt(in))
+    with pytest.raises(ValueError, match="unknown preset"):
+        ml.NestedLoraConfig.from_preset("matryoshka-v2")
+    assert ml.NestedLoraConfig.from_preset("matryoshka") == ml.NestedLoraConfig()

@@ -6,7 +6,7 @@ between the LoRA factors); see ``shared/method.md`` for the specification.
 
 __version__ = "0.1.0"
 
-from .config import NestedLoraConfig  # noqa: E402
+from .config import PRESETS, NestedLoraConfig  # noqa: E402
 from .io import AdapterCheckpointError, load_adapter, read_adapter_config, save_adapter  # noqa: E402
 from .layer import NestedAdapter, NestedLoraLinear  # noqa: E402
 from .model import (  # noqa: E402
@@ -45,6 +45,7 @@ __all__ = [
     "AdapterCheckpointError",
     "NestedAdapter",
     "NestedLoraConfig",
+    "PRESETS",
     "NestedLoraLinear",
     "adapter_layers",
     "adapter_state_dict",

@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 from . import __version__
 from .commands import evaluate, export, info, train
 from .commands._common import HelpFormatter, config_file_defaults, one_line
+from .config import PRESETS
 
 PROG = "matryoshka-lora"
 COMMANDS = (train, evaluate, export, info)
@@ -83,7 +84,8 @@ def _explicit_dests(argv: list[str], command: str) -> set[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse ``argv`` and merge a ``--config`` file: defaults < file < command line.
+    """Parse ``argv`` and merge a ``--preset`` and a ``--config`` file:
+    defaults < preset < file < command line.
 
     Raises :class:`CLIError` for a bad config file (unknown key, bad value).
     """
@@ -91,10 +93,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     path = getattr(args, "config", None)
-    if not path:
+    file_defaults = (
+        config_file_defaults(_subparsers(parser)[args.command], args.command, path) if path else {}
+    )
+    preset = getattr(args, "preset", None) or file_defaults.get("preset")
+    if not path and not preset:
         return args
     command = args.command
-    defaults = config_file_defaults(_subparsers(parser)[command], command, path)
+    # defaults < preset < config file < command line
+    defaults = {**(dict(PRESETS[preset]) if preset else {}), **file_defaults}
     explicit = _explicit_dests(argv, command)
     parser = build_parser()
     sub = _subparsers(parser)[command]

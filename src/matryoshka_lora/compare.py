@@ -393,7 +393,11 @@ def run_one(
             with at_rank(model, None):
                 keep("full", {key.rank: both_splits(model)})
         else:
-            scales = ("paper",) if key.kind == "dylora" else ("paper", "trained")
+            # DyLoRA's two scales coincide; the variants are deployed with their trained
+            # scales (the paper rule lost to them for plain Matryoshka at every rate)
+            scales = {"dylora": ("paper",), "lora": ("paper", "trained")}.get(
+                key.kind, ("paper", "trained") if key.kind == "matryoshka" else ("trained",)
+            )
             ranks = [r for r in spec.ranks if r <= key.rank]
             sweep = rank_sweep(
                 model, both_splits, ranks=ranks, inference_scales=scales, progress=progress
@@ -642,15 +646,15 @@ class ComparisonRunner:
                 fh.write(json.dumps(completed) + "\n")
             self.records[completed["name"]] = completed
 
-    def table(self, split: str = "test") -> Comparison:
-        """Rows at their chosen learning rates, one run per available seed."""
+    def table(self, split: str = "test", rows: Sequence[str] | None = None) -> Comparison:
+        """Rows (default: the spec's) at their chosen learning rates, one run per available seed."""
         chosen = self.chosen_learning_rates()
         table = Comparison(ranks=tuple(self.spec.ranks), metric=self.spec.metric)
         base_path = self.output_dir / "base_model.json"
         if base_path.exists():
             label = "majority class" if self.spec.task == "seq-cls" else "base model (no adapter)"
             table.add_reference(label, json.loads(base_path.read_text())[split])
-        for row in self.spec.rows:
+        for row in self.spec.rows if rows is None else rows:
             if row not in chosen:
                 continue
             for seed in self.spec.seeds:
@@ -685,13 +689,30 @@ class ComparisonRunner:
         ]
         (out / "results.md").write_text("\n".join(lines) + "\n")
         paths["markdown"] = out / "results.md"
-        if any(table.n_runs(row) for row in self.spec.rows if row in chosen):
-            from .eval.plots import plot_rank_curves
+        from .eval.plots import plot_rank_curves
 
-            written = plot_rank_curves(
-                table, out / "rank_curves", title=title, ylabel=f"test {self.spec.metric} (%)"
-            )
-            paths["png"], paths["svg"] = written[0], written[1]
+        # two figures of at most ~8 curves: the five methods, and the Matryoshka variants
+        # against the two LoRA references
+        variant_rows = [
+            r for r in self.spec.rows if ROW_SOURCE[r][0].startswith("mat") and r.endswith("select")
+        ]
+        figures = {
+            "rank_curves": [r for r in self.spec.rows if r in ROWS],
+            "rank_curves_variants": ["lora_svd", "lora_per_rank", "matryoshka_trained"]
+            + variant_rows,
+        }
+        for stem, rows in figures.items():
+            rows = [r for r in rows if r in self.spec.rows and r in chosen]
+            sub = self.table(rows=rows)
+            if stem != "rank_curves" and not variant_rows:
+                continue
+            if any(sub.n_runs(row) for row in rows):
+                written = plot_rank_curves(
+                    sub, out / stem, title=title, ylabel=f"test {self.spec.metric} (%)"
+                )
+                paths[f"{stem}.png"], paths[f"{stem}.svg"] = written[0], written[1]
+                if stem == "rank_curves":
+                    paths["png"], paths["svg"] = written[0], written[1]
         return paths
 
 

@@ -182,6 +182,39 @@ class NestedLoraConfig:
                 data[key] = tuple(data[key])
         return cls(**data)
 
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> NestedLoraConfig:
+        """A config from a named preset (see :data:`PRESETS`), with some fields overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
     def replace(self, **changes: Any) -> NestedLoraConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+# Named configurations. ``matryoshka-paper`` is the authors' method formula for formula
+# (MatryoshkaLoRA paper + IST-DASLab code): P of Algorithm 1 with sqrt scaling and
+# alpha = 1, no normalisation, A ~ U(+-1/sqrt(R)), deployed with P dropped and s(r).
+PRESETS: dict[str, dict[str, Any]] = {
+    "matryoshka": {"method": "matryoshka"},
+    "matryoshka-paper": {
+        "method": "matryoshka",
+        "scaling": "sqrt",
+        "alpha": 1.0,
+        "normalize": "none",
+        "init_a": "authors",
+        "inference_scale": "paper",
+        "prefix_sampling": 0.0,
+        "prefix_loss": False,
+    },
+    "dylora-paper": {
+        "method": "dylora",
+        "scaling": "sqrt",
+        "alpha": 1.0,
+        "init_a": "authors",
+        "dylora_update": "prefix",
+    },
+    "lora": {"method": "lora"},
+}

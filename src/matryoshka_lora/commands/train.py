@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..config import A_INITS, DYLORA_UPDATES
+from ..config import A_INITS, DYLORA_UPDATES, PRESETS
 from ..nesting import INFERENCE_SCALES, METHODS, NORMALIZATIONS, SCALINGS
 from ..sampling import DISTRIBUTIONS, FREQUENCIES
 from ._common import (
@@ -150,6 +150,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
 
     g = p.add_argument_group("adapter")
+    g.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        default=None,
+        help="start from a named adapter configuration (matryoshka-paper: the authors' method "
+        "formula for formula); a config file and explicit options override it",
+    )
     g.add_argument("--method", choices=METHODS, default="matryoshka", help="training method")
     g.add_argument("--r", type=positive_int, default=16, help="max rank R")
     g.add_argument(
@@ -175,7 +182,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--normalize",
         choices=NORMALIZATIONS,
         default="none",
-        help="none: the authors' diagonal P; mean: divide the Matryoshka P by |S|",
+        help="none: the authors' diagonal P; mean: divide the Matryoshka P by |S|; "
+        "rms: scale P to LoRA's step size (so LoRA's learning rate applies)",
     )
     targets = g.add_mutually_exclusive_group()
     targets.add_argument(
@@ -202,6 +210,20 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=None,
         help="scale at a deployed rank r: paper = s(r), P dropped; trained = p[:r] "
         "(default: trained for matryoshka, paper for lora and dylora)",
+    )
+    g.add_argument(
+        "--prefix-sampling",
+        type=probability,
+        default=0.0,
+        help="matryoshka only: probability that a micro-batch trains a sampled prefix b "
+        "(uniform over the train ranks) instead of the full adapter (default: 0)",
+    )
+    g.add_argument(
+        "--prefix-loss",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="train on the mean loss of the deployed rank-r adapters, r in the train ranks "
+        "(|S| forward passes per micro-batch)",
     )
     g.add_argument(
         "--dylora-update",
@@ -329,6 +351,8 @@ def check_options(args: argparse.Namespace):
         "dropout": args.dropout,
         "init_a": args.init_a,
         "inference_scale": args.inference_scale,
+        "prefix_sampling": args.prefix_sampling,
+        "prefix_loss": args.prefix_loss,
     }
     if targets is not None:
         fields["target_modules"] = targets
