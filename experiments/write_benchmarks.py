@@ -40,24 +40,44 @@ def comparison_block(folder: Path, heading: str, command: str) -> str:
         for line in (folder / "runs.jsonl").read_text().splitlines()
         if line.strip()
     ]
+    runs = list({r["name"]: r for r in runs}.values())  # later lines complete earlier ones
     seeds = sorted({r["key"]["seed"] for r in runs})
+    what = (
+        f"{spec['num_labels']}-class accuracy (%) on the test split"
+        if spec.get("task") == "seq-cls"
+        else f"teacher-forced {spec['metric']} (%) on the test split"
+    )
     lines = [
         f"### {heading}",
         "",
         f"- Command: `{command}` (resumable: the same command continues an interrupted comparison)",
-        f"- Setup: {spec['model']} on `{spec['dataset']}` ({spec['format']} format), R = {spec['max_rank']}, "
+        f"- Setup: {spec['model']} on `{spec['dataset']}` ({spec.get('task', 'sft')}), R = {spec['max_rank']}, "
         f"ranks {spec['ranks']}, {spec['scaling']} scaling, targets {', '.join(spec['target_modules'])}; "
         f"{spec['steps']} steps x {spec['batch_size']} examples (<= {spec['max_length']} tokens), "
-        f"{spec['val_size']} validation / {spec['test_size']} test problems; metric: teacher-forced "
-        f"{spec['metric']} (%) on the test split.",
+        f"{spec['val_size']} validation / {spec['test_size']} test examples; metric: {what}.",
         f"- Learning-rate grids: {json.dumps(spec['learning_rates'])}; seeds planned {spec['seeds']}, "
         f"seeds finished so far {seeds}; {len(runs)} training runs done.",
         "",
         (folder / "results.md").read_text().strip(),
         "",
-        f"![rank curves]({(folder / 'rank_curves.png').relative_to(ROOT).as_posix()})",
     ]
+    for stem, caption in (("rank_curves", "the methods"), ("rank_curves_variants", "the variants")):
+        if (folder / f"{stem}.png").exists():
+            lines += [
+                "",
+                f"![rank curves: {caption}]({(folder / f'{stem}.png').relative_to(ROOT).as_posix()})",
+            ]
     return "\n".join(lines)
+
+
+MINILM_COMMAND = (
+    "python experiments/compare.py --output experiments/results/minilm-drug-reviews --task seq-cls "
+    "--model minilm --dataset drug-reviews --num-labels 3 --target-modules query,key,value,dense "
+    "--max-rank 8 --steps 40 --batch-size 16 --max-length 64 --train-size 500 --val-size 100 "
+    "--test-size 379 --lr lora=5e-4,2e-3,8e-3 --lr lora_r=5e-4,2e-3,8e-3 --lr dylora=5e-4,2e-3,8e-3 "
+    "--lr matryoshka=5e-4,2e-3,8e-3 --lr mat_rms=5e-4,2e-3,8e-3 --lr mat_sampled=2e-3,8e-3 "
+    "--lr mat_prefix=2e-3 --threads 1"
+)
 
 
 def main() -> None:
@@ -73,6 +93,17 @@ def main() -> None:
         if notes.exists():
             body += "\n\n" + notes.read_text().strip()
         text = replace_block(text, "smollm2-gsm-symbolic", body)
+    folder = RESULTS / "minilm-drug-reviews"
+    if (folder / "runs.jsonl").exists():
+        body = comparison_block(
+            folder,
+            "Quality, second task: MiniLM-L6 sentence classification on drug reviews, ranks 1..8",
+            MINILM_COMMAND,
+        )
+        notes = ROOT / "experiments" / "notes-minilm-drug-reviews.md"
+        if notes.exists():
+            body += "\n\n" + notes.read_text().strip()
+        text = replace_block(text, "minilm-drug-reviews", body)
     budget = RESULTS / "budget-smollm2"
     if (budget / "budget.md").exists():
         args = json.loads((budget / "budget.json").read_text())["args"]

@@ -233,6 +233,38 @@ def test_export_peft_loads_in_vanilla_peft_with_our_logits(work, run_dir):
         assert not torch.allclose(want, our_logits(work, run_dir / "adapter", 1, IDS))
 
 
+def test_export_svd_gives_the_best_rank_r_approximation_in_peft(work, run_dir):
+    from peft import PeftModel
+
+    from matryoshka_lora.eval.svd import svd_rebase_
+
+    done = script("export", "run", "--rank", "2", "--svd", "--output-dir", "svd2", cwd=work)
+    assert done.returncode == 0, done.stderr
+    base = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32)
+    with torch.no_grad():
+        got = PeftModel.from_pretrained(base, work / "svd2")(IDS).logits
+    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32)
+    ml.load_adapter(model, run_dir / "adapter")
+    svd_rebase_(model)
+    with torch.no_grad(), ml.at_rank(model, 2):
+        want = model(IDS).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert not torch.allclose(want, our_logits(work, run_dir / "adapter", 2, IDS), atol=1e-5)
+    bad = script(
+        "export",
+        "run",
+        "--rank",
+        "2",
+        "--svd",
+        "--inference-scale",
+        "paper",
+        "--output-dir",
+        "x",
+        cwd=work,
+    )
+    assert bad.returncode != 0 and "drop --inference-scale" in bad.stderr
+
+
 def test_export_merged_loads_with_automodel(work, run_dir):
     done = script(
         "export", "run", "--format", "merged", "--rank", "4", "--output-dir", "m4", cwd=work

@@ -683,10 +683,21 @@ class ComparisonRunner:
             lines.append(
                 f"- {row}: {lr if not isinstance(lr, dict) else ', '.join(f'r={r}: {v:g}' for r, v in lr.items())}"
             )
+        cost = self.training_cost()
         lines += [
             "",
-            f"Mean training time per run (s): {json.dumps({k: round(v, 1) for k, v in self.training_cost().items()})}",
+            "Training cost (mean wall time per run on this machine; the ratio is against LoRA "
+            "runs of the same comparison, which shared the machine in the same way):",
+            "",
+            "| training method | runs | seconds per run | × LoRA |",
+            "|:---|---:|---:|---:|",
         ]
+        runs_by_kind: dict[str, int] = {}
+        for record in self.records.values():
+            runs_by_kind[record["key"]["kind"]] = runs_by_kind.get(record["key"]["kind"], 0) + 1
+        for kind, seconds in sorted(cost.items()):
+            ratio = f"{seconds / cost['lora']:.2f}" if cost.get("lora") else "—"
+            lines.append(f"| {kind} | {runs_by_kind[kind]} | {seconds:.0f} | {ratio} |")
         (out / "results.md").write_text("\n".join(lines) + "\n")
         paths["markdown"] = out / "results.md"
         from .eval.plots import plot_rank_curves

@@ -102,6 +102,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="peft: dtype of the written tensors (auto: the adapter's); merged: dtype of the "
         "model (auto: the base checkpoint's)",
     )
+    p.add_argument(
+        "--svd",
+        action="store_true",
+        help="re-base each module on the SVD of its full trained update first, so rank r is "
+        "the best rank-r approximation of it (PEFT's LoRA truncation; see BENCHMARKS.md for "
+        "the ranks where this beats prefix truncation)",
+    )
     p.add_argument("--device", default="cpu", help="device for loading and merging")
     p.set_defaults(func=run, parser=p)
     return p
@@ -162,7 +169,16 @@ def run(args: argparse.Namespace) -> int:
 
         load_head(model, adapter_dir)
     if args.inference_scale is not None:
+        if args.svd:
+            raise CLIError(
+                "--svd deploys the best rank-r approximation of the full update, which has no "
+                "inference scale: drop --inference-scale"
+            )
         set_inference_scale(model, args.inference_scale)
+    if args.svd:
+        from ..eval.svd import svd_rebase_
+
+        svd_rebase_(model)
     out = Path(args.output_dir)
     if args.format == "peft":
         dtype = None if args.dtype == "auto" else args.dtype
