@@ -167,3 +167,31 @@ def test_progress_bar_and_errors(capsys):
         rank_sweep(model, lambda m: 0.0, progress=False)
     with pytest.raises(ValueError, match="no nested-LoRA adapter"):
         rank_sweep(make_tiny_llama(), lambda m: 0.0, progress=False)
+
+
+def test_svd_deployment_matches_an_explicit_rebase_and_restores_the_adapter():
+    from matryoshka_lora.eval.svd import svd_rebase_
+
+    model = adapted(prefix_sampling=0.5)
+    config = ml.get_config(model)
+    before = {k: v.clone() for k, v in ml.adapter_state_dict(model).items()}
+    full = logit_sum(model)
+    sweep = rank_sweep(
+        model, logit_sum, ranks=[1, 2, 8], inference_scales=("trained", "svd"), progress=False
+    )
+    # the model is untouched: same factors, config and function
+    assert ml.get_config(model) == config
+    after = ml.adapter_state_dict(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert logit_sum(model) == pytest.approx(full, rel=1e-12)
+    svd_rebase_(model)
+    for rank in (1, 2, 8):
+        with ml.at_rank(model, rank):
+            assert sweep.values["metric"]["svd"][rank] == pytest.approx(logit_sum(model), rel=1e-9)
+    # at R the SVD re-basis is the trained function itself; below R it differs from the prefix
+    assert sweep.values["metric"]["svd"][8] == pytest.approx(
+        sweep.values["metric"]["trained"][8], rel=1e-5
+    )
+    assert sweep.values["metric"]["svd"][1] != pytest.approx(
+        sweep.values["metric"]["trained"][1], rel=1e-5
+    )

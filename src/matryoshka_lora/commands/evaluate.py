@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..nesting import INFERENCE_SCALES
+from ..eval.sweep import DEPLOYMENTS
 from ._common import (
     DTYPES,
     CLIError,
@@ -117,11 +117,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--inference-scales",
-        type=choice_list(INFERENCE_SCALES),
+        type=choice_list(DEPLOYMENTS),
         default=["paper", "trained"],
         metavar="SCALE,...",
-        help="paper (s(r), P dropped) and/or trained (p[:r]), comma-separated "
-        "(default: both; identical deployments are evaluated once)",
+        help="paper (s(r), P dropped), trained (p[:r]) and/or svd (best rank-r approximation "
+        "of each module's full update, as export --svd), comma-separated "
+        "(default: paper,trained; identical deployments are evaluated once)",
     )
     p.add_argument(
         "--include-base",

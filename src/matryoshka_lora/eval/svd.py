@@ -86,5 +86,13 @@ def svd_rebase_(model: nn.Module) -> nn.Module:
             a, b = factors[name]
             layer.lora_A.copy_(a.to(layer.lora_A.dtype))
             layer.lora_B.copy_(b.to(layer.lora_B.dtype))
-    reconfigure(model, method="lora", scaling="none", alpha=1.0, inference_scale="paper")
+    reconfigure(
+        model,
+        method="lora",
+        scaling="none",
+        alpha=1.0,
+        inference_scale="paper",
+        prefix_sampling=0.0,
+        prefix_loss=False,
+    )
     return model

@@ -19,14 +19,22 @@ metrics from one evaluation (e.g. loss and accuracy of one forward pass).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..model import adapter_layers, adapters_disabled, get_config, set_inference_scale
+from ..model import (
+    CONFIG_ATTRIBUTE,
+    adapter_layers,
+    adapters_disabled,
+    get_config,
+    set_inference_scale,
+    set_rank,
+)
 from ..nesting import INFERENCE_SCALES, check_rank_list, inference_p
 from .aurac import RankCurve
 
@@ -125,6 +133,31 @@ def _progress(total: int, enabled: bool, desc: str):
     return tqdm(total=total, desc=desc)
 
 
+DEPLOYMENTS: tuple[str, ...] = (*INFERENCE_SCALES, "svd")
+
+
+@contextmanager
+def _svd_rebased(model: nn.Module) -> Iterator[nn.Module]:
+    """The model's adapters re-based on the SVD of their full update; restored on exit."""
+    from .svd import svd_rebase_
+
+    layers = adapter_layers(model)
+    config = get_config(model)
+    saved = {n: (m.lora_A.detach().clone(), m.lora_B.detach().clone()) for n, m in layers.items()}
+    try:
+        svd_rebase_(model)
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, layer in layers.items():
+                layer.lora_A.copy_(saved[name][0])
+                layer.lora_B.copy_(saved[name][1])
+        for layer in layers.values():
+            layer.set_rank(None)
+            layer.apply_scale_config(config)
+        setattr(model, CONFIG_ATTRIBUTE, config)
+
+
 def rank_sweep(
     model: nn.Module,
     metric_fn: MetricFn,
@@ -142,7 +175,11 @@ def rank_sweep(
         metric_fn: ``model -> float`` (or ``-> {name: float}``); called with the
             adapters deployed at each rank.
         ranks: eval ranks (default: the adapter config's ``eval_ranks``).
-        inference_scales: ``paper`` and/or ``trained``.
+        inference_scales: deployments to sweep: ``paper`` and/or ``trained``
+            (prefix truncation with either scale), and/or ``svd`` (each module's
+            full update re-based on its SVD, so rank r is its best rank-r
+            approximation; computed on a re-based copy of the factors, which
+            are restored afterwards).
         include_base: also evaluate the base model with the adapters disabled.
         progress: show a tqdm progress bar.
         metric_name: the metric's name when ``metric_fn`` returns a float.
@@ -167,8 +204,8 @@ def rank_sweep(
     if not scales:
         raise ValueError("give at least one inference scale")
     for scale in scales:
-        if scale not in INFERENCE_SCALES:
-            raise ValueError(f"unknown inference scale {scale!r}: choose from {INFERENCE_SCALES}")
+        if scale not in DEPLOYMENTS:
+            raise ValueError(f"unknown inference scale {scale!r}: choose from {DEPLOYMENTS}")
     if len(set(scales)) != len(scales):
         raise ValueError(f"duplicate inference scales {list(scales)}")
 
@@ -191,6 +228,15 @@ def rank_sweep(
                 bar.set_postfix_str("base")
                 bar.update()
         for scale in scales:
+            if scale == "svd":
+                with _svd_rebased(model):
+                    for rank in ranks:
+                        set_rank(model, rank)
+                        record(scale, rank, _as_metrics(metric_fn(model), metric_name))
+                        if bar is not None:
+                            bar.set_postfix_str(f"svd r={rank}")
+                            bar.update()
+                continue
             set_inference_scale(model, scale)
             for rank in ranks:
                 q = inference_p(
