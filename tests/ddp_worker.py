@@ -33,8 +33,17 @@ def fixed_length_dataset(n: int = 32, length: int = 12) -> list[dict]:
 def main() -> None:
     out_dir, method, batch_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
     torch.use_deterministic_algorithms(True)
+    method, _, variant = method.partition(":")  # e.g. "matryoshka:prefix_loss"
+    extra = {
+        "": {},
+        "prefix_loss": {"prefix_loss": True},
+        "prefix_sampling": {"prefix_sampling": 0.5},
+    }
     model = make_tiny_llama()
-    ml.attach(model, ml.NestedLoraConfig(r=8, method=method, target_modules=LLAMA_TARGETS))
+    ml.attach(
+        model,
+        ml.NestedLoraConfig(r=8, method=method, target_modules=LLAMA_TARGETS, **extra[variant]),
+    )
     config = TrainConfig(
         output_dir=os.path.join(out_dir, "run"),
         learning_rate=1e-2,

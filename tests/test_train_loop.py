@@ -199,7 +199,9 @@ def test_bf16_autocast_training(tmp_path):
     assert all(v.dtype == torch.float32 for v in adapter(model).values())
 
 
-@pytest.mark.parametrize("method", ["matryoshka", "dylora"])
+@pytest.mark.parametrize(
+    "method", ["matryoshka", "dylora", "matryoshka:prefix_loss", "matryoshka:prefix_sampling"]
+)
 def test_two_process_ddp_matches_one_process(tmp_path, method):
     worker = Path(__file__).parent / "ddp_worker.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
