@@ -15,6 +15,16 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+GSM8K_ROWS = (
+    "lora_trunc_paper",
+    "lora_svd",
+    "lora_select",
+    "lora_per_rank",
+    "dylora",
+    "matryoshka_trained",
+    "matryoshka_svd",
+    "matryoshka_select",
+)
 RESULTS = ROOT / "experiments" / "results"
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 
@@ -70,13 +80,12 @@ def comparison_block(folder: Path, heading: str, command: str) -> str:
     return "\n".join(lines)
 
 
-MINILM_COMMAND = (
-    "python experiments/compare.py --output experiments/results/minilm-drug-reviews --task seq-cls "
-    "--model minilm --dataset drug-reviews --num-labels 3 --target-modules query,key,value,dense "
-    "--max-rank 8 --steps 40 --batch-size 16 --max-length 64 --train-size 500 --val-size 100 "
-    "--test-size 379 --lr lora=5e-4,2e-3,8e-3 --lr lora_r=5e-4,2e-3,8e-3 --lr dylora=5e-4,2e-3,8e-3 "
-    "--lr matryoshka=5e-4,2e-3,8e-3 --lr mat_rms=5e-4,2e-3,8e-3 --lr mat_sampled=2e-3,8e-3 "
-    "--lr mat_prefix=2e-3 --threads 1"
+GSM8K_COMMAND = (
+    "python experiments/compare.py --output experiments/results/smollm2-gsm8k "
+    "--dataset ../shared/data/gsm8k --rows "
+    + ",".join(GSM8K_ROWS)
+    + " --lr matryoshka=2e-3,8e-3,3.2e-2 "
+    "--lr dylora=2e-3,8e-3,2e-2 --threads 1"
 )
 
 
@@ -93,17 +102,17 @@ def main() -> None:
         if notes.exists():
             body += "\n\n" + notes.read_text().strip()
         text = replace_block(text, "smollm2-gsm-symbolic", body)
-    folder = RESULTS / "minilm-drug-reviews"
+    folder = RESULTS / "smollm2-gsm8k"
     if (folder / "runs.jsonl").exists():
         body = comparison_block(
             folder,
-            "Quality, second task: MiniLM-L6 sentence classification on drug reviews, ranks 1..8",
-            MINILM_COMMAND,
+            "Quality, second task: SmolLM2-135M-Instruct on the real GSM8K, ranks 1..16",
+            GSM8K_COMMAND,
         )
-        notes = ROOT / "experiments" / "notes-minilm-drug-reviews.md"
+        notes = ROOT / "experiments" / "notes-smollm2-gsm8k.md"
         if notes.exists():
             body += "\n\n" + notes.read_text().strip()
-        text = replace_block(text, "minilm-drug-reviews", body)
+        text = replace_block(text, "smollm2-gsm8k", body)
     budget = RESULTS / "budget-smollm2"
     if (budget / "budget.md").exists():
         args = json.loads((budget / "budget.json").read_text())["args"]

@@ -144,7 +144,7 @@ class ComparisonSpec:
         default_factory=lambda: {
             "lora": [2e-3, 8e-3, 2e-2],
             "lora_r": [2e-3, 8e-3, 2e-2],
-            "dylora": [5e-4, 2e-3, 8e-3, 2e-2],
+            "dylora": [2e-3, 8e-3, 2e-2],
             "matryoshka": [5e-4, 2e-3, 8e-3, 3.2e-2],
             "mat_rms": [2e-3, 8e-3, 2e-2],
             "mat_steep": [2e-3, 8e-3, 2e-2],
