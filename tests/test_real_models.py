@@ -115,3 +115,22 @@ def test_smollm2_short_matryoshka_run_lowers_loss_at_every_rank(smollm2, tmp_pat
             assert after[r] < before[r] - 0.02, (r, before[r], after[r])
     finally:
         ml.detach(model)
+
+
+def test_drug_reviews_dataset_asset(tmp_path, monkeypatch):
+    import json
+
+    from matryoshka_lora.assets import drug_reviews_dir, resolve_dataset
+
+    monkeypatch.setenv("MATRYOSHKA_LORA_CACHE", str(tmp_path))
+    folder = drug_reviews_dir()
+    assert resolve_dataset("drug-reviews") == str(folder)
+    rows = {
+        s: [json.loads(x) for x in (folder / f"{s}.jsonl").read_text().splitlines()]
+        for s in ("train", "test")
+    }
+    assert (len(rows["train"]), len(rows["test"])) == (600, 379)
+    labels = [r["label"] for r in rows["test"]]
+    assert (labels.count(0), labels.count(1), labels.count(2)) == (95, 36, 248)
+    assert rows["train"][0]["text"].startswith("I recently received an injection of nalbuphine")
+    assert not list(tmp_path.glob(".*tmp"))  # no staging folder left behind

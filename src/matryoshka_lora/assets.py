@@ -26,8 +26,6 @@ import importlib.util
 import io
 import json
 import os
-import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -70,17 +68,11 @@ def smollm2_dir() -> Path:
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(gguf_model.state_dict(), strict=False)
     plain.tie_weights()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
-    try:
+    from .io import staged_directory
+
+    with staged_directory(target, overwrite=True) as staging:  # a half-written cache is never used
         plain.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)  # atomic: a half-written cache is never picked up
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
@@ -148,24 +140,17 @@ def drug_reviews_dir() -> Path:
         / "assets"
         / "drugsCom.zip"
     )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".drug-reviews-", dir=target.parent))
-    try:
-        with zipfile.ZipFile(archive) as zipped:
-            for split, member in (("train", "drugsComTrain.tsv"), ("test", "drugsComTest.tsv")):
-                text = zipped.read(member).decode("utf-8")
-                rows = csv.DictReader(io.StringIO(text), delimiter="\t")
-                with open(staging / f"{split}.jsonl", "w", encoding="utf-8") as fh:
-                    for row in rows:
-                        review = row["review"].strip().strip('"').strip()
-                        label = DRUG_REVIEW_LABELS.index(row["rating"])
-                        fh.write(json.dumps({"text": review, "label": label}) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+    from .io import staged_directory
+
+    with staged_directory(target, overwrite=True) as staging, zipfile.ZipFile(archive) as zipped:
+        for split, member in (("train", "drugsComTrain.tsv"), ("test", "drugsComTest.tsv")):
+            text = zipped.read(member).decode("utf-8")
+            rows = csv.DictReader(io.StringIO(text), delimiter="\t")
+            with open(staging / f"{split}.jsonl", "w", encoding="utf-8") as fh:
+                for row in rows:
+                    review = row["review"].strip().strip('"').strip()
+                    label = DRUG_REVIEW_LABELS.index(row["rating"])
+                    fh.write(json.dumps({"text": review, "label": label}) + "\n")
     return target
 
 

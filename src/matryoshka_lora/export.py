@@ -33,10 +33,7 @@ import json
 import math
 import os
 import re
-import shutil
-import uuid
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +44,7 @@ from torch import nn
 
 from . import __version__
 from .config import NestedLoraConfig
-from .io import atomic_save_safetensors, atomic_write_text
+from .io import atomic_save_safetensors, atomic_write_text, staged_directory
 from .model import adapter_layers, attach, detach, get_config
 from .nesting import check_rank
 
@@ -322,44 +319,6 @@ def peft_state_dict(
 def peft_config_dict(model: nn.Module, rank: RankSpec, scale_encoding: str = "baked") -> dict:
     """The ``adapter_config.json`` content an export at ``rank`` would write."""
     return _build_export(model, rank, scale_encoding, with_tensors=False)[0]
-
-
-@contextmanager
-def staged_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty temporary sibling of ``out_dir``; rename it to ``out_dir`` on success.
-
-    Refuses (``ValueError``, before anything is written) an ``out_dir`` that is a
-    file, or a non-empty folder unless ``overwrite``. On any error the temporary
-    folder is removed and ``out_dir`` is left as it was.
-    """
-    out = Path(out_dir)
-    if out.exists():
-        if not out.is_dir():
-            raise ValueError(f"{out} exists and is not a folder")
-        if any(out.iterdir()) and not overwrite:
-            raise ValueError(
-                f"{out} exists and is not empty: pass overwrite=True to replace it, or choose "
-                "another folder"
-            )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}.tmp"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out.exists():
-            old = out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}.old"
-            os.rename(out, old)
-            try:
-                os.rename(tmp, out)
-            except BaseException:
-                os.rename(old, out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_peft_folder(

@@ -12,8 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+import uuid
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +36,44 @@ FORMAT_NAME = "matryoshka-lora"
 FORMAT_VERSION = 1
 # Fields that define the trained function; a checkpoint and a model must agree on them.
 _IDENTITY_FIELDS = ("r", "method", "train_ranks", "scaling", "alpha", "normalize", "target_modules")
+
+
+@contextmanager
+def staged_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary sibling of ``out_dir``; rename it to ``out_dir`` on success.
+
+    Refuses (``ValueError``, before anything is written) an ``out_dir`` that is a
+    file, or a non-empty folder unless ``overwrite``. On any error the temporary
+    folder is removed and ``out_dir`` is left as it was.
+    """
+    out = Path(out_dir)
+    if out.exists():
+        if not out.is_dir():
+            raise ValueError(f"{out} exists and is not a folder")
+        if any(out.iterdir()) and not overwrite:
+            raise ValueError(
+                f"{out} exists and is not empty: pass overwrite=True to replace it, or choose "
+                "another folder"
+            )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}.tmp"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            old = out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}.old"
+            os.rename(out, old)
+            try:
+                os.rename(tmp, out)
+            except BaseException:
+                os.rename(old, out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 class AdapterCheckpointError(ValueError):
