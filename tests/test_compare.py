@@ -191,3 +191,18 @@ def test_sequence_classification_comparison(tmp_path):
     )
     with pytest.raises(ValueError, match="does not apply to task"):
         tiny_spec(task="seq-cls", metric="token_accuracy")
+
+
+def test_rank_specific_envelope_grid(tmp_path):
+    rates = {"lora": [1e-3, 3e-2], "lora_r": [1e-3, 3e-2], "lora_r:1": [1e-3, 3e-2, 5e-2]}
+    spec = tiny_spec(rows=("lora_svd", "lora_per_rank"), learning_rates=rates, seeds=(0,))
+    keys = ComparisonRunner(spec, tmp_path, progress=False)._grid_keys(0)
+    assert sorted((k.kind, k.rank, k.lr) for k in keys) == [
+        ("lora", 4, 1e-3),
+        ("lora", 4, 3e-2),
+        ("lora_r", 1, 1e-3),
+        ("lora_r", 1, 3e-2),
+        ("lora_r", 1, 5e-2),
+        ("lora_r", 2, 1e-3),
+        ("lora_r", 2, 3e-2),
+    ]

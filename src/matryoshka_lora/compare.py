@@ -144,6 +144,7 @@ class ComparisonSpec:
         default_factory=lambda: {
             "lora": [2e-3, 8e-3, 2e-2],
             "lora_r": [2e-3, 8e-3, 2e-2],
+            "lora_r:1": [2e-3, 8e-3, 2e-2, 5e-2],  # rank 1 chose the top of the common grid
             "dylora": [2e-3, 8e-3, 2e-2],
             "matryoshka": [5e-4, 2e-3, 8e-3, 3.2e-2],
             "mat_rms": [2e-3, 8e-3, 2e-2],
@@ -469,7 +470,7 @@ class ComparisonRunner:
             if kind == "lora_r" and "lora" not in spec.training_kinds():
                 ranks.append(spec.max_rank)
             for rank in ranks:
-                for lr in spec.learning_rates[kind]:
+                for lr in self._rank_grid(rank) if kind == "lora_r" else spec.learning_rates[kind]:
                     keys.append(RunKey(kind, rank, lr, seed))
         return keys
 
@@ -498,17 +499,28 @@ class ComparisonRunner:
             return {int(r): v for r, v in curves[split][deployment].items()}
         curve = {}
         for r in self.spec.ranks:
-            lr = lr_by_rank[r]
-            if r == self.spec.max_rank and "lora" in self.spec.training_kinds():
-                record = self.records.get(RunKey("lora", r, lr, seed).name)
-                value = None if record is None else record["curves"][split]["trained"].get(str(r))
-            else:
-                record = self.records.get(RunKey("lora_r", r, lr, seed).name)
-                value = None if record is None else record["curves"][split]["full"].get(str(r))
+            value = self._envelope_value(r, lr_by_rank[r], seed, split)
             if value is None:
                 return None
             curve[r] = value
         return curve
+
+    def _envelope_value(self, r: int, lr: float, seed: int, split: str) -> float | None:
+        """The per-rank envelope at rank r: a LoRA trained at r (at R: the LoRA run)."""
+        if r == self.spec.max_rank and "lora" in self.spec.training_kinds():
+            record = self.records.get(RunKey("lora", r, lr, seed).name)
+            return None if record is None else record["curves"][split]["trained"].get(str(r))
+        record = self.records.get(RunKey("lora_r", r, lr, seed).name)
+        return None if record is None else record["curves"][split]["full"].get(str(r))
+
+    def _rank_grid(self, rank: int) -> list[float]:
+        """The envelope's grid at one rank: ``learning_rates["lora_r:<rank>"]`` if given
+        (to widen the grid where that rank's best rate sits at an edge), else ``"lora_r"``'s;
+        at R, the LoRA run's grid."""
+        rates = self.spec.learning_rates
+        if rank == self.spec.max_rank and "lora" in self.spec.training_kinds():
+            return rates["lora"]
+        return rates.get(f"lora_r:{rank}", rates["lora_r"])
 
     def chosen_learning_rates(self) -> dict[str, Any]:
         """Each row's learning rate by validation AURAC_log on the first seed (per rank for the envelope)."""
@@ -520,10 +532,10 @@ class ComparisonRunner:
                 per_rank = {}
                 for r in spec.ranks:
                     scores = {}
-                    for lr in grid:
-                        curve = self._curve(row, {q: lr for q in spec.ranks}, seed, "val")
-                        if curve is not None:
-                            scores[lr] = curve[r]
+                    for lr in self._rank_grid(r):
+                        value = self._envelope_value(r, lr, seed, "val")
+                        if value is not None:
+                            scores[lr] = value
                     if scores:
                         per_rank[r] = max(scores, key=scores.get)
                 if len(per_rank) == len(spec.ranks):
