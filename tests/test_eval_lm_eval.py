@@ -133,3 +133,65 @@ def test_flatten_with_stderr():
         "arc/acc,none": 0.5,
         "arc/acc_stderr,none": 0.1,
     }
+
+
+def test_real_lm_eval_on_a_local_task_agrees_with_our_multiple_choice_evaluator(tmp_path):
+    """The installed lm-evaluation-harness, offline, on a local multiple-choice task:
+    its ``acc`` / ``acc_norm`` at each rank equal our own log-likelihood evaluator's."""
+    pytest.importorskip("lm_eval")
+    import json
+
+    import torch
+    from conftest import make_char_tokenizer
+    from lm_eval.tasks import TaskManager
+
+    from matryoshka_lora.eval import multiple_choice_accuracy
+
+    generator = torch.Generator().manual_seed(0)
+    items = []
+    for i in range(10):
+        a, b = (int(x) for x in torch.randint(1, 9, (2,), generator=generator))
+        choices = [str(a + b), str(a * b + 1), str(abs(a - b)) + "0"]
+        items.append({"question": f"{a}+{b}=", "choices": choices, "label": i % 3})
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps(item) + "\n" for item in items))
+    (tmp_path / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: label\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+        "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    model, tokenizer = adapted(), make_char_tokenizer()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for layer in ml.adapter_layers(model).values():
+            layer.lora_B.normal_(std=0.5)
+    sweep = lm_eval_sweep(
+        model,
+        tokenizer,
+        ["tiny_mc"],
+        batch_size=4,
+        ranks=[1, 2, 4],
+        include_base=True,
+        progress=False,
+        evaluate_kwargs={"task_manager": TaskManager(include_path=str(tmp_path))},
+    )
+    ours = [
+        {"context": it["question"], "choices": it["choices"], "label": it["label"]} for it in items
+    ]
+    for rank in (1, 2, 4):
+        with ml.at_rank(model, rank):
+            expected = multiple_choice_accuracy(model, tokenizer, ours, add_special_tokens=False)
+        assert 100 * sweep.values["tiny_mc/acc,none"]["paper"][rank] == pytest.approx(
+            expected["acc"]
+        )
+        assert 100 * sweep.values["tiny_mc/acc_norm,none"]["paper"][rank] == pytest.approx(
+            expected["acc_norm"]
+        )
+    with ml.adapters_disabled(model):
+        base = multiple_choice_accuracy(model, tokenizer, ours, add_special_tokens=False)
+    assert 100 * sweep.base["tiny_mc/acc,none"] == pytest.approx(base["acc"])
+    seen = {*sweep.values["tiny_mc/acc,none"]["paper"].values(), sweep.base["tiny_mc/acc,none"]}
+    assert len(seen) > 1  # the ranks really are different models here
