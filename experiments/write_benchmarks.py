@@ -84,8 +84,8 @@ GSM8K_COMMAND = (
     "python experiments/compare.py --output experiments/results/smollm2-gsm8k "
     "--dataset ../shared/data/gsm8k --rows "
     + ",".join(GSM8K_ROWS)
-    + " --lr matryoshka=2e-3,8e-3,3.2e-2 "
-    "--lr dylora=2e-3,8e-3,2e-2 --threads 1"
+    + " --lr matryoshka=8e-3,2e-3,1.6e-2 "
+    "--lr lora=8e-3,2e-3,2e-2 --lr dylora=8e-3,2e-3,2e-2 --lr lora_r=8e-3,2e-3,2e-2 --threads 1"
 )
 
 
