@@ -149,7 +149,7 @@ class ComparisonSpec:
             "matryoshka": [5e-4, 2e-3, 8e-3, 3.2e-2],
             "mat_rms": [2e-3, 8e-3, 2e-2],
             "mat_steep": [2e-3, 8e-3, 2e-2],
-            "mat_sampled": [8e-3, 3.2e-2],
+            "mat_sampled": [8e-3, 1.6e-2],
             "mat_prefix": [8e-3],
         }
     )
