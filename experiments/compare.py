@@ -66,6 +66,11 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
     p.add_argument(
+        "--report",
+        action="store_true",
+        help="only rewrite results.* and the figures from the runs recorded so far (no training)",
+    )
+    p.add_argument(
         "--kinds",
         default=None,
         help="only these training methods (comma list), to share a folder between processes",
@@ -102,6 +107,10 @@ def main() -> None:
         kind, _, rates = item.partition("=")
         spec.learning_rates[kind] = [float(x) for x in rates.split(",")]
     runner = ComparisonRunner(spec, args.output)
+    if args.report:
+        runner.write_outputs(title=f"{spec.model} on {spec.dataset}")
+        print((runner.output_dir / "results.md").read_text())
+        return
     if spec.task == "seq-cls":
         model, tokenizer = load_sequence_classifier(spec.model, spec.num_labels)
     else:
