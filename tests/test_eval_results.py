@@ -96,3 +96,21 @@ def test_errors():
         Comparison((4, 1))
     with pytest.raises(KeyError, match="no method"):
         c.summary("nope")
+
+
+def test_paired_difference_matches_seed_by_seed():
+    from matryoshka_lora.eval.results import Comparison
+
+    table = Comparison(ranks=(1, 2))
+    table.add("a", {1: 10.0, 2: 20.0}, seed=0)
+    table.add("a", {1: 12.0, 2: 20.0}, seed=1)
+    table.add("a", {1: 99.0, 2: 99.0}, seed=7)  # no partner: ignored
+    table.add("b", {1: 9.0, 2: 18.0}, seed=0)
+    table.add("b", {1: 9.0, 2: 21.0}, seed=1)
+    diffs, seeds = table.paired_difference("a", "b")
+    assert seeds == [0, 1]
+    assert diffs[1] == pytest.approx((2.0, 2**0.5))  # differences 1 and 3
+    assert diffs[2] == pytest.approx((0.5, 4.5**0.5))  # differences 2 and -1
+    # AURAC_log over ranks 1..2 is the trapezoid mean; its difference is paired too
+    assert diffs["aurac_log"][0] == pytest.approx(((1 + 2) / 2 + (3 - 1) / 2) / 2)
+    assert table.paired_difference("a", "a")[0][1] == (0.0, 0.0)

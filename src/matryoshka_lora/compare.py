@@ -675,6 +675,31 @@ class ComparisonRunner:
                     table.add(row, curve, seed=seed)
         return table
 
+    def _paired_lines(self, table: Comparison, reference: str = "lora_svd") -> list[str]:
+        """Markdown: each row minus ``reference``, seed by seed (the same seed trains on the
+        same data order, so the pairing removes the data-order noise both share)."""
+        if reference not in table.methods or table.n_runs(reference) < 2:
+            return []
+        ranks = list(self.spec.ranks)
+        header = ["row", *(f"r={r}" for r in ranks), "AURAC_log", "seeds"]
+        lines = [
+            "",
+            f"Paired difference against `{reference}` (row minus {reference}, same seed; "
+            "mean ± sample std over the shared seeds, in points):",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|:---|" + "---:|" * (len(header) - 1),
+        ]
+        for row in table.methods:
+            if row == reference:
+                continue
+            diffs, seeds = table.paired_difference(row, reference)
+            if len(seeds) < 2:
+                continue
+            cells = [f"{diffs[c][0]:+.2f} ± {diffs[c][1]:.2f}" for c in (*ranks, "aurac_log")]
+            lines.append(f"| {row} | " + " | ".join(cells) + f" | {len(seeds)} |")
+        return lines
+
     def training_cost(self) -> dict[str, float]:
         """Mean training seconds per run, by training method."""
         by_kind: dict[str, list[float]] = {}
@@ -695,6 +720,7 @@ class ComparisonRunner:
             lines.append(
                 f"- {row}: {lr if not isinstance(lr, dict) else ', '.join(f'r={r}: {v:g}' for r, v in lr.items())}"
             )
+        lines += self._paired_lines(table)
         cost = self.training_cost()
         lines += [
             "",

@@ -154,6 +154,28 @@ class Comparison:
         rows = self.run_columns(method)
         return {col: mean_std([row[col] for row in rows]) for col in rows[0]}
 
+    def paired_difference(
+        self, method: str, reference: str
+    ) -> tuple[dict[int | str, tuple[float, float | None]], list[Seed]]:
+        """``method - reference`` per seed both have (same seed = same data order), summarised:
+        ``({column: (mean, sample std or None)}, seeds)``; empty when no seed is shared."""
+        mine = {run.seed: run for run in self._runs(method)}
+        theirs = {run.seed: run for run in self._runs(reference)}
+        seeds = [seed for seed in mine if seed in theirs and seed is not None]
+        if not seeds:
+            return {}, []
+        columns = [self._column_values(mine[s]) for s in seeds]
+        base = [self._column_values(theirs[s]) for s in seeds]
+        diffs = {
+            col: mean_std([a[col] - b[col] for a, b in zip(columns, base, strict=True)])
+            for col in columns[0]
+        }
+        return diffs, seeds
+
+    def _column_values(self, run: Run) -> dict[int | str, float]:
+        curve = RankCurve(self.ranks, run.values)
+        return {**curve.as_mapping(), **curve.summary()}
+
     def reference_summary(self, name: str) -> tuple[float, float | None]:
         if name not in self.references:
             raise KeyError(f"no reference {name!r}; references: {list(self.references)}")
