@@ -96,6 +96,7 @@ for _kind in VARIANT_KINDS:
         ROW_SOURCE[f"{_kind}_{_deployment}"] = (_kind, _deployment)
 RESEARCH_ROWS = (  # the research comparison: every deployment of every variant
     "lora_trunc_paper",
+    "lora_trunc_trained",
     "lora_svd",
     "lora_select",
     "lora_per_rank",
@@ -149,7 +150,7 @@ class ComparisonSpec:
             "matryoshka": [5e-4, 2e-3, 8e-3, 3.2e-2],
             "mat_rms": [2e-3, 8e-3, 2e-2],
             "mat_steep": [2e-3, 8e-3, 2e-2],
-            "mat_sampled": [8e-3, 1.6e-2],
+            "mat_sampled": [2e-3, 8e-3, 1.6e-2],
             "mat_prefix": [8e-3],
         }
     )
