@@ -255,3 +255,13 @@ def test_authors_preset_reproduces_the_papers_formulas():
     with pytest.raises(ValueError, match="unknown preset"):
         ml.NestedLoraConfig.from_preset("matryoshka-v2")
     assert ml.NestedLoraConfig.from_preset("matryoshka") == ml.NestedLoraConfig()
+
+
+def test_prefix_preset_turns_on_the_prefix_loss():
+    config = ml.NestedLoraConfig.from_preset("matryoshka-prefix", r=8)
+    assert (config.method, config.prefix_loss, config.inference_scale) == (
+        "matryoshka",
+        True,
+        "trained",
+    )
+    assert config.replace(prefix_loss=False) == ml.NestedLoraConfig(r=8)

@@ -209,6 +209,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "prefix_sampling": 0.0,
         "prefix_loss": False,
     },
+    # the best variant of the research comparison so far (BENCHMARKS.md): the prefix loss,
+    # |S| forward passes per micro-batch
+    "matryoshka-prefix": {"method": "matryoshka", "prefix_loss": True},
     "dylora-paper": {
         "method": "dylora",
         "scaling": "sqrt",

@@ -27,7 +27,8 @@ DEMO_ROWS = (
     "matryoshka_trained",
 )
 # Learning rates per method: the validation choices of the R=16 comparison in BENCHMARKS.md
-# ("Quality", seed 0: LoRA 8e-3, DyLoRA 2e-3, Matryoshka 8e-3 at the top of its grid).
+# when the demo's results in the README were measured (LoRA 8e-3, DyLoRA 2e-3, Matryoshka
+# 8e-3). The complete comparison later chose 8e-3 for DyLoRA too; the README says so.
 DEMO_LEARNING_RATES = {"lora": 8e-3, "dylora": 2e-3, "matryoshka": 8e-3}
 
 
