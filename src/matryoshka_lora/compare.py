@@ -46,7 +46,6 @@ from .config import NestedLoraConfig
 from .eval.aurac import aurac
 from .eval.classification import classification_metrics
 from .eval.results import Comparison
-from .eval.svd import svd_rebase_
 from .eval.sweep import rank_sweep
 from .eval.teacher_forced import teacher_forced_metrics
 from .io import load_adapter
@@ -308,15 +307,6 @@ def _adapter_config(spec: ComparisonSpec, key: RunKey) -> NestedLoraConfig:
     )
 
 
-def _svd_curves(
-    model: nn.Module, evaluate: Callable[[nn.Module], dict[str, float]], ranks, progress: bool
-) -> dict[int, dict[str, float]]:
-    """Re-base the model's adapters on the SVD of their full update (in place) and sweep."""
-    svd_rebase_(model)
-    sweep = rank_sweep(model, evaluate, ranks=ranks, inference_scales=("paper",), progress=progress)
-    return {r: {s: sweep.values[s]["paper"][r] for s in ("val", "test")} for r in ranks}
-
-
 def _evaluator(
     spec: ComparisonSpec, splits: dict[str, SFTDataset], collate
 ) -> Callable[[nn.Module], dict[str, float]]:
@@ -342,12 +332,18 @@ def add_svd_curves(
     load_adapter(model, output_dir / record["name"] / "adapter")
     try:
         ranks = [r for r in spec.ranks if r <= record["key"]["rank"]]
-        values = _svd_curves(model, _evaluator(spec, splits, collate), ranks, progress)
+        sweep = rank_sweep(
+            model,
+            _evaluator(spec, splits, collate),
+            ranks=ranks,
+            inference_scales=("svd",),
+            progress=progress,
+        )
     finally:
         detach(model)
     record = json.loads(json.dumps(record))
     for split in ("val", "test"):
-        record["curves"][split]["svd"] = {str(r): v[split] for r, v in values.items()}
+        record["curves"][split]["svd"] = {str(r): sweep.values[split]["svd"][r] for r in ranks}
     return record
 
 
@@ -401,15 +397,18 @@ def run_one(
                 key.kind, ("paper", "trained") if key.kind == "matryoshka" else ("trained",)
             )
             ranks = [r for r in spec.ranks if r <= key.rank]
+            deployments = (*scales, "svd")
             sweep = rank_sweep(
-                model, both_splits, ranks=ranks, inference_scales=scales, progress=progress
+                model, both_splits, ranks=ranks, inference_scales=deployments, progress=progress
             )
-            for scale in scales:
+            for deployment in deployments:
                 keep(
-                    scale,
-                    {r: {s: sweep.values[s][scale][r] for s in ("val", "test")} for r in ranks},
+                    deployment,
+                    {
+                        r: {s: sweep.values[s][deployment][r] for s in ("val", "test")}
+                        for r in ranks
+                    },
                 )
-            keep("svd", _svd_curves(model, both_splits, ranks, progress))
     finally:
         detach(model)
     return {
