@@ -91,28 +91,25 @@ GSM8K_COMMAND = (
 
 def main() -> None:
     text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
-    folder = RESULTS / "smollm2-gsm-symbolic"
-    if (folder / "runs.jsonl").exists():
-        body = comparison_block(
-            folder,
+    comparisons = {  # results folder (and notes-<name>.md) -> heading, command
+        "smollm2-gsm-symbolic": (
             "Quality: every method on SmolLM2-135M-Instruct + GSM-Symbolic, ranks 1..16",
             "python experiments/compare.py --output experiments/results/smollm2-gsm-symbolic --threads 1",
-        )
-        notes = ROOT / "experiments" / "notes-smollm2-gsm-symbolic.md"
-        if notes.exists():
-            body += "\n\n" + notes.read_text().strip()
-        text = replace_block(text, "smollm2-gsm-symbolic", body)
-    folder = RESULTS / "smollm2-gsm8k"
-    if (folder / "runs.jsonl").exists():
-        body = comparison_block(
-            folder,
+        ),
+        "smollm2-gsm8k": (
             "Quality, second task: SmolLM2-135M-Instruct on the real GSM8K, ranks 1..16",
             GSM8K_COMMAND,
-        )
-        notes = ROOT / "experiments" / "notes-smollm2-gsm8k.md"
+        ),
+    }
+    for name, (heading, command) in comparisons.items():
+        folder = RESULTS / name
+        if not (folder / "runs.jsonl").exists():
+            continue
+        body = comparison_block(folder, heading, command)
+        notes = ROOT / "experiments" / f"notes-{name}.md"
         if notes.exists():
             body += "\n\n" + notes.read_text().strip()
-        text = replace_block(text, "smollm2-gsm8k", body)
+        text = replace_block(text, name, body)
     budget = RESULTS / "budget-smollm2"
     if (budget / "budget.md").exists():
         args = json.loads((budget / "budget.json").read_text())["args"]
