@@ -724,5 +724,9 @@ def test_train_preset_sets_the_authors_options_and_options_override_it(tmp_path)
     config.write_text("preset: matryoshka-paper\ninit_a: peft\n")
     args = parse_args([*base, "--config", str(config)])
     assert (args.init_a, args.inference_scale) == ("peft", "paper")  # file > preset
-    args = parse_args([*base, "--prefix-sampling", "0.5", "--prefix-loss", "--normalize", "rms"])
+    args = parse_args(
+        [*base, "--prefix-sampling", "0.5", "--prefix-loss", "--normalize", "rms"]
+        + ["--prefix-loss-sample", "2"]
+    )
     assert (args.prefix_sampling, args.prefix_loss, args.normalize) == (0.5, True, "rms")
+    assert args.prefix_loss_sample == 2

@@ -31,9 +31,11 @@ def logits(model):
         return model(IDS).logits
 
 
-@pytest.mark.parametrize("method", ["matryoshka", "lora", "dylora"])
+@pytest.mark.parametrize("method", ["matryoshka", "lora", "dylora", "matryoshka:prefix_loss"])
 def test_full_rank_reproduces_the_trained_adapter(method):
-    model = adapted(method, scaling="sqrt")
+    method, _, variant = method.partition(":")  # a training objective the re-basis resets
+    extra = {"prefix_loss": True, "prefix_loss_sample": 1} if variant else {}
+    model = adapted(method, scaling="sqrt", **extra)
     full_before = logits(model)
     deltas = {n: m.delta_weight(None).double() for n, m in ml.adapter_layers(model).items()}
     assert svd_rebase_(model) is model
@@ -44,6 +46,7 @@ def test_full_rank_reproduces_the_trained_adapter(method):
         1.0,
         "paper",
     )
+    assert (config.prefix_loss, config.prefix_loss_sample) == (False, 0)
     for name, layer in ml.adapter_layers(model).items():
         torch.testing.assert_close(
             layer.delta_weight(None).double(), deltas[name], atol=1e-5, rtol=0

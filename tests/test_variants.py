@@ -14,10 +14,10 @@ from transformers import TrainingArguments
 import matryoshka_lora as ml
 from matryoshka_lora.layer import NestedLoraLinear
 from matryoshka_lora.nesting import matryoshka_p, rank_scale
-from matryoshka_lora.sampling import RankSampler
+from matryoshka_lora.sampling import RankSampler, prefix_loss_ranks
 from matryoshka_lora.train import PaddingCollator, TrainConfig, train_adapter
 from matryoshka_lora.train.hf_trainer import NestedLoraTrainer
-from matryoshka_lora.train.objective import prefix_loss, rank_sampler_for
+from matryoshka_lora.train.objective import prefix_loss, prefix_loss_ranks_for, rank_sampler_for
 
 COLLATE = PaddingCollator(0)
 
@@ -232,6 +232,80 @@ def test_trainer_samples_prefixes_for_prefix_sampling(tmp_path):
     trainer.train()
     drawn = {b for _, _, b in trainer.sampled_ranks}
     assert None in drawn and drawn - {None}
+
+
+# ----------------------------------------------------------------------------- sampled prefix loss
+def test_sampled_prefix_loss_ranks_are_r_plus_k_distinct_uniform_draws():
+    train_ranks = (1, 2, 4, 8, 16)
+    assert prefix_loss_ranks(train_ranks, 0, seed=0, step=3) == train_ranks
+    assert prefix_loss_ranks(train_ranks, 4, seed=0, step=3) == train_ranks
+    counts = {r: 0 for r in train_ranks}
+    draws = [
+        prefix_loss_ranks(train_ranks, 2, seed=5, step=s, micro_step=m)
+        for s in range(300)
+        for m in range(2)
+    ]
+    for ranks in draws:
+        assert len(ranks) == 3 and ranks[-1] == 16 and list(ranks) == sorted(set(ranks))
+        for r in ranks:
+            counts[r] += 1
+    assert counts[16] == len(draws)
+    for r in (1, 2, 4, 8):  # each rank below R in k / (|S| - 1) = 1/2 of the draws
+        assert counts[r] / len(draws) == pytest.approx(0.5, abs=0.06)
+    # a pure function of (seed, step, micro-batch): resumable, the same in every process
+    assert draws[:4] == [
+        prefix_loss_ranks(train_ranks, 2, 5, s, m) for s in range(2) for m in range(2)
+    ]
+    assert len({prefix_loss_ranks(train_ranks, 1, seed, 0) for seed in range(40)}) == 4
+    with pytest.raises(ValueError, match="sample must be in 0..4"):
+        prefix_loss_ranks(train_ranks, 5, 0, 0)
+
+
+def test_prefix_loss_sample_is_validated():
+    config = ml.NestedLoraConfig(r=8, prefix_loss=True, prefix_loss_sample=2, target_modules=["q"])
+    assert ml.NestedLoraConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="it needs prefix_loss=True"):
+        ml.NestedLoraConfig(r=8, prefix_loss_sample=1)
+    for bad in (4, -1, True, 1.0):  # S = {1, 2, 4, 8}: at most 3 ranks below R
+        with pytest.raises(ValueError, match=r"prefix_loss_sample must be an integer in 0..3"):
+            ml.NestedLoraConfig(r=8, prefix_loss=True, prefix_loss_sample=bad)
+
+
+def test_sampled_prefix_loss_averages_the_full_rank_and_the_drawn_ranks(tmp_path):
+    data = fixed_length_dataset(n=4)
+    batch = COLLATE(data)
+    model = trained_tiny(prefix_loss=True, prefix_loss_sample=1)
+    config = ml.get_config(model)
+    ranks = prefix_loss_ranks_for(config, seed=7, step=0, micro_step=0)
+    assert len(ranks) == 2 and ranks[-1] == 8
+    with torch.no_grad():
+        losses = {}
+        for r in config.train_ranks:
+            with ml.at_rank(model, r):
+                losses[r] = model(**batch).loss.item()
+    expected = (losses[ranks[0]] + losses[8]) / 2
+    assert expected != pytest.approx(sum(losses.values()) / 4, rel=1e-4)  # not the full mean
+    train_config = TrainConfig(
+        output_dir=str(tmp_path / "loop"), max_steps=1, batch_size=4, progress=False, seed=7
+    )
+    result = train_adapter(model, data, train_config, COLLATE)
+    assert result.losses[0] == pytest.approx(expected, rel=1e-5)
+
+    model = trained_tiny(prefix_loss=True, prefix_loss_sample=1)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "trainer"),
+        use_cpu=True,
+        report_to=[],
+        disable_tqdm=True,
+        seed=7,
+        max_steps=1,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        save_strategy="no",
+    )
+    trainer = NestedLoraTrainer(model=model, args=args, train_dataset=data, data_collator=COLLATE)
+    trainer.train()
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(expected, rel=1e-4)
 
 
 # ----------------------------------------------------------------------------- presets

@@ -69,6 +69,9 @@ KIND_SETTINGS: dict[str, dict[str, Any]] = {
     "mat_sampled": {"method": "matryoshka", "prefix_sampling": 0.5},
     # the prefix-loss objective (mean of the train ranks' losses)
     "mat_prefix": {"method": "matryoshka", "prefix_loss": True},
+    # the prefix loss over R and one rank drawn from S minus {R} per micro-batch:
+    # 2 forwards instead of |S|, the full adapter weighted 1/2
+    "mat_prefix1": {"method": "matryoshka", "prefix_loss": True, "prefix_loss_sample": 1},
 }
 VARIANT_KINDS = tuple(k for k in KIND_SETTINGS if k.startswith("mat_"))
 # How a trained adapter is deployed at rank r (a row's second half):
@@ -107,7 +110,7 @@ RESEARCH_ROWS = (  # the research comparison: every deployment of every variant
     "matryoshka_select",
     *(
         f"{k}_{d}"
-        for k in ("mat_rms", "mat_sampled", "mat_prefix")
+        for k in ("mat_rms", "mat_sampled", "mat_prefix", "mat_prefix1")
         for d in ("trained", "svd", "select")
     ),
 )
@@ -151,6 +154,7 @@ class ComparisonSpec:
             "mat_steep": [2e-3, 8e-3, 2e-2],
             "mat_sampled": [2e-3, 8e-3, 1.6e-2],
             "mat_prefix": [8e-3],
+            "mat_prefix1": [8e-3],
         }
     )
     seeds: tuple[int, ...] = (0, 1, 2)

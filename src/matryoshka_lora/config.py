@@ -65,6 +65,13 @@ class NestedLoraConfig:
             adapters, r in S (Matryoshka representation learning's objective),
             instead of the loss of the full adapter. Costs |S| forward passes
             per micro-batch (the small prefixes' adapter part is sliced).
+        prefix_loss_sample: with ``prefix_loss``, the number k of ranks below R
+            whose losses join the full adapter's at each micro-batch, drawn
+            uniformly without replacement from S minus {R} (a new draw per
+            micro-batch, a pure function of seed and step, like the rank
+            samplers). The loss is the mean of the k + 1 losses, so the full
+            adapter weighs 1/(k+1) and a micro-batch costs k + 1 forwards.
+            0 (default): every rank of S, every micro-batch.
         adapter_dtype: dtype of A and B, or None to follow the base weight;
             ``"float32"`` (default) keeps adapters in fp32 under a bf16/fp16
             base, like PEFT's ``autocast_adapter_dtype``.
@@ -95,8 +102,22 @@ class NestedLoraConfig:
     dylora_update: str = "prefix"
     prefix_sampling: float = 0.0
     prefix_loss: bool = False
+    prefix_loss_sample: int = 0
     adapter_dtype: str | None = "float32"
     base_model_name_or_path: str | None = None
+
+    def _check_prefix_loss_sample(self) -> None:
+        k, below = self.prefix_loss_sample, len(self.train_ranks) - 1
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= below:
+            raise ValueError(
+                f"prefix_loss_sample must be an integer in 0..{below} (the train ranks below R, "
+                f"{list(self.train_ranks[:-1])}), got {k!r}; 0 uses every train rank"
+            )
+        if k and not self.prefix_loss:
+            raise ValueError(
+                "prefix_loss_sample sets how many ranks the prefix loss draws: "
+                "it needs prefix_loss=True (or set prefix_loss_sample=0)"
+            )
 
     def __post_init__(self) -> None:
         check_max_rank(self.r)
@@ -128,6 +149,7 @@ class NestedLoraConfig:
         if self.train_ranks is None:
             self.train_ranks = powers_of_two_ranks(self.r)
         self.train_ranks = check_train_ranks(self.train_ranks, self.r)
+        self._check_prefix_loss_sample()
         if self.eval_ranks is None:
             self.eval_ranks = self.train_ranks
         self.eval_ranks = check_rank_list(self.eval_ranks, self.r, "eval ranks")
@@ -208,6 +230,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "inference_scale": "paper",
         "prefix_sampling": 0.0,
         "prefix_loss": False,
+        "prefix_loss_sample": 0,
     },
     # the best variant of the research comparison so far (BENCHMARKS.md): the prefix loss,
     # |S| forward passes per micro-batch

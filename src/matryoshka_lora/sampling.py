@@ -1,4 +1,5 @@
-"""Rank samplers: which prefix ``b`` DyLoRA trains at each step (method.md §4).
+"""Rank samplers: which prefix ``b`` DyLoRA trains at each step (method.md §4),
+and which ranks a sampled prefix loss adds to the full adapter's.
 
 A sampler is stateless: ``b`` is a pure function of ``(seed, step, micro_step)``,
 drawn from a counter-based generator (NumPy's ``SeedSequence`` hashes the three
@@ -93,3 +94,24 @@ class RankSampler:
     @classmethod
     def from_state_dict(cls, data: dict[str, Any]) -> RankSampler:
         return cls(**{**data, "train_ranks": tuple(data["train_ranks"])})
+
+
+def prefix_loss_ranks(
+    train_ranks: tuple[int, ...], sample: int, seed: int, step: int, micro_step: int = 0
+) -> tuple[int, ...]:
+    """The ranks whose losses a prefix-loss micro-batch averages, ending with R.
+
+    ``sample = 0`` (or ``|S| - 1``): every rank of S. Otherwise R plus ``sample``
+    ranks drawn uniformly without replacement from S minus {R}, a pure function of
+    ``(seed, step, micro_step)`` (a stream separate from :class:`RankSampler`'s),
+    returned in increasing order.
+    """
+    below = train_ranks[:-1]
+    if not 0 <= sample <= len(below):
+        raise ValueError(f"sample must be in 0..{len(below)} (ranks below R), got {sample}")
+    if sample in (0, len(below)):
+        return tuple(train_ranks)
+    key = [seed & 0xFFFFFFFF, step, micro_step, 1]  # the trailing 1 separates the streams
+    rng = np.random.default_rng(np.random.SeedSequence(key))
+    chosen = rng.choice(len(below), size=sample, replace=False)
+    return tuple(sorted(below[int(i)] for i in chosen)) + (train_ranks[-1],)

@@ -226,6 +226,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "(|S| forward passes per micro-batch)",
     )
     g.add_argument(
+        "--prefix-loss-sample",
+        type=int,
+        default=0,
+        metavar="K",
+        help="with --prefix-loss: average the full rank and K ranks drawn from the train ranks "
+        "below R at each micro-batch (K + 1 forward passes; default 0: every train rank)",
+    )
+    g.add_argument(
         "--dylora-update",
         choices=DYLORA_UPDATES,
         help="dylora only: prefix = components 1..b learn, last = only component b "
@@ -353,6 +361,7 @@ def check_options(args: argparse.Namespace):
         "inference_scale": args.inference_scale,
         "prefix_sampling": args.prefix_sampling,
         "prefix_loss": args.prefix_loss,
+        "prefix_loss_sample": args.prefix_loss_sample,
     }
     if targets is not None:
         fields["target_modules"] = targets

@@ -94,5 +94,6 @@ def svd_rebase_(model: nn.Module) -> nn.Module:
         inference_scale="paper",
         prefix_sampling=0.0,
         prefix_loss=False,
+        prefix_loss_sample=0,
     )
     return model

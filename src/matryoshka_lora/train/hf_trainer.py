@@ -30,7 +30,7 @@ from transformers import Trainer
 from ..io import load_adapter, save_adapter
 from ..model import adapter_layers, get_config, set_sampled_rank
 from ..sampling import RankSampler
-from .objective import prefix_loss, rank_sampler_for
+from .objective import prefix_loss, prefix_loss_ranks_for, rank_sampler_for
 
 
 class NestedLoraTrainer(Trainer):
@@ -68,11 +68,11 @@ class NestedLoraTrainer(Trainer):
             model.enable_input_require_grads()
 
     def training_step(self, model: nn.Module, inputs, num_items_in_batch=None) -> torch.Tensor:
+        step = self.state.global_step
+        last_step, seen = self._sampler_position
+        micro = seen if step == last_step else 0
+        self._sampler_position = (step, micro + 1)
         if self.rank_sampler is not None:
-            step = self.state.global_step
-            last_step, seen = self._sampler_position
-            micro = seen if step == last_step else 0
-            self._sampler_position = (step, micro + 1)
             b = self.rank_sampler.apply(self.model, step, micro)
             self.sampled_ranks.append((step, micro, b))
         return super().training_step(model, inputs, num_items_in_batch)
@@ -93,8 +93,14 @@ class NestedLoraTrainer(Trainer):
 
             return compute
 
+        step, seen = self._sampler_position  # training_step counted this micro-batch
+        ranks = prefix_loss_ranks_for(self.adapter_config, self.args.seed, step, seen - 1)
         loss = prefix_loss(
-            self._unwrapped(), self.adapter_config, loss_of(model), loss_of(self._unwrapped())
+            self._unwrapped(),
+            self.adapter_config,
+            loss_of(model),
+            loss_of(self._unwrapped()),
+            ranks,
         )
         return (loss, outputs["last"]) if return_outputs else loss
 

@@ -36,7 +36,7 @@ from ..io import atomic_write_text, save_adapter
 from ..model import adapter_layers, get_config, set_sampled_rank
 from ..sampling import RankSampler
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from .objective import prefix_loss, rank_sampler_for
+from .objective import prefix_loss, prefix_loss_ranks_for, rank_sampler_for
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -254,6 +254,7 @@ def train_adapter(
                                 adapter_config,
                                 lambda batch=batch: ddp_model(**batch).loss,
                                 lambda batch=batch: model(**batch).loss,
+                                prefix_loss_ranks_for(adapter_config, config.seed, step, micro),
                             )
                         else:
                             loss = ddp_model(**batch).loss

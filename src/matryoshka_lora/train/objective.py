@@ -13,6 +13,8 @@ Three ways to make every prefix of an adapter useful, all set in
   ranks of the deployed rank-r adapters' losses,
   ``L = (1/|S|) sum_{r in S} loss(f_r(x))``, as in Matryoshka representation
   learning. It costs |S| forward passes and one backward per micro-batch.
+  ``prefix_loss_sample = k`` averages R and k ranks drawn from S minus {R}
+  instead: k + 1 forwards, the full adapter weighted 1/(k+1).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import nn
 from ..config import NestedLoraConfig
 from ..model import set_rank
 from ..sampling import RankSampler
+from ..sampling import prefix_loss_ranks as draw_prefix_loss_ranks
 
 
 def rank_sampler_for(
@@ -48,8 +51,12 @@ def prefix_loss(
     config: NestedLoraConfig,
     full_loss: Callable[[], torch.Tensor],
     prefix_loss_at: Callable[[], torch.Tensor] | None = None,
+    ranks: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
-    """``(1/|S|) sum_{r in S} loss at rank r``, as one graph (so one backward).
+    """``(1/|S'|) sum_{r in S'} loss at rank r``, as one graph (so one backward).
+
+    ``S'`` is ``ranks`` (sorted, ending with R; default: the train ranks S), e.g.
+    from :func:`prefix_loss_ranks_for`.
 
     ``full_loss()`` computes the loss of the model as it is; the ranks below R
     are computed by ``prefix_loss_at()`` (default: ``full_loss``) with the
@@ -58,15 +65,27 @@ def prefix_loss(
     at the full training function.
     """
     compute_prefix = prefix_loss_at or full_loss
+    ranks = tuple(config.train_ranks) if ranks is None else tuple(ranks)
+    if not ranks or ranks[-1] != config.r:
+        raise ValueError(f"the prefix loss's ranks must end with R = {config.r}, got {ranks}")
     total = None
     try:
-        for r in config.train_ranks:  # sorted, ending with R
+        for r in ranks:  # sorted, ending with R
             set_rank(model, r)
             loss = full_loss() if r == config.r else compute_prefix()
             total = loss if total is None else total + loss
     finally:
         set_rank(model, None)
-    return total / len(config.train_ranks)
+    return total / len(ranks)
 
 
-__all__ = ["prefix_loss", "rank_sampler_for"]
+def prefix_loss_ranks_for(
+    config: NestedLoraConfig, seed: int, step: int, micro_step: int = 0
+) -> tuple[int, ...]:
+    """The ranks the prefix loss averages at this micro-batch (``prefix_loss_sample``)."""
+    return draw_prefix_loss_ranks(
+        tuple(config.train_ranks), config.prefix_loss_sample, seed, step, micro_step
+    )
+
+
+__all__ = ["prefix_loss", "prefix_loss_ranks_for", "rank_sampler_for"]
