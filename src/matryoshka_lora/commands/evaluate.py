@@ -340,7 +340,7 @@ def build_metric_fn(args: argparse.Namespace, data: dict[str, Any], tokenizer, n
         return teacher_forced_metric_fn(batches, metric=None), len(items)
     if args.evaluator == "seq-cls":
         from ..eval.classification import classification_metric_fn
-        from ._seqcls import ClassificationDataset, batches
+        from ..train.classification import ClassificationDataset, batches
 
         dataset = ClassificationDataset(
             data["records"], tokenizer, *data["fields"], num_labels, args.max_length or 512

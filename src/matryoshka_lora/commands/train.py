@@ -515,7 +515,7 @@ def run(args: argparse.Namespace) -> int:
     if tokenizer.pad_token_id is None:
         raise CLIError("the tokenizer has neither a pad token nor an EOS token to pad with")
     if seq_cls:
-        from ._seqcls import ClassificationCollator, ClassificationDataset
+        from ..train.classification import ClassificationCollator, ClassificationDataset
 
         dataset = ClassificationDataset(
             records, tokenizer, text_field, label_field, args.num_labels, args.max_length
