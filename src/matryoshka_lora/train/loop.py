@@ -238,7 +238,7 @@ def train_adapter(
         log_path.unlink()  # a fresh run starts a fresh log; a resumed one appends
     try:
         for step in range(start_step, steps):
-            step_loss, b = 0.0, None
+            step_loss, b, shown = 0.0, None, "all"
             for micro in range(accum):
                 _, batch = next(batches)
                 batch = _move(batch, device)
@@ -249,12 +249,14 @@ def train_adapter(
                 with context:
                     with autocast:
                         if adapter_config.prefix_loss:
+                            ranks = prefix_loss_ranks_for(adapter_config, config.seed, step, micro)
+                            shown = "+".join(map(str, ranks))
                             loss = prefix_loss(
                                 model,
                                 adapter_config,
                                 lambda batch=batch: ddp_model(**batch).loss,
                                 lambda batch=batch: model(**batch).loss,
-                                prefix_loss_ranks_for(adapter_config, config.seed, step, micro),
+                                ranks,
                             )
                         else:
                             loss = ddp_model(**batch).loss
@@ -286,7 +288,7 @@ def train_adapter(
             bar.update(1)
             bar.set_postfix(
                 loss=f"{step_loss:.4f}",
-                rank=b if b is not None else "all",
+                rank=b if b is not None else shown,
                 tok_s=f"{tokens * world / max(elapsed, 1e-9):.0f}",
             )
             if rank == 0 and (done % config.log_every == 0 or done == steps):
