@@ -24,6 +24,12 @@ GSM8K_ROWS = (
     "matryoshka_trained",
     "matryoshka_svd",
     "matryoshka_select",
+    "mat_prefix_trained",
+    "mat_prefix_svd",
+    "mat_prefix_select",
+    "mat_prefix1_trained",
+    "mat_prefix1_svd",
+    "mat_prefix1_select",
 )
 RESULTS = ROOT / "experiments" / "results"
 BENCHMARKS = ROOT / "BENCHMARKS.md"
@@ -85,7 +91,8 @@ GSM8K_COMMAND = (
     "--dataset ../shared/data/gsm8k --rows "
     + ",".join(GSM8K_ROWS)
     + " --lr matryoshka=8e-3,2e-3,1.6e-2 "
-    "--lr lora=8e-3,2e-3,2e-2 --lr dylora=8e-3,2e-3,2e-2 --lr lora_r=8e-3,2e-3,2e-2 --threads 1"
+    "--lr lora=8e-3,2e-3,2e-2 --lr dylora=8e-3,2e-3,2e-2 --lr lora_r=8e-3,2e-3,2e-2 "
+    "--lr mat_prefix=2e-3,8e-3 --lr mat_prefix1=2e-3,8e-3 --threads 1"
 )
 
 
