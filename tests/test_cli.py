@@ -701,6 +701,7 @@ def test_paper_recipes_follow_the_method(capsys):
         args = cli.parse_args(["train", "--config", str(RECIPES / name)])
         adapter, train = train_command.check_options(args)
         assert adapter.r in (32, 256) and adapter.scaling == "sqrt"
+        assert adapter.prefix_loss is False  # the authors' objective
         assert adapter.target_modules == train_command.DEFAULT_TARGETS.split(",")
         assert train.epochs == 3 and train.batch_size * train.gradient_accumulation_steps == 32
         assert train.learning_rate == 8e-5 and train.autocast_dtype == "bfloat16"

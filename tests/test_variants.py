@@ -188,7 +188,7 @@ def test_prefix_loss_is_the_mean_of_deployed_rank_losses_with_matching_gradient(
 
 def test_loop_and_trainer_use_the_prefix_loss(tmp_path):
     data = fixed_length_dataset(n=4)
-    model = trained_tiny(prefix_loss=True)
+    model = trained_tiny(prefix_loss=True, prefix_loss_sample=0)
     config = ml.get_config(model)
     batch = COLLATE(data)
     with torch.no_grad():
@@ -201,7 +201,7 @@ def test_loop_and_trainer_use_the_prefix_loss(tmp_path):
     result = train_adapter(model, data, train_config, COLLATE)
     assert result.losses[0] == pytest.approx(expected, rel=1e-5)
 
-    model = trained_tiny(prefix_loss=True)
+    model = trained_tiny(prefix_loss=True, prefix_loss_sample=0)
     args = TrainingArguments(
         output_dir=str(tmp_path / "trainer"), use_cpu=True, report_to=[], disable_tqdm=True
     )
@@ -265,7 +265,7 @@ def test_prefix_loss_sample_is_validated():
     config = ml.NestedLoraConfig(r=8, prefix_loss=True, prefix_loss_sample=2, target_modules=["q"])
     assert ml.NestedLoraConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="it needs prefix_loss=True"):
-        ml.NestedLoraConfig(r=8, prefix_loss_sample=1)
+        ml.NestedLoraConfig(r=8, prefix_loss=False, prefix_loss_sample=1)
     for bad in (4, -1, True, 1.0):  # S = {1, 2, 4, 8}: at most 3 ranks below R
         with pytest.raises(ValueError, match=r"prefix_loss_sample must be an integer in 0..3"):
             ml.NestedLoraConfig(r=8, prefix_loss=True, prefix_loss_sample=bad)
@@ -308,6 +308,42 @@ def test_sampled_prefix_loss_averages_the_full_rank_and_the_drawn_ranks(tmp_path
     assert trainer.state.log_history[0]["loss"] == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_prefix_loss_gradients_survive_gradient_checkpointing(reentrant):
+    """Checkpointed blocks are recomputed at the rank of their forward, not the final one."""
+    batch = batch_of()
+    grads = []
+    for checkpointing in (False, True):
+        model = trained_tiny(prefix_loss=True, prefix_loss_sample=0)
+        model.train()
+        if checkpointing:
+            model.activation_checkpointing_enable({"use_reentrant": reentrant})
+            model.enable_input_require_grads()
+        loss = prefix_loss(model, ml.get_config(model), lambda model=model: model(**batch).loss)
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_training_loss_follows_the_adapters_objective():
+    batch = batch_of()
+    model = trained_tiny()  # the default: R and one drawn rank
+    ranks = prefix_loss_ranks_for(ml.get_config(model), seed=3, step=5, micro_step=1)
+    with torch.no_grad():
+        expected = 0.0
+        for r in ranks:
+            with ml.at_rank(model, r):
+                expected += model(**batch).loss.item() / 2
+        loss = ml.training_loss(model, lambda: model(**batch).loss, step=5, micro_step=1, seed=3)
+    assert len(ranks) == 2 and loss.item() == pytest.approx(expected, rel=1e-6)
+    plain = trained_tiny(prefix_loss=False)
+    with torch.no_grad():
+        loss = ml.training_loss(plain, lambda: plain(**batch).loss)
+        assert loss.item() == pytest.approx(plain(**batch).loss.item(), rel=1e-6)
+
+
 # ----------------------------------------------------------------------------- presets
 def test_authors_preset_reproduces_the_papers_formulas():
     config = ml.NestedLoraConfig.from_preset("matryoshka-paper", r=8, target_modules=["q"])
@@ -338,4 +374,26 @@ def test_prefix_preset_turns_on_the_prefix_loss():
         True,
         "trained",
     )
-    assert config.replace(prefix_loss=False) == ml.NestedLoraConfig(r=8)
+    assert config.prefix_loss_sample == 0  # every train rank
+    plain = ml.NestedLoraConfig.from_preset("matryoshka-plain", r=8)
+    assert (plain.prefix_loss, plain.prefix_loss_sample) == (False, 0)
+    assert config.replace(prefix_loss=False) == plain
+
+
+def test_default_matryoshka_trains_the_sampled_prefix_loss():
+    """The research comparison's best variant is the default for method="matryoshka" only."""
+    config = ml.NestedLoraConfig(r=8)
+    assert (config.prefix_loss, config.prefix_loss_sample) == (True, 1)
+    assert ml.NestedLoraConfig.from_preset("matryoshka", r=8) == config
+    for method in ("lora", "dylora", "matryoshka_exact"):
+        other = ml.NestedLoraConfig(r=8, method=method)
+        assert (other.prefix_loss, other.prefix_loss_sample) == (False, 0)
+    assert config.replace(method="lora").prefix_loss is False  # derived again
+    assert config.replace(method="dylora").method == "dylora"  # no prefix-loss clash
+    assert ml.NestedLoraConfig(r=1).prefix_loss_sample == 0  # S = {1}: nothing to draw
+    # adapters saved before the option existed keep the objective they were trained with
+    old = config.to_dict()
+    del old["prefix_loss_sample"]
+    assert ml.NestedLoraConfig.from_dict(old).prefix_loss_sample == 0
+    del old["prefix_loss"]
+    assert ml.NestedLoraConfig.from_dict(old).prefix_loss is False

@@ -39,6 +39,7 @@ from .nesting import (  # noqa: E402
     rank_scale,
     training_p,
 )
+from .train.objective import training_loss  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -74,6 +75,7 @@ __all__ = [
     "set_inference_scale",
     "set_rank",
     "set_sampled_rank",
+    "training_loss",
     "training_p",
     "unmerge",
 ]

@@ -56,17 +56,23 @@ KIND_SETTINGS: dict[str, dict[str, Any]] = {
     "lora": {"method": "lora"},
     "lora_r": {"method": "lora"},
     "dylora": {"method": "dylora"},
-    "matryoshka": {"method": "matryoshka"},
+    # the authors' objective (the full adapter's loss), deployed with its trained scales
+    "matryoshka": {"method": "matryoshka", "prefix_loss": False},
     # P rescaled to LoRA's step size (so LoRA's learning rate applies)
-    "mat_rms": {"method": "matryoshka", "normalize": "rms"},
+    "mat_rms": {"method": "matryoshka", "normalize": "rms", "prefix_loss": False},
     # steeper P (s(r) = 1/r), at LoRA's step size
-    "mat_steep": {"method": "matryoshka", "scaling": "rank", "normalize": "rms"},
+    "mat_steep": {
+        "method": "matryoshka",
+        "scaling": "rank",
+        "normalize": "rms",
+        "prefix_loss": False,
+    },
     # rank sampling on top of P: half of the micro-batches train a sampled prefix
-    "mat_sampled": {"method": "matryoshka", "prefix_sampling": 0.5},
+    "mat_sampled": {"method": "matryoshka", "prefix_sampling": 0.5, "prefix_loss": False},
     # the prefix-loss objective (mean of the train ranks' losses)
-    "mat_prefix": {"method": "matryoshka", "prefix_loss": True},
+    "mat_prefix": {"method": "matryoshka", "prefix_loss": True, "prefix_loss_sample": 0},
     # the prefix loss over R and one rank drawn from S minus {R} per micro-batch:
-    # 2 forwards instead of |S|, the full adapter weighted 1/2
+    # 2 forwards instead of |S|, the full adapter weighted 1/2 (the library default)
     "mat_prefix1": {"method": "matryoshka", "prefix_loss": True, "prefix_loss_sample": 1},
 }
 VARIANT_KINDS = tuple(k for k in KIND_SETTINGS if k.startswith("mat_"))

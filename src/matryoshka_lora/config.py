@@ -62,16 +62,20 @@ class NestedLoraConfig:
             with its deployed scales) instead of the full adapter, i.e. DyLoRA's
             rank sampling on top of P. 0 (default) = plain MatryoshkaLoRA.
         prefix_loss: train on the mean of the losses of the deployed rank-r
-            adapters, r in S (Matryoshka representation learning's objective),
-            instead of the loss of the full adapter. Costs |S| forward passes
-            per micro-batch (the small prefixes' adapter part is sliced).
+            adapters (Matryoshka representation learning's objective) instead of
+            the loss of the full adapter alone. Default (None): True for
+            ``method="matryoshka"``, the best variant of the research comparison
+            (BENCHMARKS.md), False for the other methods. ``False`` trains the
+            authors' 1x objective (presets ``matryoshka-plain``, ``matryoshka-paper``).
         prefix_loss_sample: with ``prefix_loss``, the number k of ranks below R
             whose losses join the full adapter's at each micro-batch, drawn
             uniformly without replacement from S minus {R} (a new draw per
             micro-batch, a pure function of seed and step, like the rank
             samplers). The loss is the mean of the k + 1 losses, so the full
             adapter weighs 1/(k+1) and a micro-batch costs k + 1 forwards.
-            0 (default): every rank of S, every micro-batch.
+            0: every rank of S, every micro-batch (|S| forwards; preset
+            ``matryoshka-prefix``). Default (None): 1 with the prefix loss (2
+            forwards per micro-batch), 0 without.
         adapter_dtype: dtype of A and B, or None to follow the base weight;
             ``"float32"`` (default) keeps adapters in fp32 under a bf16/fp16
             base, like PEFT's ``autocast_adapter_dtype``.
@@ -101,13 +105,16 @@ class NestedLoraConfig:
     inference_scale: str | None = None
     dylora_update: str = "prefix"
     prefix_sampling: float = 0.0
-    prefix_loss: bool = False
-    prefix_loss_sample: int = 0
+    prefix_loss: bool | None = None
+    prefix_loss_sample: int | None = None
     adapter_dtype: str | None = "float32"
     base_model_name_or_path: str | None = None
 
     def _check_prefix_loss_sample(self) -> None:
-        k, below = self.prefix_loss_sample, len(self.train_ranks) - 1
+        below = len(self.train_ranks) - 1
+        if self.prefix_loss_sample is None:
+            self.prefix_loss_sample = min(1, below) if self.prefix_loss else 0
+        k = self.prefix_loss_sample
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= below:
             raise ValueError(
                 f"prefix_loss_sample must be an integer in 0..{below} (the train ranks below R, "
@@ -139,6 +146,8 @@ class NestedLoraConfig:
                 f"prefix_sampling applies to the Matryoshka methods; method {self.method!r} "
                 "trains without it (DyLoRA always samples): set prefix_sampling=0"
             )
+        if self.prefix_loss is None:
+            self.prefix_loss = self.method == "matryoshka"
         if not isinstance(self.prefix_loss, bool):
             raise ValueError(f"prefix_loss must be True or False, got {self.prefix_loss!r}")
         if self.prefix_loss and self.method == "dylora":
@@ -199,6 +208,12 @@ class NestedLoraConfig:
                 f"unknown adapter config keys {unknown}; known keys are {sorted(known)}"
             )
         data = dict(data)
+        if "prefix_loss" in data and "prefix_loss_sample" not in data:
+            # written before prefix_loss_sample existed: its prefix loss used every rank
+            data["prefix_loss_sample"] = 0
+        if "prefix_loss" not in data and "method" in data:
+            # written before the prefix loss existed: the plain objective
+            data["prefix_loss"] = False
         for key in ("train_ranks", "eval_ranks"):
             if data.get(key) is not None:
                 data[key] = tuple(data[key])
@@ -212,7 +227,16 @@ class NestedLoraConfig:
         return cls(**{**PRESETS[name], **overrides})
 
     def replace(self, **changes: Any) -> NestedLoraConfig:
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again).
+
+        The prefix-loss fields follow a changed method or prefix loss unless given:
+        a new ``method`` re-derives ``prefix_loss`` and ``prefix_loss_sample`` from
+        their defaults, a new ``prefix_loss`` re-derives ``prefix_loss_sample``.
+        """
+        if "method" in changes and "prefix_loss" not in changes:
+            changes["prefix_loss"] = None
+        if "prefix_loss" in changes and "prefix_loss_sample" not in changes:
+            changes["prefix_loss_sample"] = None
         return dataclasses.replace(self, **changes)
 
 
@@ -220,7 +244,13 @@ class NestedLoraConfig:
 # (MatryoshkaLoRA paper + IST-DASLab code): P of Algorithm 1 with sqrt scaling and
 # alpha = 1, no normalisation, A ~ U(+-1/sqrt(R)), deployed with P dropped and s(r).
 PRESETS: dict[str, dict[str, Any]] = {
+    # the library default: P, trained scales, and the sampled prefix loss (R plus one
+    # drawn rank of S per micro-batch: 2 forwards), the best variant in BENCHMARKS.md
     "matryoshka": {"method": "matryoshka"},
+    # the same adapter trained on the full adapter's loss alone (1x cost)
+    "matryoshka-plain": {"method": "matryoshka", "prefix_loss": False},
+    # the prefix loss over every rank of S (|S| forwards per micro-batch)
+    "matryoshka-prefix": {"method": "matryoshka", "prefix_loss": True, "prefix_loss_sample": 0},
     "matryoshka-paper": {
         "method": "matryoshka",
         "scaling": "sqrt",
@@ -232,9 +262,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "prefix_loss": False,
         "prefix_loss_sample": 0,
     },
-    # the best variant of the research comparison so far (BENCHMARKS.md): the prefix loss,
-    # |S| forward passes per micro-batch
-    "matryoshka-prefix": {"method": "matryoshka", "prefix_loss": True},
     "dylora-paper": {
         "method": "dylora",
         "scaling": "sqrt",

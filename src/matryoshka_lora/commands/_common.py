@@ -253,6 +253,8 @@ def convert_config_value(action: argparse.Action, key: str, value: Any, source: 
     """``value`` from a config file converted and checked like the option's command-line value."""
     where = f"config file {source}: key {key!r}"
     if action.nargs == 0:  # flags
+        if value is None and isinstance(action, argparse.BooleanOptionalAction):
+            return None  # the option's default
         if not isinstance(value, bool):
             raise CLIError(f"{where} must be true or false, got {value!r}")
         if isinstance(action, argparse.BooleanOptionalAction):

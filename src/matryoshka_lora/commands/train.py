@@ -221,17 +221,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument(
         "--prefix-loss",
         action=argparse.BooleanOptionalAction,
-        default=False,
-        help="train on the mean loss of the deployed rank-r adapters, r in the train ranks "
-        "(|S| forward passes per micro-batch)",
+        default=None,
+        help="train on the mean loss of the deployed rank-r adapters (default: on for "
+        "matryoshka, off for lora and dylora; --no-prefix-loss trains the authors' 1x objective)",
     )
     g.add_argument(
         "--prefix-loss-sample",
         type=int,
-        default=0,
+        default=None,
         metavar="K",
-        help="with --prefix-loss: average the full rank and K ranks drawn from the train ranks "
-        "below R at each micro-batch (K + 1 forward passes; default 0: every train rank)",
+        help="with the prefix loss: average the full rank and K ranks drawn from the train ranks "
+        "below R at each micro-batch (K + 1 forward passes; default 1; 0: every train rank)",
     )
     g.add_argument(
         "--dylora-update",
@@ -402,6 +402,8 @@ def resolved_options(args: argparse.Namespace, adapter) -> dict[str, Any]:
     del data["overwrite"]  # about this invocation, not the run: never replayed from the file
     data["train-ranks"] = list(adapter.train_ranks)
     data["eval-ranks"] = list(adapter.eval_ranks)
+    data["prefix-loss"] = adapter.prefix_loss  # the method's default, resolved
+    data["prefix-loss-sample"] = adapter.prefix_loss_sample
     if isinstance(adapter.target_modules, str):
         data["target-modules"], data["target-regex"] = None, adapter.target_modules
     else:

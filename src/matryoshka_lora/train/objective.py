@@ -19,12 +19,14 @@ Three ways to make every prefix of an adapter useful, all set in
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from ..config import NestedLoraConfig
+from ..layer import NestedLoraLinear
 from ..model import set_rank
 from ..sampling import RankSampler
 from ..sampling import prefix_loss_ranks as draw_prefix_loss_ranks
@@ -69,14 +71,93 @@ def prefix_loss(
     if not ranks or ranks[-1] != config.r:
         raise ValueError(f"the prefix loss's ranks must end with R = {config.r}, got {ranks}")
     total = None
-    try:
-        for r in ranks:  # sorted, ending with R
-            set_rank(model, r)
-            loss = full_loss() if r == config.r else compute_prefix()
-            total = loss if total is None else total + loss
-    finally:
-        set_rank(model, None)
+    with _recompute_at_forward_rank(model):
+        try:
+            for r in ranks:  # sorted, ending with R
+                set_rank(model, r)
+                loss = full_loss() if r == config.r else compute_prefix()
+                total = loss if total is None else total + loss
+        finally:
+            set_rank(model, None)
     return total / len(ranks)
+
+
+@contextmanager
+def _recompute_at_forward_rank(model: nn.Module) -> Iterator[None]:
+    """Make activation checkpointing recompute each block at the rank of its forward.
+
+    The prefix loss runs one graph through the model at several ranks; with
+    transformers' gradient checkpointing a block's forward is recomputed during
+    the backward, when the adapters are back at the full function. While this
+    context is open, every checkpointed block (a module with
+    ``gradient_checkpointing`` on) records the ranks of its adapters when it runs
+    and its recomputation runs at those ranks, for reentrant and non-reentrant
+    checkpointing alike.
+    """
+    patched: list[tuple[nn.Module, Callable]] = []
+    for module in model.modules():
+        checkpoint = getattr(module, "_gradient_checkpointing_func", None)
+        if not (getattr(module, "gradient_checkpointing", False) and callable(checkpoint)):
+            continue
+        layers = [m for m in module.modules() if isinstance(m, NestedLoraLinear)]
+        if not layers:
+            continue
+        patched.append((module, checkpoint))
+        module._gradient_checkpointing_func = _rank_pinning(checkpoint, layers)
+    try:
+        yield
+    finally:
+        for module, checkpoint in patched:
+            module._gradient_checkpointing_func = checkpoint
+
+
+def _rank_pinning(checkpoint: Callable, layers: list[NestedLoraLinear]) -> Callable:
+    """``checkpoint`` whose function always runs at the adapter ranks of the first call."""
+
+    def pinned_checkpoint(function: Callable, *args, **kwargs):
+        ranks = [layer.active_rank for layer in layers]
+
+        def at_forward_ranks(*a, **k):
+            current = [layer.active_rank for layer in layers]
+            for layer, rank in zip(layers, ranks, strict=True):
+                if layer.active_rank != rank:
+                    layer.set_rank(rank)
+            try:
+                return function(*a, **k)
+            finally:
+                for layer, rank in zip(layers, current, strict=True):
+                    if layer.active_rank != rank:
+                        layer.set_rank(rank)
+
+        return checkpoint(at_forward_ranks, *args, **kwargs)
+
+    return pinned_checkpoint
+
+
+def training_loss(
+    model: nn.Module,
+    compute_loss: Callable[[], torch.Tensor],
+    step: int = 0,
+    micro_step: int = 0,
+    seed: int = 0,
+) -> torch.Tensor:
+    """The loss ``model``'s adapter config trains, for a hand-written training loop.
+
+    ``compute_loss()`` runs the model on the batch and returns its loss. With
+    ``prefix_loss`` (the default for ``method="matryoshka"``) the result is the
+    mean of that loss at the ranks drawn for ``(seed, step, micro_step)``; else it
+    is ``compute_loss()`` of the full training function. (DyLoRA's and
+    ``prefix_sampling``'s sampled rank is set by a
+    :class:`~matryoshka_lora.sampling.RankSampler` before the forward.)
+    """
+    from ..model import get_config
+
+    config = get_config(model)
+    if not config.prefix_loss:
+        return compute_loss()
+    return prefix_loss(
+        model, config, compute_loss, ranks=prefix_loss_ranks_for(config, seed, step, micro_step)
+    )
 
 
 def prefix_loss_ranks_for(
@@ -88,4 +169,4 @@ def prefix_loss_ranks_for(
     )
 
 
-__all__ = ["prefix_loss", "prefix_loss_ranks_for", "rank_sampler_for"]
+__all__ = ["prefix_loss", "prefix_loss_ranks_for", "rank_sampler_for", "training_loss"]
