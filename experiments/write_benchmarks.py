@@ -91,7 +91,7 @@ GSM8K_COMMAND = (
     "--dataset ../shared/data/gsm8k --rows "
     + ",".join(GSM8K_ROWS)
     + " --lr matryoshka=8e-3,2e-3,1.6e-2 "
-    "--lr lora=8e-3,2e-3,2e-2 --lr dylora=8e-3,2e-3,2e-2 --lr lora_r=8e-3,2e-3,2e-2 "
+    "--lr lora=8e-3,2e-3,2e-2 --lr dylora=8e-3,2e-3,2e-2 --lr lora_r=2e-3 --lr lora_r:1=2e-3 "
     "--lr mat_prefix=2e-3,8e-3 --lr mat_prefix1=2e-3,8e-3 --threads 1"
 )
 

@@ -155,7 +155,7 @@ class ComparisonSpec:
             "mat_rms": [2e-3, 8e-3, 2e-2],
             "mat_steep": [2e-3, 8e-3, 2e-2],
             "mat_sampled": [2e-3, 8e-3, 1.6e-2],
-            "mat_prefix": [8e-3],
+            "mat_prefix": [4e-3, 8e-3],
             "mat_prefix1": [8e-3],
         }
     )
