@@ -308,6 +308,24 @@ def test_sampled_prefix_loss_averages_the_full_rank_and_the_drawn_ranks(tmp_path
     assert trainer.state.log_history[0]["loss"] == pytest.approx(expected, rel=1e-4)
 
 
+def test_trainer_compute_loss_outside_training_step_uses_the_first_draw(tmp_path):
+    """A direct compute_loss call (e.g. from a subclass) draws the ranks of step 0, micro-batch 0."""
+    batch = batch_of()
+    model = trained_tiny()  # the default: the sampled prefix loss
+    ranks = prefix_loss_ranks_for(ml.get_config(model), seed=7, step=0, micro_step=0)
+    with torch.no_grad():
+        expected = 0.0
+        for r in ranks:
+            with ml.at_rank(model, r):
+                expected += model(**batch).loss.item() / len(ranks)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to=[], disable_tqdm=True, seed=7
+    )
+    trainer = NestedLoraTrainer(model=model, args=args, data_collator=COLLATE)
+    model.train()
+    assert trainer.compute_loss(model, batch).item() == pytest.approx(expected, rel=1e-5)
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_prefix_loss_gradients_survive_gradient_checkpointing(reentrant):
     """Checkpointed blocks are recomputed at the rank of their forward, not the final one."""

@@ -57,7 +57,7 @@ class NestedLoraTrainer(Trainer):
             )
         self.rank_sampler = rank_sampler
         self.adapter_config = config
-        self._sampler_position = (-1, 0)  # (global step, micro-batches seen in it)
+        self._micro_batch_position = (-1, 0)  # (global step, micro-batches seen in it)
         self.sampled_ranks: list[tuple[int, int, int]] = []  # (step, micro, b), for inspection
         checkpointing = (
             getattr(self.args, "activation_checkpointing", False)
@@ -67,11 +67,17 @@ class NestedLoraTrainer(Trainer):
             # frozen embeddings: without this, checkpointed blocks would see no input requiring grad
             model.enable_input_require_grads()
 
+    def _current_micro_batch(self) -> tuple[int, int]:
+        """(global step, index of the micro-batch being trained in it); 0 before the first."""
+        step = self.state.global_step
+        last_step, seen = self._micro_batch_position
+        return step, (seen - 1 if step == last_step and seen else 0)
+
     def training_step(self, model: nn.Module, inputs, num_items_in_batch=None) -> torch.Tensor:
         step = self.state.global_step
-        last_step, seen = self._sampler_position
+        last_step, seen = self._micro_batch_position
         micro = seen if step == last_step else 0
-        self._sampler_position = (step, micro + 1)
+        self._micro_batch_position = (step, micro + 1)
         if self.rank_sampler is not None:
             b = self.rank_sampler.apply(self.model, step, micro)
             self.sampled_ranks.append((step, micro, b))
@@ -93,8 +99,9 @@ class NestedLoraTrainer(Trainer):
 
             return compute
 
-        step, seen = self._sampler_position  # training_step counted this micro-batch
-        ranks = prefix_loss_ranks_for(self.adapter_config, self.args.seed, step, seen - 1)
+        ranks = prefix_loss_ranks_for(
+            self.adapter_config, self.args.seed, *self._current_micro_batch()
+        )
         loss = prefix_loss(
             self._unwrapped(),
             self.adapter_config,
