@@ -119,19 +119,21 @@ def _rank_pinning(checkpoint: Callable, layers: list[NestedLoraLinear]) -> Calla
 
         def at_forward_ranks(*a, **k):
             current = [layer.active_rank for layer in layers]
-            for layer, rank in zip(layers, ranks, strict=True):
-                if layer.active_rank != rank:
-                    layer.set_rank(rank)
+            _set_ranks(layers, ranks)
             try:
                 return function(*a, **k)
             finally:
-                for layer, rank in zip(layers, current, strict=True):
-                    if layer.active_rank != rank:
-                        layer.set_rank(rank)
+                _set_ranks(layers, current)
 
         return checkpoint(at_forward_ranks, *args, **kwargs)
 
     return pinned_checkpoint
+
+
+def _set_ranks(layers: list[NestedLoraLinear], ranks: list[int | None]) -> None:
+    for layer, rank in zip(layers, ranks, strict=True):
+        if layer.active_rank != rank:
+            layer.set_rank(rank)
 
 
 def training_loss(
