@@ -1,12 +1,14 @@
 """Worker for the multi-process test: run under torchrun (or alone for the 1-process reference).
 
 usage: ddp_worker.py OUT_DIR METHOD BATCH_SIZE
-Trains a tiny Llama for a few steps with the plain loop and writes this process's
-final adapter tensors to OUT_DIR/rank<k>.safetensors.
+Trains a tiny Llama for a few steps with the plain loop, on examples of unequal
+lengths, and writes this process's final adapter tensors to
+OUT_DIR/rank<k>.safetensors and its logged losses to OUT_DIR/losses<k>.json.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -30,13 +32,29 @@ def fixed_length_dataset(n: int = 32, length: int = 12) -> list[dict]:
     return data
 
 
+def varied_length_dataset(n: int = 32) -> list[dict]:
+    """Counting sequences of 5..16 tokens whose prompts mask 1..4 of them: every
+    micro-batch holds a different number of target tokens."""
+    g = torch.Generator().manual_seed(11)
+    data = []
+    for i in range(n):
+        length = 5 + (7 * i) % 12
+        start = int(torch.randint(0, 80, (1,), generator=g))
+        prompt = 1 + i % 4
+        ids = [(start + j) % 97 for j in range(length)]
+        data.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return data
+
+
 def main() -> None:
     out_dir, method, batch_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
     torch.use_deterministic_algorithms(True)
     method, _, variant = method.partition(":")  # e.g. "matryoshka:prefix_loss"
     extra = {
         "": {},
+        "plain": {"prefix_loss": False},
         "prefix_loss": {"prefix_loss": True},
+        "prefix_loss_all": {"prefix_loss": True, "prefix_loss_sample": 0},
         "prefix_sampling": {"prefix_sampling": 0.5},
     }
     model = make_tiny_llama()
@@ -53,8 +71,10 @@ def main() -> None:
         progress=False,
         seed=3,
     )
-    train_adapter(model, fixed_length_dataset(), config, PaddingCollator(0), resume=False)
+    result = train_adapter(model, varied_length_dataset(), config, PaddingCollator(0), resume=False)
     rank = int(os.environ.get("RANK", "0"))
+    with open(os.path.join(out_dir, f"losses{rank}.json"), "w", encoding="utf-8") as fh:
+        json.dump(result.losses, fh)
     tensors = {k: v.detach().clone().contiguous() for k, v in ml.adapter_state_dict(model).items()}
     save_file(tensors, os.path.join(out_dir, f"rank{rank}.safetensors"))
     if torch.distributed.is_initialized():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -9,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, make_tiny_llama
-from ddp_worker import fixed_length_dataset
+from conftest import LLAMA_TARGETS, assert_tensors_close, make_tiny_llama
+from ddp_worker import fixed_length_dataset, varied_length_dataset
 from safetensors.torch import load_file
 
 import matryoshka_lora as ml
@@ -82,6 +83,95 @@ def test_gradient_accumulation_matches_big_batch(tmp_path):
     )
     for key, value in adapter(big).items():
         torch.testing.assert_close(adapter(small)[key], value, atol=1e-6, rtol=1e-5)
+
+
+UNEQUAL_LENGTH_VARIANTS = {
+    "plain": dict(method="matryoshka", prefix_loss=False),
+    "prefix_loss": dict(method="matryoshka", prefix_loss=True, prefix_loss_sample=0),
+    "lora": dict(method="lora"),
+    "dylora": dict(method="dylora"),
+}
+
+
+def one_batch_reference(model, data, lr, steps):
+    """The independent formulation: AdamW on the mean loss over all target tokens of
+    each global batch, the batch taken whole in one forward (no accumulation)."""
+    from transformers import get_linear_schedule_with_warmup
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    scheduler = get_linear_schedule_with_warmup(optimizer, 2, steps)
+    losses = []
+    for step in range(steps):
+        order = torch.randperm(
+            len(data), generator=torch.Generator().manual_seed(1 * 100_003 + 0)
+        ).tolist()
+        batch = COLLATE([data[i] for i in order[step * 8 : (step + 1) * 8]])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        targets = batch["labels"][:, 1:]
+        token_losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]),
+            targets.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        )
+        loss = token_losses / (targets != -100).sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("variant", sorted(UNEQUAL_LENGTH_VARIANTS))
+def test_accumulation_with_unequal_lengths_matches_one_batch(tmp_path, variant):
+    """8 examples as 1 x 8, 4 x 2 and 2 x 4 micro-batches: one update, the token mean's."""
+    data = varied_length_dataset()
+    spec = UNEQUAL_LENGTH_VARIANTS[variant]
+    per_step = dict(sampler_per="step")  # DyLoRA: one b for the whole global batch
+    runs = {}
+    for accum in (1, 2, 4):
+        model = fresh(**spec)
+        result = train_adapter(
+            model,
+            data,
+            cfg(
+                tmp_path,
+                f"a{accum}",
+                batch_size=8 // accum,
+                gradient_accumulation_steps=accum,
+                max_steps=4,
+                learning_rate=1e-2,
+                **per_step,
+            ),
+            COLLATE,
+        )
+        runs[accum] = (adapter(model), result.losses)
+    first = runs[1][0]
+    for accum in (2, 4):
+        assert_tensors_close(runs[accum][0], first)
+        torch.testing.assert_close(runs[accum][1], runs[1][1], atol=1e-6, rtol=1e-5)
+    if variant in ("plain", "lora"):  # one forward per step: an independent formulation
+        model = fresh(**spec)
+        reference_losses = one_batch_reference(model, data, 1e-2, 4)
+        assert_tensors_close(first, adapter(model))
+        torch.testing.assert_close(runs[1][1], reference_losses, atol=1e-6, rtol=1e-5)
+
+
+def test_unequal_length_data_exposes_the_plain_mean():
+    """The guard data: the micro-batches' target-token counts differ, so the mean of
+    their means is not the token mean (the accumulation test would see the old bug)."""
+    from matryoshka_lora.train.token_weights import count_loss_items
+
+    data = varied_length_dataset()
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(100_003)).tolist()
+    counts = [
+        count_loss_items(COLLATE([data[i] for i in order[k * 2 : (k + 1) * 2]]), shifted=True)
+        for k in range(4)
+    ]
+    assert len(set(counts)) > 1, counts
 
 
 class Crash(RuntimeError):
@@ -203,9 +293,17 @@ def test_bf16_autocast_training(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "method", ["matryoshka", "dylora", "matryoshka:prefix_loss", "matryoshka:prefix_sampling"]
+    "method",
+    [
+        "matryoshka",
+        "matryoshka:plain",
+        "dylora",
+        "matryoshka:prefix_loss_all",
+        "matryoshka:prefix_sampling",
+    ],
 )
 def test_two_process_ddp_matches_one_process(tmp_path, method):
+    """Unequal lengths: 2 processes x 2 examples equal 1 process x 4 (token-weighted)."""
     worker = Path(__file__).parent / "ddp_worker.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
     two = tmp_path / "two"
@@ -241,7 +339,13 @@ def test_two_process_ddp_matches_one_process(tmp_path, method):
     single = load_file(one / "rank0.safetensors")
     for key in single:
         assert torch.equal(r0[key], r1[key]), key  # every process holds the same adapter
-        torch.testing.assert_close(r0[key], single[key], atol=1e-5, rtol=1e-4)
+    assert_tensors_close(r0, single)
+    losses = [
+        json.loads((d / name).read_text())
+        for d, name in ((two, "losses0.json"), (two, "losses1.json"), (one, "losses0.json"))
+    ]
+    assert losses[0] == losses[1]  # every process logs the global batch's token mean
+    torch.testing.assert_close(losses[0], losses[2], atol=1e-6, rtol=1e-5)
     assert any(
         not torch.equal(single[k], torch.zeros_like(single[k]))
         for k in single

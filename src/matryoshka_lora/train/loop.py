@@ -13,6 +13,11 @@ Reproducibility: the data order of epoch ``e`` is a permutation seeded by
 (see :mod:`matryoshka_lora.sampling`), and checkpoints hold the RNG state, so a
 run resumed from a checkpoint ends bit-identical (on CPU, deterministic ops) to
 the uninterrupted run.
+
+Losses are token-weighted (:mod:`matryoshka_lora.train.token_weights`): the
+gradient of an optimizer step is that of the mean loss over all target tokens of
+its global batch, whatever its split into micro-batches and processes, and the
+logged loss is that mean.
 """
 
 from __future__ import annotations
@@ -37,6 +42,12 @@ from ..model import adapter_layers, get_config, set_sampled_rank
 from ..sampling import RankSampler
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .objective import prefix_loss, prefix_loss_ranks_for, rank_sampler_for
+from .token_weights import (
+    count_loss_items,
+    loss_shifts_labels,
+    micro_batch_weights,
+    sum_over_processes,
+)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -216,6 +227,7 @@ def train_adapter(
         else torch.autocast(device.type, enabled=False)
     )
     accum = config.gradient_accumulation_steps
+    shifted = loss_shifts_labels(model)
     batches = _micro_batches(dataset, collate, config, rank, world, start_step * accum)
     (output / "checkpoints").mkdir(parents=True, exist_ok=True)
     if rank == 0:
@@ -239,9 +251,10 @@ def train_adapter(
     try:
         for step in range(start_step, steps):
             step_loss, b, shown = 0.0, None, "all"
-            for micro in range(accum):
-                _, batch = next(batches)
-                batch = _move(batch, device)
+            micro_batches = [_move(next(batches)[1], device) for _ in range(accum)]
+            counts = [count_loss_items(batch, shifted) for batch in micro_batches]
+            weights = micro_batch_weights(counts, device)
+            for micro, batch in enumerate(micro_batches):
                 if sampler is not None:
                     b = sampler.apply(model, step, micro)
                 sync = micro == accum - 1 or world == 1
@@ -270,13 +283,14 @@ def train_adapter(
                             f"loss is {loss.item()} at step {step} (micro-batch {micro}); training stopped before "
                             f"the update, {where}. Lower the learning rate, enable gradient clipping or check the data."
                         )
-                    (loss / accum).backward()
-                step_loss += loss.item() / accum
+                    (loss * weights[micro]).backward()
+                step_loss += loss.item() * weights[micro] / world
                 tokens += (
                     int((batch["labels"] != -100).sum())
                     if "labels" in batch
                     else batch["input_ids"].numel()
                 )
+            step_loss = sum_over_processes(step_loss, device)
             if config.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
