@@ -138,3 +138,51 @@ def test_trainer_bf16_and_compile(tmp_path, extra):
     ml.load_adapter(reloaded, tmp_path / "opt" / "checkpoint-6")  # compiled model saved plain keys
     for key, value in ml.adapter_state_dict(reloaded).items():
         torch.testing.assert_close(value, after[key])
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"method": "matryoshka", "prefix_loss": False},
+        {"method": "matryoshka", "prefix_loss": True, "prefix_loss_sample": 0},
+        {"method": "dylora"},
+    ],
+    ids=["plain", "prefix_loss", "dylora"],
+)
+def test_trainer_accumulation_with_unequal_lengths_matches_one_batch(tmp_path, spec):
+    """``num_items_in_batch`` reaches every rank's loss: 4 x 2 examples equal 1 x 8."""
+    from conftest import assert_tensors_close
+    from ddp_worker import varied_length_dataset
+
+    runs = []
+    for batch, accum in ((8, 1), (2, 4)):
+        model = make_tiny_llama()
+        ml.attach(model, ml.NestedLoraConfig(r=8, target_modules=LLAMA_TARGETS, **spec))
+        args = TrainingArguments(
+            output_dir=str(tmp_path / f"b{batch}"),
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accum,
+            max_steps=3,
+            learning_rate=1e-2,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            seed=7,
+            data_seed=7,
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+        )
+        sampler = (
+            RankSampler(8, (1, 2, 4, 8), per="step", seed=7) if spec["method"] == "dylora" else None
+        )
+        trainer = NestedLoraTrainer(
+            model=model,
+            args=args,
+            train_dataset=varied_length_dataset(),
+            data_collator=PaddingCollator(0),
+            rank_sampler=sampler,
+        )
+        trainer.train()
+        runs.append(adapter(model))
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in runs[0].items() if "lora_B" in k)
+    assert_tensors_close(runs[1], runs[0])
