@@ -129,13 +129,47 @@ class NestedLoraLinear(nn.Module):
         p = training_p(
             self.method, self.max_rank, self.train_ranks, self.scaling, self.alpha, self.normalize
         )
-        self.train_p = p.to(dtype=self._p_dtype, device=self.train_p.device)
         # w_r of the masked-sum oracle: the normalisations rescale the whole P by one factor
         self._masked_sum_weight = float(p[0]) / sum(
             rank_scale(r, self.scaling, self.alpha) for r in self.train_ranks
         )
-        self.set_rank(self.active_rank)
-        self.set_sampled_rank(self.sampled_rank)
+        self._recompute_scales()
+
+    def _recompute_scales(self) -> None:
+        """Recompute the scale buffers (P, the active and the sampled rank's scales) from the config.
+
+        They are a function of the config, never state: they are not saved, and
+        they are rebuilt here on the device the buffers are on.
+        """
+        device = self.train_p.device
+        self.train_p = training_p(
+            self.method, self.max_rank, self.train_ranks, self.scaling, self.alpha, self.normalize
+        ).to(dtype=self._p_dtype, device=device)
+        self.rank_p = (
+            self.deployed_scales(self.active_rank).to(device=device)
+            if self.active_rank is not None
+            else self.rank_p.new_empty(0, dtype=self._p_dtype)
+        )
+        self.sampled_p = (
+            self.deployed_scales(self.sampled_rank).to(device=device)
+            if self.sampled_rank is not None and self.method != "dylora"
+            else self.sampled_p.new_empty(0, dtype=self._p_dtype)
+        )
+        if self.example_scales is not None:
+            self.example_scales = self.example_scales.to(device=device, dtype=self._p_dtype)
+
+    def _apply(self, fn, recurse: bool = True):
+        """Move or cast like any module, then rebuild the scale buffers from the config.
+
+        ``to_empty`` (meta-device initialisation, as big-model loading and FSDP
+        use) leaves buffers uninitialised, and a cast would round P computed in
+        another precision: after any ``.to`` / ``.double()`` / ``to_empty`` the
+        scales are recomputed, in fp64 for an fp64 adapter and fp32 otherwise.
+        """
+        super()._apply(fn, recurse)
+        self._p_dtype = torch.float64 if self.lora_A.dtype == torch.float64 else torch.float32
+        self._recompute_scales()
+        return self
 
     # ------------------------------------------------------------------ setup
     def reset_adapter_parameters(self) -> None:
