@@ -3,8 +3,17 @@
 No pickles. Each file is written to a temporary name in the target folder,
 flushed to disk and renamed over the old one (``os.replace`` is atomic), weights
 first and config last. The config records the SHA-256 of the weights file, so a
-crash between the two renames, a truncated copy or flipped bytes are all
-detected at load time instead of silently loading wrong weights.
+truncated copy or flipped bytes are detected at load time instead of silently
+loading wrong weights. While a save replaces the weights of an existing adapter,
+the old weights stay reachable under a second name (a hard link) until the new
+config is in place: a process killed between the two renames leaves the previous
+adapter loadable, and the next save removes what the killed one left behind.
+
+The weights file's metadata records the config too. ``adapter_config.json`` is
+checked against it at every load: the fields that define the trained function
+or its training recipe must agree, and only the fields of
+:data:`EDITABLE_FIELDS` (how the adapter is deployed and described) may be
+edited by hand.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -34,8 +43,12 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
 FORMAT_NAME = "matryoshka-lora"
 FORMAT_VERSION = 1
+PREVIOUS_WEIGHTS_NAME = f".{WEIGHTS_NAME}.previous"
 # Fields that define the trained function; a checkpoint and a model must agree on them.
 _IDENTITY_FIELDS = ("r", "method", "train_ranks", "scaling", "alpha", "normalize", "target_modules")
+# Fields of adapter_config.json a user may edit: the deployed scale rule, the ranks to
+# evaluate and the base model's name. Every other field must equal the weights' record.
+EDITABLE_FIELDS = ("inference_scale", "eval_ranks", "base_model_name_or_path")
 
 
 @contextmanager
@@ -129,37 +142,89 @@ def _module_table(model: nn.Module) -> dict[str, dict[str, Any]]:
     }
 
 
+def _remove_interrupted_save(directory: Path) -> None:
+    """Remove the temporary and previous-weights files a killed save left in ``directory``."""
+    for name in (f".{WEIGHTS_NAME}.", f".{CONFIG_NAME}."):
+        for leftover in directory.glob(f"{name}*.tmp"):
+            leftover.unlink(missing_ok=True)
+    (directory / PREVIOUS_WEIGHTS_NAME).unlink(missing_ok=True)
+
+
+def _keep_previous(weights_path: Path, previous: Path) -> None:
+    """Make the current weights reachable as ``previous`` too (a hard link, else a copy)."""
+    try:
+        os.link(weights_path, previous)
+    except OSError:
+        shutil.copyfile(weights_path, previous)
+
+
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Save the model's adapter (config and A/B tensors only, never base weights)."""
+    """Save the model's adapter (config and A/B tensors only, never base weights).
+
+    ``directory`` is a folder (created if needed); files other than the adapter's
+    two are left alone, so a training checkpoint can hold the adapter beside its
+    optimizer state.
+    """
     config = get_config(model)
     layers = adapter_layers(model)
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(
+            f"{directory} is a file, not a folder: save_adapter writes {CONFIG_NAME} and "
+            f"{WEIGHTS_NAME} into a folder; pass a folder path (it is created if needed)"
+        )
     directory.mkdir(parents=True, exist_ok=True)
+    _remove_interrupted_save(directory)
     tensors = {
         f"{name}.{key}": tensor
         for name, layer in layers.items()
         for key, tensor in layer.adapter_parameters().items()
     }
     weights_path = directory / WEIGHTS_NAME
-    atomic_save_safetensors(
-        tensors, weights_path, metadata={"format": FORMAT_NAME, "config": config.to_json()}
-    )
-    payload = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "library_version": __version__,
-        **config.to_dict(),
-        "modules": _module_table(model),
-        "weights_file": WEIGHTS_NAME,
-        "weights_sha256": file_sha256(weights_path),
-    }
-    atomic_write_text(directory / CONFIG_NAME, json.dumps(payload, indent=2, sort_keys=True))
+    previous = directory / PREVIOUS_WEIGHTS_NAME
+    if weights_path.is_file() and (directory / CONFIG_NAME).is_file():
+        _keep_previous(weights_path, previous)
+    try:
+        atomic_save_safetensors(
+            tensors, weights_path, metadata={"format": FORMAT_NAME, "config": config.to_json()}
+        )
+        payload = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "library_version": __version__,
+            **config.to_dict(),
+            "modules": _module_table(model),
+            "weights_file": WEIGHTS_NAME,
+            "weights_sha256": file_sha256(weights_path),
+        }
+        atomic_write_text(directory / CONFIG_NAME, json.dumps(payload, indent=2, sort_keys=True))
+    finally:
+        previous.unlink(missing_ok=True)
     return directory
 
 
 def read_adapter_config(directory: str | os.PathLike) -> tuple[NestedLoraConfig, dict[str, Any]]:
-    """Parse and validate ``adapter_config.json``; returns the config and the raw payload."""
-    path = Path(directory) / CONFIG_NAME
+    """Parse and validate ``adapter_config.json``; returns the config and the raw payload.
+
+    The config is checked against the one recorded in the weights file (when the
+    weights are there): a field outside :data:`EDITABLE_FIELDS` that differs is
+    refused with an :class:`AdapterCheckpointError` naming it and both values.
+    """
+    config, payload, _ = _read_verified(Path(directory))
+    return config, payload
+
+
+def _read_verified(directory: Path) -> tuple[NestedLoraConfig, dict[str, Any], Path | None]:
+    """The config, the payload and the weights file that matches them (None if absent)."""
+    config, payload = _parse_config_file(directory)
+    weights = _matching_weights_file(directory, payload)
+    if weights is not None:
+        _check_against_weights_record(config, weights, directory)
+    return config, payload, weights
+
+
+def _parse_config_file(directory: Path) -> tuple[NestedLoraConfig, dict[str, Any]]:
+    path = directory / CONFIG_NAME
     if not path.is_file():
         raise AdapterCheckpointError(
             f"{path} not found: {directory} is not a saved matryoshka-lora adapter"
@@ -180,24 +245,70 @@ def read_adapter_config(directory: str | os.PathLike) -> tuple[NestedLoraConfig,
             f"{path} has format version {payload['format_version']}, newer than this library supports "
             f"({FORMAT_VERSION}); upgrade matryoshka-lora"
         )
-    fields = {k: v for k, v in payload.items() if k in NestedLoraConfig.__dataclass_fields__}
+    return _config_from_fields(payload, path), payload
+
+
+def _config_from_fields(fields: dict[str, Any], origin: Path) -> NestedLoraConfig:
+    known = {k: v for k, v in fields.items() if k in NestedLoraConfig.__dataclass_fields__}
     try:
-        config = NestedLoraConfig.from_dict(fields)
-    except ValueError as err:
-        raise AdapterCheckpointError(f"{path} holds an invalid config: {err}") from err
-    return config, payload
+        return NestedLoraConfig.from_dict(known)
+    except (ValueError, TypeError) as err:
+        raise AdapterCheckpointError(f"{origin} holds an invalid config: {err}") from err
 
 
-def _read_weights(directory: Path, payload: dict[str, Any]) -> dict[str, torch.Tensor]:
+def _matching_weights_file(directory: Path, payload: dict[str, Any]) -> Path | None:
+    """The weights file whose SHA-256 is the one the config records.
+
+    That is the weights file itself, or, after a save killed between replacing
+    the weights and replacing the config, the previous weights it kept.
+    """
     path = directory / payload.get("weights_file", WEIGHTS_NAME)
     if not path.is_file():
-        raise AdapterCheckpointError(f"{path} not found: the adapter folder is incomplete")
+        return None
     expected = payload.get("weights_sha256")
-    if expected is not None and file_sha256(path) != expected:
-        raise AdapterCheckpointError(
-            f"{path} is corrupted or truncated (SHA-256 differs from the one recorded in {CONFIG_NAME}); "
-            "restore it from a good copy or re-save the adapter"
+    if expected is None or file_sha256(path) == expected:
+        return path
+    previous = directory / PREVIOUS_WEIGHTS_NAME
+    if previous.is_file() and file_sha256(previous) == expected:
+        warnings.warn(
+            f"a save into {directory} was interrupted before its config was written: "
+            "loading the previous adapter, which the config describes",
+            stacklevel=3,
         )
+        return previous
+    raise AdapterCheckpointError(
+        f"{path} is corrupted or truncated (SHA-256 differs from the one recorded in {CONFIG_NAME}); "
+        "restore it from a good copy or re-save the adapter"
+    )
+
+
+def _check_against_weights_record(config: NestedLoraConfig, weights: Path, directory: Path) -> None:
+    """Refuse a hand-edited field of ``adapter_config.json`` that changes the adapter."""
+    try:
+        with safe_open(weights, framework="pt") as handle:
+            recorded = (handle.metadata() or {}).get("config")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterCheckpointError(
+            f"{weights} could not be read as safetensors ({err}); the file is corrupted"
+        ) from err
+    if recorded is None:
+        return  # written without a record: nothing to compare against
+    saved = _config_from_fields(json.loads(recorded), weights).to_dict()
+    edited = config.to_dict()
+    differences = [
+        f"{field}: {CONFIG_NAME} says {edited[field]!r}, the weights were saved with {saved[field]!r}"
+        for field in edited
+        if field not in EDITABLE_FIELDS and edited[field] != saved[field]
+    ]
+    if differences:
+        raise AdapterCheckpointError(
+            f"{directory / CONFIG_NAME} does not match the config recorded with its weights "
+            f"({'; '.join(differences)}). Only {', '.join(EDITABLE_FIELDS)} may be edited; "
+            "restore the other fields, or re-save the adapter from a model attached with the new config"
+        )
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as err:
@@ -219,11 +330,15 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
 
     Refuses, with an :class:`AdapterCheckpointError` that lists what differs, a
     checkpoint whose config (R, S, scaling, alpha, normalize, method, targets),
-    module names or shapes do not match the model.
+    module names or shapes do not match the model, and an ``adapter_config.json``
+    edited outside :data:`EDITABLE_FIELDS` (see :func:`read_adapter_config`).
     """
     directory = Path(directory)
-    saved_config, payload = read_adapter_config(directory)
-    tensors = _read_weights(directory, payload)
+    saved_config, payload, weights = _read_verified(directory)
+    if weights is None:
+        missing = directory / payload.get("weights_file", WEIGHTS_NAME)
+        raise AdapterCheckpointError(f"{missing} not found: the adapter folder is incomplete")
+    tensors = _read_weights(weights)
     attached_here = not adapter_layers(model)
     if not attached_here:
         diffs = _config_differences(saved_config, get_config(model))

@@ -1,0 +1,125 @@
+"""Verified loads: adapter_config.json against the config recorded with the weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+from test_io import all_rank_logits, trained_llama
+
+import matryoshka_lora as ml
+from matryoshka_lora import io as mlio
+from matryoshka_lora.cli import main as cli_main
+
+# each edit makes a valid config that is not the one the weights were trained with
+TAMPERED = {
+    "r": {"r": 16, "train_ranks": [1, 2, 4, 8, 16], "eval_ranks": [1, 2, 4, 8, 16]},
+    "method": {"method": "lora"},
+    "train_ranks": {"train_ranks": [1, 8]},
+    "scaling": {"scaling": "rank"},
+    "alpha": {"alpha": 2.0},
+    "normalize": {"normalize": "mean"},
+    "target_modules": {"target_modules": ["q_proj", "v_proj"]},
+    "dropout": {"dropout": 0.1},
+    "init_a": {"init_a": "authors"},
+    "dylora_update": {"dylora_update": "last"},
+    "prefix_sampling": {"prefix_sampling": 0.5},
+    "prefix_loss": {"prefix_loss": False, "prefix_loss_sample": 0},
+    "prefix_loss_sample": {"prefix_loss_sample": 0},
+    "adapter_dtype": {"adapter_dtype": "bfloat16"},
+}
+
+
+def edit_config(folder, changes):
+    path = folder / "adapter_config.json"
+    payload = json.loads(path.read_text())
+    payload.update(changes)
+    path.write_text(json.dumps(payload))
+
+
+@pytest.mark.parametrize("field", sorted(TAMPERED))
+def test_tampered_field_is_refused_naming_it_and_both_values(tmp_path, field, capsys):
+    model = trained_llama()
+    ml.save_adapter(model, tmp_path)
+    saved = ml.get_config(model).to_dict()
+    edit_config(tmp_path, TAMPERED[field])
+    ml.NestedLoraConfig.from_dict(  # the edited config is valid on its own
+        {**saved, **{k: tuple(v) if isinstance(v, list) else v for k, v in TAMPERED[field].items()}}
+    )
+    for changed, value in TAMPERED[field].items():
+        if changed == "eval_ranks":
+            continue
+        pattern = rf"{changed}: adapter_config.json says {value!r}.*saved with {saved[changed]!r}"
+        with pytest.raises(ml.AdapterCheckpointError, match=pattern.replace("[", r"\[")):
+            ml.load_adapter(make_tiny_llama(), tmp_path)
+        with pytest.raises(ml.AdapterCheckpointError, match=pattern.replace("[", r"\[")):
+            ml.read_adapter_config(tmp_path)
+    assert cli_main(["info", str(tmp_path)]) == 2  # info refuses it the same way
+    err = capsys.readouterr().err
+    assert field in err and "does not match the config recorded with its weights" in err
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"inference_scale": "paper"},
+        {"eval_ranks": [1, 8]},
+        {"base_model_name_or_path": "elsewhere"},
+    ],
+)
+def test_editable_fields_load_and_take_effect(tmp_path, input_ids, changes):
+    model = trained_llama()
+    ml.save_adapter(model, tmp_path)
+    edit_config(tmp_path, changes)
+    loaded = make_tiny_llama()
+    ml.load_adapter(loaded, tmp_path)
+    config = ml.get_config(loaded)
+    for key, value in changes.items():
+        assert getattr(config, key) == (tuple(value) if isinstance(value, list) else value)
+    if "inference_scale" in changes:
+        ml.set_inference_scale(model, "paper")
+    want, got = all_rank_logits(model, input_ids), all_rank_logits(loaded, input_ids)
+    for rank, logits in want.items():
+        torch.testing.assert_close(got[rank], logits, atol=0, rtol=0)
+
+
+def test_save_is_refused_on_a_file_path(tmp_path):
+    target = tmp_path / "adapter"
+    target.write_text("not a folder")
+    with pytest.raises(ValueError, match="is a file, not a folder.*pass a folder path"):
+        ml.save_adapter(trained_llama(), target)
+    assert target.read_text() == "not a folder"
+
+
+def test_save_interrupted_between_weights_and_config_loads_the_previous_adapter(
+    tmp_path, input_ids
+):
+    """The state a kill between the two renames leaves: new weights, old config, and the
+    previous weights still linked under their second name."""
+    old, new = trained_llama(), trained_llama(scaling="rank")
+    with torch.no_grad():
+        for layer in ml.adapter_layers(new).values():
+            layer.lora_B.mul_(-2)
+    ml.save_adapter(old, tmp_path / "old")
+    ml.save_adapter(new, tmp_path / "new")
+    folder = tmp_path / "interrupted"
+    folder.mkdir()
+    shutil.copy(tmp_path / "old" / mlio.CONFIG_NAME, folder / mlio.CONFIG_NAME)
+    shutil.copy(tmp_path / "old" / mlio.WEIGHTS_NAME, folder / mlio.PREVIOUS_WEIGHTS_NAME)
+    shutil.copy(tmp_path / "new" / mlio.WEIGHTS_NAME, folder / mlio.WEIGHTS_NAME)
+    loaded = make_tiny_llama()
+    with pytest.warns(UserWarning, match="interrupted before its config was written"):
+        ml.load_adapter(loaded, folder)
+    want, got = all_rank_logits(old, input_ids), all_rank_logits(loaded, input_ids)
+    for rank, logits in want.items():
+        torch.testing.assert_close(got[rank], logits, atol=0, rtol=0)
+    ml.save_adapter(new, folder)  # the next save clears what the interrupted one left
+    assert sorted(p.name for p in folder.iterdir()) == sorted([mlio.CONFIG_NAME, mlio.WEIGHTS_NAME])
+    again = make_tiny_llama()
+    ml.load_adapter(again, folder)
+    torch.testing.assert_close(
+        all_rank_logits(again, input_ids)[None], all_rank_logits(new, input_ids)[None]
+    )
