@@ -522,7 +522,11 @@ def test_bad_input_is_one_line_before_loading_a_model(
 @pytest.mark.parametrize(
     "text, needles",
     [
-        ("r: 4\nlearning-rate: 0.1\n", ["unknown key 'learning-rate'"]),
+        (
+            "r: 4\nlearning-rat: 0.1\n",
+            ["unknown key 'learning-rat'", "did you mean 'learning-rate'"],
+        ),
+        ("lr: 0.1\nlearning_rate: 0.1\n", ["option 'learning_rate' is given twice"]),
         ("r: 4\nlr_rate: 0.1\n", ["unknown key 'lr_rate'", "did you mean"]),
         ("r: -1\n", ["key 'r'", "must be >= 1"]),
         ("method: bogus\n", ["key 'method'", "invalid choice"]),
@@ -651,6 +655,16 @@ def test_cli_flags_override_the_config_file(tmp_path):
     adapter, train = train_command.check_options(args)
     assert adapter.target_modules == ".*v_proj" and train.learning_rate == 0.5
     assert train.autocast_dtype is None
+
+
+def test_config_file_takes_the_learning_rate_by_its_long_name(tmp_path):
+    for key in ("learning_rate", "learning-rate"):
+        path = tmp_path / "c.yaml"
+        path.write_text(f"model: m\ndataset: d\n{key}: 0.25\n")
+        args = cli.parse_args(["train", "--config", str(path)])
+        assert train_command.check_options(args)[1].learning_rate == 0.25
+    args = cli.parse_args(["train", "--model", "m", "--dataset", "d", "--learning-rate", "0.5"])
+    assert args.lr == 0.5
 
 
 def test_json_config_and_repeatable_options(tmp_path):

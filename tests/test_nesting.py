@@ -143,3 +143,8 @@ def test_config_json_round_trip():
     assert again == config
     with pytest.raises(ValueError, match="unknown adapter config keys \\['rank'\\]"):
         NestedLoraConfig.from_dict({"rank": 8})
+
+
+def test_unknown_config_key_suggests_the_close_one():
+    with pytest.raises(ValueError, match=r"did you mean 'scaling' for 'scalling'"):
+        NestedLoraConfig.from_dict({"r": 4, "scalling": "sqrt"})

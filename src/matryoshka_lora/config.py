@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -204,8 +205,15 @@ class NestedLoraConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
+            hints = [
+                f"{close[0]!r} for {key!r}"
+                for key in unknown
+                for close in [difflib.get_close_matches(key, sorted(known), n=1)]
+                if close
+            ]
+            hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
             raise ValueError(
-                f"unknown adapter config keys {unknown}; known keys are {sorted(known)}"
+                f"unknown adapter config keys {unknown}{hint}; known keys are {sorted(known)}"
             )
         data = dict(data)
         if "prefix_loss" in data and "prefix_loss_sample" not in data:

@@ -253,7 +253,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=positive_float, default=1e-4, help="AdamW learning rate")
+    g.add_argument(
+        "--lr", "--learning-rate", type=positive_float, default=1e-4, help="AdamW learning rate"
+    )
     g.add_argument(
         "--weight-decay", type=non_negative_float, default=0.0, help="AdamW weight decay"
     )
