@@ -273,7 +273,7 @@ def _matching_weights_file(directory: Path, payload: dict[str, Any]) -> Path | N
         warnings.warn(
             f"a save into {directory} was interrupted before its config was written: "
             "loading the previous adapter, which the config describes",
-            stacklevel=3,
+            stacklevel=4,
         )
         return previous
     raise AdapterCheckpointError(

@@ -4,7 +4,9 @@ Layout of one checkpoint folder ``checkpoints/step-000120/``::
 
     adapter/adapter_config.json, adapter/adapter.safetensors   (save_adapter)
     optimizer.safetensors      optimizer state tensors, keyed state.<param index>.<name>,
-                               plus the RNG states (rng.torch_cpu, rng.cuda.<i>)
+                               plus every process's RNG states (rng.process<k>.torch_cpu,
+                               rng.process<k>.cuda.<i>): under DDP each process draws its
+                               own dropout masks, on batches of its own shapes
     training_state.json        step, optimizer param groups and scalar state, scheduler,
                                sampler, and anything else the loop records
 
@@ -20,10 +22,12 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
 from torch import nn
 
@@ -62,6 +66,7 @@ def optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) 
 
 
 def rng_tensors() -> dict[str, torch.Tensor]:
+    """This process's RNG states: ``rng.torch_cpu`` and ``rng.cuda.<i>``."""
     tensors = {"rng.torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -69,7 +74,39 @@ def rng_tensors() -> dict[str, torch.Tensor]:
     return tensors
 
 
-def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
+def process_rng_tensors() -> dict[str, torch.Tensor]:
+    """Every process's RNG states, keyed ``rng.process<k>.<name>``.
+
+    A collective under ``torch.distributed``: every process must call it.
+    """
+    mine = {name.removeprefix("rng."): t.cpu() for name, t in rng_tensors().items()}
+    if dist.is_initialized():
+        states: list[dict[str, torch.Tensor] | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(states, mine)
+    else:
+        states = [mine]
+    return {
+        f"rng.process{k}.{name}": tensor
+        for k, state in enumerate(states)
+        for name, tensor in state.items()
+    }
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], process: int = 0) -> None:
+    """Restore process ``process``'s RNG states (from a single-state checkpoint: that one)."""
+    prefix = f"rng.process{process}."
+    if any(k.startswith("rng.process") for k in tensors):
+        if not any(k.startswith(prefix) for k in tensors):
+            warnings.warn(
+                f"the checkpoint holds no RNG state for process {process} (it was written by "
+                "fewer processes): using process 0's, so dropout masks differ from an "
+                "uninterrupted run",
+                stacklevel=2,
+            )
+            prefix = "rng.process0."
+        tensors = {
+            "rng." + k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)
+        }
     if "rng.torch_cpu" in tensors:
         torch.set_rng_state(tensors["rng.torch_cpu"])
     cuda = sorted(k for k in tensors if k.startswith("rng.cuda."))
@@ -98,8 +135,15 @@ def save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     extra: dict[str, Any],
     keep: int | None = None,
+    rng: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write checkpoint ``step-<step>`` atomically; keep only the newest ``keep`` ones."""
+    """Write checkpoint ``step-<step>`` atomically; keep only the newest ``keep`` ones.
+
+    ``rng``: the RNG states to record (default: this process's, as process 0's),
+    e.g. every process's from :func:`process_rng_tensors`.
+    """
+    if rng is None:
+        rng = {f"rng.process0.{k.removeprefix('rng.')}": v for k, v in rng_tensors().items()}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step-{step:06d}"
@@ -107,7 +151,7 @@ def save_checkpoint(
     try:
         save_adapter(model, staging / "adapter")
         tensors, meta = optimizer_to_flat(optimizer)
-        atomic_save_safetensors({**tensors, **rng_tensors()}, staging / "optimizer.safetensors")
+        atomic_save_safetensors({**tensors, **rng}, staging / "optimizer.safetensors")
         state = {
             "step": step,
             "optimizer": meta,
@@ -132,8 +176,12 @@ def load_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    process: int = 0,
 ) -> dict[str, Any]:
-    """Restore adapter, optimizer, scheduler and RNG from ``path``; returns the JSON state."""
+    """Restore adapter, optimizer, scheduler and process ``process``'s RNG from ``path``.
+
+    Returns the JSON state.
+    """
     path = Path(path)
     state = json.loads((path / "training_state.json").read_text(encoding="utf-8"))
     load_adapter(model, path / "adapter")
@@ -141,5 +189,5 @@ def load_checkpoint(
     optimizer.load_state_dict(optimizer_from_flat(tensors, state["optimizer"]))
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
-    restore_rng(tensors)
+    restore_rng(tensors, process)
     return state

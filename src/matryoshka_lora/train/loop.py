@@ -40,7 +40,12 @@ from tqdm.auto import tqdm
 from ..io import atomic_write_text, save_adapter
 from ..model import adapter_layers, get_config, set_sampled_rank
 from ..sampling import RankSampler
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    process_rng_tensors,
+    save_checkpoint,
+)
 from .objective import prefix_loss, prefix_loss_ranks_for, rank_sampler_for
 from .token_weights import (
     count_loss_items,
@@ -204,7 +209,7 @@ def train_adapter(
     elif resume:
         resume_path = Path(resume)
     if resume_path is not None:
-        state = load_checkpoint(resume_path, model, optimizer, scheduler)
+        state = load_checkpoint(resume_path, model, optimizer, scheduler, process=rank)
         start_step = resumed_from = state["step"]
         losses = state.get("losses", [])
         if (
@@ -319,6 +324,7 @@ def train_adapter(
                         + "\n"
                     )
             if config.save_every and done % config.save_every == 0 and done < steps:
+                rng_states = process_rng_tensors()  # a collective: every process takes part
                 if rank == 0:
                     last_good = save_checkpoint(
                         checkpoints,
@@ -328,6 +334,7 @@ def train_adapter(
                         scheduler,
                         {"losses": losses, "sampler": sampler.state_dict() if sampler else None},
                         keep=config.keep_checkpoints,
+                        rng=rng_states,
                     )
                 if world > 1:
                     dist.barrier()
