@@ -1,15 +1,14 @@
 """matryoshka-lora: nested-rank LoRA adapters usable at every rank r <= R.
 
 One layer implements LoRA, DyLoRA and MatryoshkaLoRA (a fixed diagonal P
-between the LoRA factors); see ``shared/method.md`` for the specification.
+between the LoRA factors); see ``docs/method.md`` for the specification.
 """
 
-__version__ = "0.1.0"
-
-from .config import PRESETS, NestedLoraConfig  # noqa: E402
-from .io import AdapterCheckpointError, load_adapter, read_adapter_config, save_adapter  # noqa: E402
-from .layer import NestedAdapter, NestedLoraLinear  # noqa: E402
-from .model import (  # noqa: E402
+from ._version import __version__
+from .config import PRESETS, NestedLoraConfig
+from .io import AdapterCheckpointError, load_adapter, read_adapter_config, save_adapter
+from .layer import NestedAdapter, NestedLoraLinear
+from .model import (
     adapter_layers,
     adapter_state_dict,
     adapters_disabled,
@@ -30,7 +29,7 @@ from .model import (  # noqa: E402
     set_sampled_rank,
     unmerge,
 )
-from .nesting import (  # noqa: E402
+from .nesting import (
     dylora_p,
     inference_p,
     lora_p,
@@ -39,7 +38,7 @@ from .nesting import (  # noqa: E402
     rank_scale,
     training_p,
 )
-from .train.objective import training_loss  # noqa: E402
+from .train.objective import training_loss
 
 __all__ = [
     "__version__",

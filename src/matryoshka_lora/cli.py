@@ -16,7 +16,7 @@ import argparse
 import sys
 from typing import Any, NoReturn
 
-from . import __version__
+from ._version import __version__
 from .commands import evaluate, export, info, train
 from .commands._common import HelpFormatter, config_file_defaults, one_line
 from .config import PRESETS

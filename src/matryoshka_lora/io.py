@@ -35,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .config import NestedLoraConfig
 from .model import adapter_layers, attach, detach, get_config
 

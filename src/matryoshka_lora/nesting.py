@@ -1,6 +1,6 @@
 """Nesting maths: rank scales and the diagonal P of each method (pure functions).
 
-Notation (``shared/method.md`` §2-3): maximum rank ``R``; train ranks
+Notation (``docs/method.md`` §2-3): maximum rank ``R``; train ranks
 ``S = {r_1 < ... < r_n}`` with ``R in S``; scale function ``s(r)``.
 
 Scale functions, with the PEFT-style multiplier ``alpha``::

@@ -1,4 +1,4 @@
-"""Rank samplers: which prefix ``b`` DyLoRA trains at each step (method.md §4),
+"""Rank samplers: which prefix ``b`` DyLoRA trains at each step (docs/method.md §4),
 and which ranks a sampled prefix loss adds to the full adapter's.
 
 A sampler is stateless: ``b`` is a pure function of ``(seed, step, micro_step)``,

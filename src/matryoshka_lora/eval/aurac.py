@@ -1,4 +1,4 @@
-"""AURAC: the area under the rank-accuracy curve (``shared/method.md`` §7).
+"""AURAC: the area under the rank-accuracy curve (``docs/method.md`` §8).
 
 Given eval ranks ``r_1 < ... < r_m`` and metric values ``a_1..a_m``, the
 trapezoid area normalised by the length of the rank axis::

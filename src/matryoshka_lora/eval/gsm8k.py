@@ -18,7 +18,7 @@ Scores are exact-match rates in percent. A missing extraction is wrong.
 Prompts: each shot is ``Question: {q}\\nAnswer: {a}``, shots are separated by a
 blank line, and the query ends with ``Question: {q}\\nAnswer:`` (lm-eval's
 format; ``trailing_space=True`` ends it with ``"Answer: "``, the training prompt
-of ``shared/method.md`` §8). lm-eval draws its shots from the train split with
+of ``docs/method.md`` §9). lm-eval draws its shots from the train split with
 the ``first_n`` sampler: pass ``train[:k]`` as ``shots``.
 """
 

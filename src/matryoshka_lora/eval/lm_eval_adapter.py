@@ -11,7 +11,7 @@ value}}}``; the numeric entries are flattened to ``"<task>/<metric>"`` keys
 with lm-eval's own units (fractions in 0..1 for accuracies). Standard errors
 are dropped unless ``include_stderr=True``.
 
-The paper's evaluation (``shared/method.md`` §8): GSM8K strict-match at 3 and 8
+The paper's evaluation (``docs/method.md`` §9): GSM8K strict-match at 3 and 8
 shots, ARC-Challenge 25-shot ``acc``, HellaSwag 10-shot ``acc``, and the base
 model: ``num_fewshot={"gsm8k": 8, "arc_challenge": 25, "hellaswag": 10}``,
 ``include_base=True``.

@@ -1,7 +1,7 @@
 """Rank sweep: evaluate one trained adapter at every eval rank, in place.
 
 For each inference scale ``m`` (``paper``: s(r) on every component, P dropped;
-``trained``: the trained weights p[:r]; ``shared/method.md`` §5) and each eval
+``trained``: the trained weights p[:r]; ``docs/method.md`` §6) and each eval
 rank ``r``, the model's adapters are switched to the rank-r adapter with
 :func:`~matryoshka_lora.set_inference_scale` and :func:`~matryoshka_lora.set_rank`
 and ``metric_fn(model)`` is called. The loaded model is reused: nothing is
