@@ -185,6 +185,9 @@ class NestedLoraMixin:
         ``<prefix>_aurac_<metric>`` / ``<prefix>_aurac`` to the metrics that
         ``evaluate()`` logs (every ``report_to`` backend and the progress bar
         receive them) and returns (``metric_for_best_model="eval_aurac"`` works).
+        Under several processes each evaluates its shard of the eval set and the
+        sums are added (examples accelerate repeats to even out the last batch
+        count twice).
         """
         if self.rank_sampler is not None:
             # evaluate the full function, not the last micro-batch's b (each micro-batch redraws it)
