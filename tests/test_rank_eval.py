@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -229,3 +233,38 @@ def test_rank_eval_rejects_bad_settings():
         rank_eval_metrics(model, batches, (4, 2))
     logs = rank_eval_metrics(model, batches, (2, 8), ("loss",), prefix="test")
     assert sorted(logs) == ["test_aurac_loss", "test_loss_r2", "test_loss_r8"]
+
+
+def test_trainer_rank_curve_under_two_processes_is_the_whole_sets(tmp_path):
+    from ddp_rank_eval_worker import adapted_model
+    from ddp_rank_eval_worker import eval_dataset as worker_eval_dataset
+
+    worker = Path(__file__).parent / "ddp_rank_eval_worker.py"
+    source = Path(ml.__file__).parents[1]  # the package under test, not another install
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(source)]),
+    }
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(worker),
+            str(tmp_path),
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=240,
+    )
+    logged = json.loads((tmp_path / "metrics.json").read_text())
+    assert logged["world"] == 2
+    data = worker_eval_dataset()
+    whole = rank_eval_metrics(adapted_model(), [COLLATE(data)])  # one process, every example
+    for key, value in whole.items():
+        assert logged[key] == pytest.approx(value, rel=1e-6), key
