@@ -16,7 +16,7 @@ pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 from trl import SFTConfig  # noqa: E402
 
-from matryoshka_lora.train.trl import NestedSFTTrainer  # noqa: E402
+from matryoshka_lora.train.trl import NestedSFTTrainer, use_reentrant_under_zero3  # noqa: E402
 
 
 def sums_dataset(n: int, offset: int = 0):
@@ -215,3 +215,33 @@ def test_sft_trainer_rejects_peft_config_and_bare_model(tmp_path):
             train_dataset=sums_dataset(4),
             processing_class=make_char_tokenizer(),
         )
+
+
+def test_zero3_gets_reentrant_checkpointing_as_trl_gives_peft_models():
+    from types import SimpleNamespace
+
+    def args(stage, kwargs=None, enabled=True):
+        settings = SFTConfig(
+            output_dir="unused",
+            report_to=[],
+            use_cpu=True,
+            gradient_checkpointing=enabled,
+            gradient_checkpointing_kwargs=kwargs,
+        )
+        settings.deepspeed_plugin = SimpleNamespace(zero_stage=stage)
+        return settings
+
+    zero3 = args(3)
+    use_reentrant_under_zero3(zero3)
+    # what the Trainer reads when training starts, and its deprecated alias
+    assert zero3.activation_checkpointing_kwargs == {"use_reentrant": True}
+    assert zero3.gradient_checkpointing_kwargs == {"use_reentrant": True}
+    forced = args(3, {"use_reentrant": False, "every_n_layers": 2})
+    with pytest.warns(UserWarning, match="reentrant"):
+        use_reentrant_under_zero3(forced)
+    assert forced.activation_checkpointing_kwargs == {"use_reentrant": True, "every_n_layers": 2}
+    for untouched in (args(2), args(3, enabled=False)):
+        use_reentrant_under_zero3(untouched)
+        assert untouched.activation_checkpointing_kwargs is None
+    with pytest.raises(ValueError, match="selective"):
+        use_reentrant_under_zero3(args(3, {"selective": True}))

@@ -8,9 +8,10 @@ micro-batch), adapter-only checkpoints reloaded on resume, and the rank curve at
 every evaluation. The model comes with its adapter attached
 (``matryoshka_lora.attach``) and ``peft_config=None``.
 
-TRL makes the input embeddings require grad under gradient checkpointing
-(``SFTConfig`` turns checkpointing on by default) only for PEFT models; the
-mixin does the same for a nested adapter, since the embedding is frozen.
+TRL applies two settings to PEFT models only, and this class to a nested
+adapter too: the input embeddings' output requires grad under gradient
+checkpointing (``SFTConfig`` turns checkpointing on by default; the embedding is
+frozen), and under DeepSpeed ZeRO-3 the checkpointing is reentrant.
 
 With the prefix loss, one micro-batch runs the model once per rank of
 ``S'`` (the ranks drawn for it). ``SFTTrainer`` records its training metrics
@@ -20,6 +21,8 @@ the micro-batch's tokens once, so the logged values mean what they mean in TRL.
 """
 
 from __future__ import annotations
+
+import warnings
 
 from torch import nn
 
@@ -48,6 +51,7 @@ class NestedSFTTrainer(NestedLoraMixin, SFTTrainer):
                 "pass peft_config=None (a PEFT LoRA can become one with matryoshka_lora.export.import_peft)"
             )
         super().__init__(*args, **kwargs)
+        use_reentrant_under_zero3(self.args)
 
     def compute_loss(self, model: nn.Module, inputs, return_outputs: bool = False, **kwargs):
         """The mixin's loss; TRL's per-forward metrics kept for the full adapter only."""
@@ -69,4 +73,36 @@ class NestedSFTTrainer(NestedLoraMixin, SFTTrainer):
         return result
 
 
-__all__ = ["NestedSFTTrainer"]
+def use_reentrant_under_zero3(args) -> None:
+    """Reentrant gradient checkpointing under DeepSpeed ZeRO-3, as TRL sets for PEFT models.
+
+    Trainable adapters on frozen ZeRO-3-partitioned weights need reentrant
+    checkpointing (huggingface/trl#2514); the checkpointing kwargs are read when
+    training starts, so setting them after construction applies.
+    """
+    plugin = getattr(args, "deepspeed_plugin", None)
+    if plugin is None or getattr(plugin, "zero_stage", None) != 3:
+        return
+    # transformers >= 5 reads activation_checkpointing*; gradient_checkpointing* are its aliases
+    names = [n for n in ("activation_checkpointing", "gradient_checkpointing") if hasattr(args, n)]
+    if not any(getattr(args, name) for name in names):
+        return
+    kwargs_names = [f"{name}_kwargs" for name in names]
+    settings = dict(next((getattr(args, n) for n in kwargs_names if getattr(args, n, None)), {}))
+    if settings.get("selective"):
+        raise ValueError(
+            "gradient_checkpointing_kwargs={'selective': True} needs non-reentrant checkpointing, "
+            "which DeepSpeed ZeRO-3 with trainable adapters does not support"
+        )
+    if settings.get("use_reentrant") is False:
+        warnings.warn(
+            "DeepSpeed ZeRO-3 with adapters needs reentrant gradient checkpointing: "
+            "use_reentrant=False is replaced by True",
+            stacklevel=3,
+        )
+    settings["use_reentrant"] = True
+    for name in kwargs_names:
+        setattr(args, name, dict(settings))
+
+
+__all__ = ["NestedSFTTrainer", "use_reentrant_under_zero3"]
