@@ -143,12 +143,26 @@ def test_sft_trainer_runs_the_prefix_loss_and_counts_tokens_once(tmp_path):
 
 
 def test_sft_trainer_dylora_draws_per_micro_batch(tmp_path):
-    model, trainer = make_sft(tmp_path, "dyl", method="dylora", max_steps=3, save_strategy="no")
+    model, trainer = make_sft(
+        tmp_path,
+        "dyl",
+        method="dylora",
+        max_steps=3,
+        save_strategy="no",
+        eval_dataset=sums_dataset(6, offset=1),
+        eval_strategy="steps",
+        eval_steps=3,
+        per_device_eval_batch_size=6,
+    )
     trainer.train()
     sampler = RankSampler(8, (1, 2, 4, 8), seed=7)
     expected = [sampler.rank_for(step, micro) for step in range(3) for micro in range(2)]
     assert [b for _, _, b in trainer.sampled_ranks] == expected
+    assert expected[-1] != 8  # so an evaluation at the last drawn b would differ
     assert all(layer.sampled_rank is None for layer in ml.adapter_layers(model).values())
+    # the mid-training evaluation ran the full adapter, not the last micro-batch's b
+    logged = next(e for e in trainer.state.log_history if "eval_loss" in e)
+    assert logged["eval_loss"] == pytest.approx(logged["eval_loss_r8"], rel=1e-5)
 
 
 def test_sft_trainer_logs_rank_curve_equal_to_post_hoc_sweep(tmp_path):
