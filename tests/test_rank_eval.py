@@ -128,11 +128,19 @@ def test_loop_logs_rank_curve_equal_to_post_hoc_sweep_and_resumes(tmp_path):
     assert again.evals[0] == result.evals[1]
 
 
-def test_loop_eval_needs_a_dataset(tmp_path):
+def test_loop_eval_settings(tmp_path):
     with pytest.raises(ValueError, match="eval_dataset"):
         train_adapter(fresh(), fixed_length_dataset(), loop_config(tmp_path, "x"), COLLATE)
     with pytest.raises(ValueError, match="eval_every must be >= 1"):
         loop_config(tmp_path, "y", eval_every=0)
+    result = train_adapter(
+        fresh(),
+        fixed_length_dataset(),
+        loop_config(tmp_path, "z", eval_every=None, max_steps=3),
+        COLLATE,
+        eval_dataset=eval_data(),
+    )
+    assert [e["step"] for e in result.evals] == [3]  # without eval_every: at the end only
 
 
 class Record(TrainerCallback):

@@ -174,9 +174,9 @@ def train_adapter(
     every optimizer step (tests use it to simulate a crash). The final adapter
     is saved to ``<output_dir>/adapter``.
 
-    With ``config.eval_every`` and ``eval_dataset``, every ``eval_every`` steps
-    and at the last step the teacher-forced loss and token accuracy at each eval
-    rank and their AURAC (:func:`~matryoshka_lora.train.rank_eval.rank_eval_metrics`)
+    With ``eval_dataset``, at the last step and every ``config.eval_every``
+    steps the teacher-forced loss and token accuracy at each eval rank and their
+    AURAC (:func:`~matryoshka_lora.train.rank_eval.rank_eval_metrics`)
     are written to ``training_log.jsonl``, shown under the progress bar and
     returned in ``TrainResult.evals``.
     """
@@ -244,7 +244,7 @@ def train_adapter(
         )
 
     eval_batches = None
-    if config.eval_every and rank == 0:
+    if eval_dataset is not None and rank == 0:
         check_eval_ranks(model, config.eval_ranks)
         size = config.eval_batch_size or config.batch_size
         eval_batches = [
@@ -335,7 +335,9 @@ def train_adapter(
                         )
                         + "\n"
                     )
-            if config.eval_every and (done % config.eval_every == 0 or done == steps):
+            if eval_dataset is not None and (
+                done == steps or (config.eval_every and done % config.eval_every == 0)
+            ):
                 if rank == 0:
                     with autocast:
                         metrics = rank_eval_metrics(model, eval_batches, config.eval_ranks)
