@@ -259,3 +259,13 @@ def test_zero3_gets_reentrant_checkpointing_as_trl_gives_peft_models():
         assert untouched.activation_checkpointing_kwargs is None
     with pytest.raises(ValueError, match="selective"):
         use_reentrant_under_zero3(args(3, {"selective": True}))
+
+
+def test_missing_trl_names_the_extra(monkeypatch):
+    import importlib
+    import sys
+
+    monkeypatch.setitem(sys.modules, "trl", None)  # as if TRL were not installed
+    monkeypatch.delitem(sys.modules, "matryoshka_lora.train.trl")
+    with pytest.raises(ImportError, match=r"pip install 'matryoshka-lora\[trl\]'"):
+        importlib.import_module("matryoshka_lora.train.trl")
