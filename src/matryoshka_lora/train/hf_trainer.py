@@ -17,11 +17,16 @@ the Trainer's own.
   ``resume_from_checkpoint`` reloads it, and the Trainer restores optimizer,
   scheduler, RNG and trainer state from the same folder (those files are the
   Trainer's own format).
+* Each evaluation (``eval_strategy`` / ``eval_steps``) also reports the rank
+  curve: the teacher-forced loss and token accuracy at every eval rank and their
+  AURAC (:mod:`matryoshka_lora.train.rank_eval`), through the Trainer's own
+  logging, so every ``report_to`` backend receives them.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -31,21 +36,41 @@ from ..io import load_adapter, save_adapter
 from ..model import adapter_layers, get_config, set_sampled_rank
 from ..sampling import RankSampler
 from .objective import prefix_loss, prefix_loss_ranks_for, rank_sampler_for
+from .rank_eval import RANK_EVAL_METRICS, check_eval_ranks, rank_eval_metrics
 
 
-class NestedLoraTrainer(Trainer):
-    """``Trainer`` for models with nested-LoRA adapters attached (``matryoshka_lora.attach``).
+class NestedLoraMixin:
+    """The nested adapter's training for a ``transformers.Trainer`` subclass (put it first).
 
-    Extra keyword argument: ``rank_sampler`` (DyLoRA only; default: b uniform over
-    the train ranks, drawn per micro-batch, seeded with ``args.seed``).
+    Used by :class:`NestedLoraTrainer` and by
+    :class:`~matryoshka_lora.train.trl.NestedSFTTrainer`: the adapter's own
+    objective (prefix loss, DyLoRA / prefix sampling per micro-batch),
+    adapter-only checkpoints and their reload on resume, input gradients for
+    activation checkpointing with a frozen embedding, and the rank curve at
+    every evaluation (:mod:`matryoshka_lora.train.rank_eval`).
+
+    Extra keyword arguments: ``rank_sampler`` (DyLoRA only; default: b uniform over
+    the train ranks, drawn per micro-batch, seeded with ``args.seed``);
+    ``rank_eval`` (default True: each evaluation also reports the teacher-forced
+    metrics at every eval rank and their AURAC); ``eval_ranks`` (default: the
+    adapter's ``eval_ranks``); ``rank_eval_metrics`` (default ``("loss",
+    "token_accuracy")``, the first accuracy-like one gives ``eval_aurac``).
     """
 
-    def __init__(self, *args, rank_sampler: RankSampler | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        rank_sampler: RankSampler | None = None,
+        rank_eval: bool = True,
+        eval_ranks: Sequence[int] | None = None,
+        rank_eval_metrics: Sequence[str] = RANK_EVAL_METRICS,
+        **kwargs,
+    ) -> None:
         super().__init__(*args, **kwargs)
         model = self.model
         if not adapter_layers(model):
             raise ValueError(
-                "NestedLoraTrainer needs a model with adapters: call matryoshka_lora.attach first"
+                f"{type(self).__name__} needs a model with adapters: call matryoshka_lora.attach first"
             )
         config = get_config(model)
         if rank_sampler is None:
@@ -57,6 +82,9 @@ class NestedLoraTrainer(Trainer):
             )
         self.rank_sampler = rank_sampler
         self.adapter_config = config
+        self.rank_eval = rank_eval
+        self.eval_ranks = check_eval_ranks(model, eval_ranks, rank_eval_metrics)
+        self.rank_eval_metric_names = tuple(rank_eval_metrics)
         self._micro_batch_position = (-1, 0)  # (global step, micro-batches seen in it)
         self.sampled_ranks: list[tuple[int, int, int]] = []  # (step, micro, b), for inspection
         checkpointing = (
@@ -91,7 +119,9 @@ class NestedLoraTrainer(Trainer):
 
         def loss_of(module: nn.Module):
             def compute() -> torch.Tensor:
-                loss, out = super(NestedLoraTrainer, self).compute_loss(
+                if not return_outputs:  # TRL's compute_loss spends an extra forward on outputs
+                    return super(NestedLoraMixin, self).compute_loss(module, inputs, **kwargs)
+                loss, out = super(NestedLoraMixin, self).compute_loss(
                     module, inputs, return_outputs=True, **kwargs
                 )
                 outputs["last"] = out
@@ -140,3 +170,54 @@ class NestedLoraTrainer(Trainer):
         finally:
             if self.rank_sampler is not None:
                 set_sampled_rank(self.model, None)
+
+    def evaluation_loop(
+        self,
+        dataloader,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ):
+        """The Trainer's evaluation, plus the rank curve on the same batches (``rank_eval``).
+
+        Adds ``<prefix>_<metric>_r<r>`` for each metric and eval rank and
+        ``<prefix>_aurac_<metric>`` / ``<prefix>_aurac`` to the metrics that
+        ``evaluate()`` logs (every ``report_to`` backend and the progress bar
+        receive them) and returns (``metric_for_best_model="eval_aurac"`` works).
+        Under several processes each evaluates its shard of the eval set and the
+        sums are added (examples accelerate repeats to even out the last batch
+        count twice).
+        """
+        if self.rank_sampler is not None:
+            # evaluate the full function, not the last micro-batch's b (each micro-batch redraws it)
+            set_sampled_rank(self.model, None)
+        output = super().evaluation_loop(
+            dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+        )
+        if self.rank_eval and description == "Evaluation":
+            output.metrics.update(
+                rank_eval_metrics(
+                    self._unwrapped(),
+                    dataloader,
+                    self.eval_ranks,
+                    self.rank_eval_metric_names,
+                    prefix=metric_key_prefix,
+                    reduce=self._sum_over_processes,
+                )
+            )
+        return output
+
+    def _sum_over_processes(self, values: list[float]) -> list[float]:
+        """Element-wise sum of ``values`` over the processes (itself on one process)."""
+        if self.accelerator.num_processes == 1:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
+        return self.accelerator.reduce(tensor, reduction="sum").tolist()
+
+
+class NestedLoraTrainer(NestedLoraMixin, Trainer):
+    """``Trainer`` for models with nested-LoRA adapters attached (``matryoshka_lora.attach``).
+
+    Keyword arguments beyond the Trainer's: see :class:`NestedLoraMixin`.
+    """

@@ -47,6 +47,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .objective import prefix_loss, prefix_loss_ranks_for, rank_sampler_for
+from .rank_eval import check_eval_ranks, format_rank_curve, rank_eval_metrics
 from .token_weights import (
     count_loss_items,
     loss_shifts_labels,
@@ -81,6 +82,9 @@ class TrainConfig:
     progress: bool = True
     sampler_distribution: str = "train_ranks"
     sampler_per: str = "micro_batch"
+    eval_every: int | None = None  # rank curve on eval_dataset every N steps (and at the end)
+    eval_ranks: tuple[int, ...] | None = None  # default: the adapter's eval_ranks
+    eval_batch_size: int | None = None  # default: batch_size
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -96,6 +100,11 @@ class TrainConfig:
                 f"autocast_dtype must be None, 'bfloat16' or 'float16', got {self.autocast_dtype!r}"
             )
         self.adam_betas = tuple(self.adam_betas)
+        for name in ("eval_every", "eval_batch_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {getattr(self, name)}")
+        if self.eval_ranks is not None:
+            self.eval_ranks = tuple(self.eval_ranks)
 
 
 @dataclass
@@ -106,6 +115,7 @@ class TrainResult:
     resumed_from: int | None
     seconds: float
     tokens: int
+    evals: list[dict[str, float]] = field(default_factory=list)  # {"step", eval_* metrics}
 
 
 def _distributed() -> tuple[int, int]:
@@ -170,6 +180,7 @@ def train_adapter(
     *,
     resume: bool | str = True,
     on_step: Callable[[int, float], None] | None = None,
+    eval_dataset: torch.utils.data.Dataset | None = None,
 ) -> TrainResult:
     """Train the adapters attached to ``model`` on ``dataset``.
 
@@ -178,8 +189,16 @@ def train_adapter(
     checkpoint; ``False`` starts afresh. ``on_step(step, loss)`` is called after
     every optimizer step (tests use it to simulate a crash). The final adapter
     is saved to ``<output_dir>/adapter``.
+
+    With ``eval_dataset``, at the last step and every ``config.eval_every``
+    steps the teacher-forced loss and token accuracy at each eval rank and their
+    AURAC (:func:`~matryoshka_lora.train.rank_eval.rank_eval_metrics`)
+    are written to ``training_log.jsonl``, shown under the progress bar and
+    returned in ``TrainResult.evals``.
     """
     rank, world = _distributed()
+    if config.eval_every and eval_dataset is None:
+        raise ValueError("TrainConfig.eval_every needs train_adapter(..., eval_dataset=...)")
     layers = adapter_layers(model)
     if not layers:
         raise ValueError("the model has no nested-LoRA adapter: call attach(model, config) first")
@@ -240,6 +259,17 @@ def train_adapter(
             output / "train_config.json",
             json.dumps({"train": asdict(config), "adapter": adapter_config.to_dict()}, indent=2),
         )
+
+    eval_batches = None
+    if eval_dataset is not None and rank == 0:
+        check_eval_ranks(model, config.eval_ranks)
+        size = config.eval_batch_size or config.batch_size
+        eval_batches = [
+            collate([eval_dataset[i] for i in range(start, min(start + size, len(eval_dataset)))])
+            for start in range(0, len(eval_dataset), size)
+        ]
+    evals: list[dict[str, float]] = []
+    eval_postfix: dict[str, str] = {}
 
     model.train()
     started, tokens, last_good = time.perf_counter(), 0, resume_path
@@ -309,6 +339,7 @@ def train_adapter(
                 loss=f"{step_loss:.4f}",
                 rank=b if b is not None else shown,
                 tok_s=f"{tokens * world / max(elapsed, 1e-9):.0f}",
+                **eval_postfix,
             )
             if rank == 0 and (done % config.log_every == 0 or done == steps):
                 with open(log_path, "a", encoding="utf-8") as fh:
@@ -323,6 +354,20 @@ def train_adapter(
                         )
                         + "\n"
                     )
+            if eval_dataset is not None and (
+                done == steps or (config.eval_every and done % config.eval_every == 0)
+            ):
+                if rank == 0:
+                    with autocast:
+                        metrics = rank_eval_metrics(model, eval_batches, config.eval_ranks)
+                    evals.append({"step": done, **metrics})
+                    with open(log_path, "a", encoding="utf-8") as fh:
+                        fh.write(json.dumps({"step": done, **metrics}) + "\n")
+                    eval_postfix = {"aurac": f"{metrics['eval_aurac']:.2f}"}
+                    if not bar.disable:
+                        bar.write(f"step {done}: " + format_rank_curve(metrics, "token_accuracy"))
+                if world > 1:
+                    dist.barrier()
             if config.save_every and done % config.save_every == 0 and done < steps:
                 rng_states = process_rng_tensors()  # a collective: every process takes part
                 if rank == 0:
@@ -351,5 +396,11 @@ def train_adapter(
     if world > 1:
         dist.barrier()
     return TrainResult(
-        steps, losses, adapter_dir, resumed_from, time.perf_counter() - started, tokens * world
+        steps,
+        losses,
+        adapter_dir,
+        resumed_from,
+        time.perf_counter() - started,
+        tokens * world,
+        evals,
     )
