@@ -32,7 +32,7 @@ def adapter_version(folder: Path) -> int:
     """Load the adapter in ``folder`` (verified) and return the version v it is filled with."""
     model = make_adapted()
     ml.load_adapter(model, folder)
-    values = {float(v) for p in ml.adapter_state_dict(model).values() for v in p.unique()}
+    values = {float(v) for p in ml.adapter_state_dict(model).values() for v in p.detach().unique()}
     assert len(values) == 1, f"a mix of two saves: {sorted(values)[:4]}"
     return int(values.pop())
 
@@ -44,16 +44,18 @@ def test_save_killed_at_random_moments_keeps_a_complete_adapter(tmp_path):
     rng = random.Random(1234)
     last = 0
     survived = 0
+    errors = tmp_path / "child-stderr.txt"
     for _ in range(kills):
-        child = subprocess.Popen(
-            [sys.executable, str(HERE / "save_worker.py"), str(folder)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            env=ENV,
-            text=True,
-        )
+        with open(errors, "w") as stderr:
+            child = subprocess.Popen(
+                [sys.executable, str(HERE / "save_worker.py"), str(folder)],
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                env=ENV,
+                text=True,
+            )
         first = child.stdout.readline()  # one complete save: the child is in its save loop
-        assert first.strip() == "1", first
+        assert first.strip() == "1", errors.read_text()[-3000:]
         time.sleep(rng.uniform(0.0, 0.25))
         child.send_signal(signal.SIGKILL)
         child.wait()

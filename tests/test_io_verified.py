@@ -95,7 +95,7 @@ def test_save_is_refused_on_a_file_path(tmp_path):
 
 
 def test_save_interrupted_between_weights_and_config_loads_the_previous_adapter(
-    tmp_path, input_ids
+    tmp_path, input_ids, monkeypatch
 ):
     """The state a kill between the two renames leaves: new weights, old config, and the
     previous weights still linked under their second name."""
@@ -116,6 +116,15 @@ def test_save_interrupted_between_weights_and_config_loads_the_previous_adapter(
     want, got = all_rank_logits(old, input_ids), all_rank_logits(loaded, input_ids)
     for rank, logits in want.items():
         torch.testing.assert_close(got[rank], logits, atol=0, rtol=0)
+    with monkeypatch.context() as patch:  # a second save that fails keeps it loadable
+        patch.setattr(mlio, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("full")))
+        with pytest.raises(OSError, match="full"):
+            ml.save_adapter(new, folder)
+    with pytest.warns(UserWarning, match="interrupted"):
+        torch.testing.assert_close(
+            all_rank_logits(ml.load_adapter(make_tiny_llama(), folder), input_ids)[None],
+            want[None],
+        )
     ml.save_adapter(new, folder)  # the next save clears what the interrupted one left
     assert sorted(p.name for p in folder.iterdir()) == sorted([mlio.CONFIG_NAME, mlio.WEIGHTS_NAME])
     again = make_tiny_llama()

@@ -142,20 +142,39 @@ def _module_table(model: nn.Module) -> dict[str, dict[str, Any]]:
     }
 
 
-def _remove_interrupted_save(directory: Path) -> None:
-    """Remove the temporary and previous-weights files a killed save left in ``directory``."""
+def _remove_leftover_temporaries(directory: Path) -> None:
+    """Remove the temporary files a killed save left in ``directory``."""
     for name in (f".{WEIGHTS_NAME}.", f".{CONFIG_NAME}."):
         for leftover in directory.glob(f"{name}*.tmp"):
             leftover.unlink(missing_ok=True)
-    (directory / PREVIOUS_WEIGHTS_NAME).unlink(missing_ok=True)
 
 
-def _keep_previous(weights_path: Path, previous: Path) -> None:
-    """Make the current weights reachable as ``previous`` too (a hard link, else a copy)."""
+def _described_by_config(directory: Path, weights: Path) -> bool:
+    """Whether ``weights`` is the file whose SHA-256 ``adapter_config.json`` records."""
     try:
-        os.link(weights_path, previous)
-    except OSError:
-        shutil.copyfile(weights_path, previous)
+        payload = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
+        expected = payload.get("weights_sha256")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return expected is not None and weights.is_file() and file_sha256(weights) == expected
+
+
+def _keep_loadable_weights(directory: Path) -> None:
+    """Before the weights are replaced: keep the ones the config describes as ``previous``.
+
+    Normally those are the current weights, linked under the second name (a hard
+    link, else a copy). After an interrupted save they already are ``previous``
+    (the current ones are the orphan of that save) and stay as they are.
+    """
+    weights, previous = directory / WEIGHTS_NAME, directory / PREVIOUS_WEIGHTS_NAME
+    if _described_by_config(directory, previous):
+        return
+    previous.unlink(missing_ok=True)
+    if weights.is_file():
+        try:
+            os.link(weights, previous)
+        except OSError:
+            shutil.copyfile(weights, previous)
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
@@ -174,7 +193,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
             f"{WEIGHTS_NAME} into a folder; pass a folder path (it is created if needed)"
         )
     directory.mkdir(parents=True, exist_ok=True)
-    _remove_interrupted_save(directory)
+    _remove_leftover_temporaries(directory)
     tensors = {
         f"{name}.{key}": tensor
         for name, layer in layers.items()
@@ -182,8 +201,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     }
     weights_path = directory / WEIGHTS_NAME
     previous = directory / PREVIOUS_WEIGHTS_NAME
-    if weights_path.is_file() and (directory / CONFIG_NAME).is_file():
-        _keep_previous(weights_path, previous)
+    _keep_loadable_weights(directory)
     try:
         atomic_save_safetensors(
             tensors, weights_path, metadata={"format": FORMAT_NAME, "config": config.to_json()}
@@ -198,8 +216,11 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
             "weights_sha256": file_sha256(weights_path),
         }
         atomic_write_text(directory / CONFIG_NAME, json.dumps(payload, indent=2, sort_keys=True))
-    finally:
-        previous.unlink(missing_ok=True)
+    except BaseException:
+        if _described_by_config(directory, weights_path):  # the previous copy is not needed
+            previous.unlink(missing_ok=True)
+        raise
+    previous.unlink(missing_ok=True)
     return directory
 
 
