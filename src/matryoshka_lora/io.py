@@ -94,18 +94,21 @@ class AdapterCheckpointError(ValueError):
 
 
 def _fsync_write(path: Path, write) -> None:
-    """Write via ``write(tmp_path)`` to a temp file beside ``path``, fsync, then rename over it."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    """Write via ``write(tmp_path)`` in a scratch folder beside ``path``, fsync, rename over it.
+
+    The scratch folder (``.<name>.<random>.tmp``) also holds whatever temporary
+    files the writer makes itself (safetensors writes through its own ``.tmp*``
+    file), so a killed write leaves one removable folder and never a stray file.
+    """
+    scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = scratch / path.name
     try:
-        write(tmp)
+        write(str(tmp))
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -146,7 +149,10 @@ def _remove_leftover_temporaries(directory: Path) -> None:
     """Remove the temporary files a killed save left in ``directory``."""
     for name in (f".{WEIGHTS_NAME}.", f".{CONFIG_NAME}."):
         for leftover in directory.glob(f"{name}*.tmp"):
-            leftover.unlink(missing_ok=True)
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
 
 
 def _described_by_config(directory: Path, weights: Path) -> bool:
