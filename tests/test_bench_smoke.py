@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -31,5 +32,38 @@ def test_bench_script_smoke(tmp_path, script):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = target.read_text()
-    assert "PEFT" in text and "|" in text
-    assert list(tmp_path.glob("*.json"))
+    (results,) = tmp_path.glob("*.json")
+    block = json.loads(results.read_text())
+    name = results.stem
+    assert f"<!-- bench:{name}:begin -->" in text and f"<!-- bench:{name}:end -->" in text
+    assert block["meta"]["command"].startswith(f"python bench/{script}")
+    rows = {row["name"]: row for model in block["results"] for row in model["rows"]}
+    assert all(row["time"]["median_s"] > 0 for row in rows.values())
+    table = table_rows(text)
+    assert set(rows) <= set(table), sorted(set(rows) - set(table))
+    for row_name, row in rows.items():  # each printed median is the measured one
+        assert float(table[row_name][0]) == pytest.approx(row["time"]["median_s"] * 1e3, abs=0.051)
+    if script == "train_step.py":  # x PEFT is the ratio of the medians, PEFT itself 1
+        peft = rows["PEFT LoRA"]["time"]["median_s"]
+        assert table["PEFT LoRA"][2] == "1.000"
+        for row_name, row in rows.items():
+            assert float(table[row_name][2]) == pytest.approx(
+                row["time"]["median_s"] / peft, abs=5e-4
+            )
+    else:  # x base is the paired ratio against the frozen base, which is 1
+        assert table["frozen base (no adapter)"][2] == "1.000"
+        for row_name, row in rows.items():
+            assert float(table[row_name][2]) == pytest.approx(row["x_base"]["median"], abs=5e-4)
+
+
+def table_rows(markdown: str) -> dict[str, list[str]]:
+    """The first Markdown table's rows by their first cell (the other cells, in order)."""
+    rows: dict[str, list[str]] = {}
+    for line in markdown.splitlines():
+        if not line.startswith("| ") or line.startswith("| ---") or line.startswith("| config"):
+            if rows and not line.startswith("|"):
+                break
+            continue
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows.setdefault(cells[0], cells[1:])
+    return rows

@@ -136,27 +136,66 @@ def test_too_small_or_bad_budget_raises():
         mlb.allocate_by_energy(model, 4 * total, criterion="bogus")
 
 
-def test_greedy_matches_brute_force_on_small_problems():
+def lagrangian_path(costs, damage, cands):
+    """The budgets at which a convex problem's optimum is known without search.
+
+    Every single-step upgrade (r -> next candidate) sorted by damage decrease per
+    added parameter; with damage convex in each module's cost the ratios fall
+    along each module, and after the first k upgrades the allocation is optimal
+    for its own spend (Lagrangian certificate). Returns [(budget, damage)].
+    """
+    steps = sorted(
+        (
+            (damage[n][lo] - damage[n][hi]) / ((hi - lo) * costs[n]),
+            (hi - lo) * costs[n],
+            damage[n][lo] - damage[n][hi],
+        )
+        for n in costs
+        for lo, hi in itertools.pairwise(cands)
+    )[::-1]
+    budget = sum(cands[0] * c for c in costs.values())
+    total = sum(damage[n][cands[0]] for n in costs)
+    path = [(budget, total)]
+    for _, extra, gain in steps:
+        budget, total = budget + extra, total - gain
+        path.append((budget, total))
+    return path
+
+
+def test_greedy_matches_brute_force_at_the_budgets_on_its_path():
+    """Convex damage: the greedy equals the brute-force optimum at every budget of the
+    Lagrangian path, and elsewhere lies between the optimum and the path point below."""
     g = torch.Generator().manual_seed(0)
     cands = (1, 2, 4, 8)
+
+    def optimum(costs, damage, budget):
+        return min(
+            sum(damage[n][r] for n, r in zip(costs, combo, strict=True))
+            for combo in itertools.product(cands, repeat=len(costs))
+            if sum(r * costs[n] for n, r in zip(costs, combo, strict=True)) <= budget
+        )
+
     for trial in range(20):
         costs = {f"m{i}": int(c) for i, c in enumerate(torch.randint(1, 6, (3,), generator=g))}
         damage = {}
-        for n in costs:  # convex, decreasing damage: the greedy is optimal on the hull
+        for n in costs:  # convex, decreasing damage
             base = float(torch.rand((), generator=g)) * 10
             damage[n] = {r: base / r for r in cands}
+        allowed = dict.fromkeys(costs, cands)
+        path = lagrangian_path(costs, damage, cands)
+        for budget, path_damage in path:
+            chosen = mlb.greedy_allocate(costs, allowed, damage, budget)
+            got = sum(damage[n][r] for n, r in chosen.items())
+            assert got == pytest.approx(optimum(costs, damage, budget), abs=1e-9), trial
+            assert got == pytest.approx(path_damage, abs=1e-9), trial
         budget = int(
-            torch.randint(sum(costs.values()), 8 * sum(costs.values()) + 1, (), generator=g)
-        )
-        chosen = mlb.greedy_allocate(costs, dict.fromkeys(costs, cands), damage, budget)
-        assert sum(chosen[n] * costs[n] for n in costs) <= budget
-        best = min(
-            sum(damage[n][r] for n, r in zip(costs, combo, strict=True))
-            for combo in itertools.product(cands, repeat=3)
-            if sum(r * costs[n] for n, r in zip(costs, combo, strict=True)) <= budget
-        )
+            torch.randint(path[0][0], path[-1][0] + 1, (), generator=g)
+        )  # any budget: never over it, no worse than the path point below it
+        chosen = mlb.greedy_allocate(costs, allowed, damage, budget)
         got = sum(damage[n][r] for n, r in chosen.items())
-        assert got <= best * 1.5 + 1e-9, trial  # close to optimal, never over budget
+        assert sum(r * costs[n] for n, r in chosen.items()) <= budget
+        below = min(d for b, d in path if b <= budget)
+        assert optimum(costs, damage, budget) - 1e-9 <= got <= below + 1e-9, trial
 
 
 def test_sensitivity_damage_is_measured_one_module_at_a_time():

@@ -218,10 +218,22 @@ def test_p_is_a_non_persistent_buffer_that_follows_the_module():
     layer.set_rank(2)
     moved = layer.to("meta")
     assert moved.train_p.device.type == "meta" and moved.rank_p.device.type == "meta"
-    other = make_layer(method="lora")
-    assert not torch.equal(
-        other.train_p, make_layer(method="matryoshka").train_p
-    )  # per-layer, no global
+
+    # no global state: layers of other configs, and rank changes on them, leave a layer alone
+    first = make_layer(method="matryoshka")
+    x = x_input()
+    want_full, want_p = first(x), first.train_p.clone()
+    first.set_rank(2)
+    want_2 = first(x)
+    first.set_rank(None)
+    other = make_layer(method="lora", scaling="rank", alpha=4.0)
+    other.set_rank(1)
+    other.set_sampled_rank(2)
+    other.set_inference_scale("trained")
+    assert torch.equal(first.train_p, want_p) and not torch.equal(other.train_p, want_p)
+    torch.testing.assert_close(first(x), want_full, atol=0, rtol=0)
+    first.set_rank(2)
+    torch.testing.assert_close(first(x), want_2, atol=0, rtol=0)
 
 
 def test_set_rank_validation():
