@@ -52,8 +52,8 @@ class NestedLoraConfig:
             ``authors`` (U(+-1/sqrt(R)), the authors' code). B starts at 0.
         inference_scale: how an active rank r < full is scaled: ``paper``
             (s(r), P dropped: the authors' rule) or ``trained`` (p[:r]). Default
-            (None): ``trained`` for the Matryoshka methods, which won every
-            comparison in BENCHMARKS.md by 5-6 AURAC points, and ``paper`` for
+            (None): ``trained`` for the Matryoshka methods (the function they
+            were trained as, truncated), and ``paper`` for
             LoRA and DyLoRA (for DyLoRA the two coincide). Pass ``paper`` to
             reproduce the authors' evaluation.
         dylora_update: ``prefix`` (components 1..b learn) or ``last`` (only
@@ -65,8 +65,7 @@ class NestedLoraConfig:
         prefix_loss: train on the mean of the losses of the deployed rank-r
             adapters (Matryoshka representation learning's objective) instead of
             the loss of the full adapter alone. Default (None): True for
-            ``method="matryoshka"``, the best variant of the research comparison
-            (BENCHMARKS.md), False for the other methods. ``False`` trains the
+            ``method="matryoshka"``, False for the other methods. ``False`` trains the
             authors' 1x objective (presets ``matryoshka-plain``, ``matryoshka-paper``).
         prefix_loss_sample: with ``prefix_loss``, the number k of ranks below R
             whose losses join the full adapter's at each micro-batch, drawn
@@ -253,7 +252,7 @@ class NestedLoraConfig:
 # alpha = 1, no normalisation, A ~ U(+-1/sqrt(R)), deployed with P dropped and s(r).
 PRESETS: dict[str, dict[str, Any]] = {
     # the library default: P, trained scales, and the sampled prefix loss (R plus one
-    # drawn rank of S per micro-batch: 2 forwards), the best variant in BENCHMARKS.md
+    # drawn rank of S per micro-batch: 2 forwards)
     "matryoshka": {"method": "matryoshka"},
     # the same adapter trained on the full adapter's loss alone (1x cost)
     "matryoshka-plain": {"method": "matryoshka", "prefix_loss": False},
