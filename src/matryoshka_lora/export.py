@@ -47,6 +47,7 @@ from .config import NestedLoraConfig
 from .io import atomic_save_safetensors, atomic_write_text, staged_directory
 from .model import adapter_layers, attach, detach, get_config
 from .nesting import check_rank
+from .quantized import check_not_quantized
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -327,11 +328,11 @@ def quantization_of(model: nn.Module) -> dict[str, Any] | None:
     if qconfig is None:
         return None
     raw = qconfig.to_dict() if hasattr(qconfig, "to_dict") else dict(qconfig)
-    keep = ("quant_method", "load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type")
-    out = {k: raw[k] for k in keep if k in raw}
-    for key in ("bnb_4bit_compute_dtype", "bnb_4bit_use_double_quant"):
-        if key in raw:
-            out[key] = str(raw[key])
+    keep = ("load_in_4bit", "load_in_8bit", "bnb_4bit_use_double_quant")
+    out: dict[str, Any] = {k: bool(raw[k]) for k in keep if k in raw}
+    for key in ("quant_method", "bnb_4bit_quant_type", "bnb_4bit_compute_dtype"):
+        if raw.get(key) is not None:  # enums and dtypes as plain strings (JSON / YAML safe)
+            out[key] = str(getattr(raw[key], "value", raw[key]))
     return out
 
 
@@ -638,6 +639,7 @@ def import_peft(
 # ---------------------------------------------------------------------------- merged save
 def _check_mergeable(model: nn.Module, rank: RankSpec) -> tuple[dict[str, nn.Module], dict]:
     layers = _require_layers(model)
+    check_not_quantized(layers, "a merged save")
     merged = [n for n, layer in layers.items() if layer.merged]
     if merged:
         raise RuntimeError(
