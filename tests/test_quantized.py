@@ -235,3 +235,35 @@ def test_peft_qlora_reference_and_our_step_train_the_same_way(base_dir):
     for name, layer in ml.adapter_layers(ours).items():
         peft_layer = peft_model.base_model.model.get_submodule(name)
         torch.testing.assert_close(layer.lora_B.grad, peft_layer.lora_B["default"].weight.grad)
+
+
+@pytest.mark.slow
+def test_qlora_bench_script_smoke(tmp_path):
+    """bench/qlora_step.py runs (tiny model) and writes its block and JSON (~30 s: subprocesses)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "qlora_step.py"
+    target = tmp_path / "BENCHMARKS.md"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--smoke",
+            "--configs",
+            "matryoshka,peft_qlora",
+            "--write",
+            "--benchmarks-file",
+            str(target),
+            "--results-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = target.read_text()
+    assert "PEFT QLoRA, quantized base" in text and "× PEFT QLoRA" in text
+    assert list(tmp_path.glob("qlora_step_4bit_*.json"))
