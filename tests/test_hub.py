@@ -78,6 +78,15 @@ def test_single_rank_export_has_a_hub_model_card(tmp_path):
     assert "(this folder)" not in plain.text
 
 
+def test_per_module_rank_export_card_states_the_ranks(tmp_path):
+    model = trained()
+    ranks = {n: (2 if "mlp" in n else 4) for n in ml.adapter_layers(model)}
+    card = ModelCard.load(mlx.export_peft(model, ranks, tmp_path / "mixed") / "README.md")
+    meta = card.data.to_dict()["matryoshka_lora"]
+    assert meta["rank"] is None and meta["module_ranks"] == {"min": 2, "max": 4}
+    assert "per-module ranks 2..4" in card.text and "rank_pattern" in card.text
+
+
 def test_model_card_can_be_turned_off_and_local_bases_stay_out_of_the_metadata(tmp_path):
     model = trained()
     out = mlx.export_peft(model, 2, tmp_path / "bare", model_card=False)
