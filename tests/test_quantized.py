@@ -74,18 +74,17 @@ def load_quantized(base_dir, kind: str):
 
 
 def training_args(tmp_path, **kw) -> TrainingArguments:
-    return TrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        max_steps=4,
-        learning_rate=2e-2,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        **kw,
-    )
+    fields = {
+        "per_device_train_batch_size": 4,
+        "max_steps": 4,
+        "learning_rate": 2e-2,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+    }
+    return TrainingArguments(output_dir=str(tmp_path), **{**fields, **kw})
 
 
 def loss_metric(batch):
@@ -267,3 +266,21 @@ def test_qlora_bench_script_smoke(tmp_path):
     text = target.read_text()
     assert "PEFT QLoRA, quantized base" in text and "× PEFT QLoRA" in text
     assert list(tmp_path.glob("qlora_step_4bit_*.json"))
+
+
+def test_peft_kbit_recipe_and_gradient_checkpointing_train(tmp_path, base_dir):
+    """PEFT's QLoRA preparation (fp32 norms, input grads, gradient checkpointing) then attach."""
+    from peft import prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(load_quantized(base_dir, "4bit"))
+    ml.attach(model, ml.NestedLoraConfig(r=4, target_modules=LLAMA_TARGETS))
+    assert model.is_activation_checkpointing
+    before = {n: p.detach().clone() for n, p in ml.adapter_state_dict(model).items()}
+    NestedLoraTrainer(
+        model=model,
+        args=training_args(tmp_path, gradient_checkpointing=True, max_steps=2),
+        train_dataset=fixed_length_dataset(n=8),
+        data_collator=PaddingCollator(0),
+    ).train()
+    after = ml.adapter_state_dict(model)
+    assert any(not torch.equal(after[n], before[n]) for n in before)
