@@ -76,7 +76,8 @@ def test_baked_export_matches_vanilla_peft_at_every_train_rank(
     model = trained(arch, scaling=scaling, inference_scale=inference_scale, alpha=2.0)
     mlx.export_peft(model, None, tmp_path / "out", ranks=TRAIN_RANKS)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        f"rank-{r}" for r in sorted(TRAIN_RANKS)
+        "README.md",
+        *[f"rank-{r}" for r in sorted(TRAIN_RANKS)],
     ]
     for r in TRAIN_RANKS:
         want = logits(model, input_ids, r)
@@ -129,6 +130,7 @@ def test_exported_files_hold_exactly_the_sliced_factors(tmp_path):
     r = 4
     mlx.export_peft(model, r, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "README.md",
         "adapter_config.json",
         "adapter_model.safetensors",
     ]
@@ -221,6 +223,7 @@ def test_bad_ranks_and_folders_fail_cleanly(tmp_path, monkeypatch):
     monkeypatch.undo()
     mlx.export_peft(model, 2, out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
         "adapter_config.json",
         "adapter_model.safetensors",
     ]

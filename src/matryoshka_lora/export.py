@@ -1,7 +1,7 @@
 """Deployment: PEFT LoRA export/import and merged-model save.
 
 The rank-r adapter of a nested layer is an ordinary LoRA of rank r with a
-per-component scale ``q`` (``shared/method.md`` §5)::
+per-component scale ``q`` (``docs/method.md`` §6)::
 
     h = base(x) + ((x @ A[:r].T) * q) @ B[:, :r].T
 
@@ -42,11 +42,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .config import NestedLoraConfig
 from .io import atomic_save_safetensors, atomic_write_text, staged_directory
 from .model import adapter_layers, attach, detach, get_config
 from .nesting import check_rank
+from .quantized import check_not_quantized
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -321,13 +322,49 @@ def peft_config_dict(model: nn.Module, rank: RankSpec, scale_encoding: str = "ba
     return _build_export(model, rank, scale_encoding, with_tensors=False)[0]
 
 
+def quantization_of(model: nn.Module) -> dict[str, Any] | None:
+    """The base model's transformers ``quantization_config`` as a dict (None: not quantized)."""
+    qconfig = getattr(getattr(model, "config", None), "quantization_config", None)
+    if qconfig is None:
+        return None
+    raw = qconfig.to_dict() if hasattr(qconfig, "to_dict") else dict(qconfig)
+    keep = ("load_in_4bit", "load_in_8bit", "bnb_4bit_use_double_quant")
+    out: dict[str, Any] = {k: bool(raw[k]) for k in keep if k in raw}
+    for key in ("quant_method", "bnb_4bit_quant_type", "bnb_4bit_compute_dtype"):
+        if raw.get(key) is not None:  # enums and dtypes as plain strings (JSON / YAML safe)
+            out[key] = str(getattr(raw[key], "value", raw[key]))
+    return out
+
+
 def _write_peft_folder(
-    folder: Path, model: nn.Module, rank: RankSpec, scale_encoding: str, dtype
-) -> None:
+    folder: Path,
+    model: nn.Module,
+    rank: RankSpec,
+    scale_encoding: str,
+    dtype,
+    card: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write one PEFT folder (and its model card unless ``card`` is None); returns its config."""
     peft_config, tensors, metadata = _build_export(model, rank, scale_encoding, dtype)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(tensors, folder / PEFT_WEIGHTS_NAME, metadata=metadata)
     atomic_write_text(folder / PEFT_CONFIG_NAME, json.dumps(peft_config, indent=2) + "\n")
+    if card is not None:
+        from .hub import CARD_NAME, adapter_card
+
+        ranks = resolve_module_ranks(model, rank)
+        uniform = len(set(ranks.values())) == 1
+        text = adapter_card(
+            peft_config,
+            get_config(model),
+            rank=next(iter(ranks.values())) if uniform else None,
+            module_ranks=None if uniform else ranks,
+            scale_encoding=scale_encoding,
+            quantization=quantization_of(model),
+            **card,
+        ).content
+        atomic_write_text(folder / CARD_NAME, text)
+    return peft_config
 
 
 def export_peft(
@@ -338,6 +375,9 @@ def export_peft(
     overwrite: bool = False,
     ranks: Sequence[int] | None = None,
     dtype: torch.dtype | str | None = None,
+    model_card: bool = True,
+    sweep: Any = None,
+    tags: Sequence[str] = (),
 ) -> Path:
     """Write the rank-``rank`` adapter as a standard PEFT LoRA folder.
 
@@ -355,6 +395,11 @@ def export_peft(
         overwrite: replace an existing non-empty ``out_dir``.
         ranks: several uniform ranks exported in one call.
         dtype: dtype of the written tensors (default: the adapter's dtype).
+        model_card: write a Hub model card ``README.md`` into every folder (and, with
+            ``ranks``, one at the root listing the sub-folders); see :mod:`matryoshka_lora.hub`.
+        sweep: a :class:`~matryoshka_lora.eval.SweepResult` of this adapter, shown in the
+            cards as the rank-sweep table.
+        tags: extra Hub tags for the cards.
 
     Returns the path of ``out_dir``. Raises ``ValueError`` on bad input before
     anything is written.
@@ -372,14 +417,29 @@ def export_peft(
         raise ValueError("give the rank to export (an int, 'active' or a dict), or ranks=[...]")
     else:
         _build_export(model, rank, scale_encoding, dtype, with_tensors=False)
+    card = {"sweep": sweep, "tags": tuple(tags)} if model_card else None
     with staged_directory(out_dir, overwrite) as tmp:
         if ranks is None:
-            _write_peft_folder(tmp, model, rank, scale_encoding, dtype)
+            _write_peft_folder(tmp, model, rank, scale_encoding, dtype, card)
         else:
-            for r in ranks:
+            configs = [
                 _write_peft_folder(
-                    tmp / RANK_FOLDER.format(rank=r), model, r, scale_encoding, dtype
+                    tmp / RANK_FOLDER.format(rank=r), model, r, scale_encoding, dtype, card
                 )
+                for r in ranks
+            ]
+            if card is not None:
+                from .hub import CARD_NAME, collection_card
+
+                root = collection_card(
+                    configs[0],
+                    get_config(model),
+                    list(ranks),
+                    RANK_FOLDER,
+                    quantization=quantization_of(model),
+                    **card,
+                )
+                atomic_write_text(tmp / CARD_NAME, root.content)
     return Path(out_dir)
 
 
@@ -579,6 +639,7 @@ def import_peft(
 # ---------------------------------------------------------------------------- merged save
 def _check_mergeable(model: nn.Module, rank: RankSpec) -> tuple[dict[str, nn.Module], dict]:
     layers = _require_layers(model)
+    check_not_quantized(layers, "a merged save")
     merged = [n for n, layer in layers.items() if layer.merged]
     if merged:
         raise RuntimeError(

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from .config import NestedLoraConfig
-from .layer import NestedAdapter, NestedLoraLinear, wrappable_types
+from .layer import NestedAdapter, wrappable_types
 from .nesting import check_rank
+from .quantized import adapter_layer, mark_adapters_loaded, unmark_adapters_loaded
 
 CONFIG_ATTRIBUTE = "nested_lora_config"
 REQUIRES_GRAD_ATTRIBUTE = "_nested_lora_original_requires_grad"
@@ -66,7 +67,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def attach(model: nn.Module, config: NestedLoraConfig | None = None, **overrides) -> nn.Module:
-    """Wrap every target module of ``model`` with a :class:`NestedLoraLinear`, in place.
+    """Wrap every target module of ``model`` with a :class:`~.layer.NestedLoraLinear`, in place.
 
     Targets are module-name suffixes (``"q_proj"``) or one regex matched against
     the full name. All parameters outside the adapters are frozen. Raises
@@ -101,9 +102,10 @@ def attach(model: nn.Module, config: NestedLoraConfig | None = None, **overrides
     for param in model.parameters():
         param.requires_grad_(False)
     for name, module in matched:
-        _set_submodule(model, name, NestedLoraLinear(module, config))
+        _set_submodule(model, name, adapter_layer(module, config))  # bitsandbytes: quantized.py
     setattr(model, CONFIG_ATTRIBUTE, config)
     setattr(model, REQUIRES_GRAD_ATTRIBUTE, original_requires_grad)
+    mark_adapters_loaded(model)  # a quantized base: transformers' Trainer accepts it
     return model
 
 
@@ -118,6 +120,7 @@ def _unwrap_all(model: nn.Module) -> None:
     for attribute in (CONFIG_ATTRIBUTE, REQUIRES_GRAD_ATTRIBUTE):
         if hasattr(model, attribute):
             delattr(model, attribute)
+    unmark_adapters_loaded(model)
 
 
 def detach(model: nn.Module) -> nn.Module:

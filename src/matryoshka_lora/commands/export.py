@@ -6,6 +6,10 @@
   (:func:`matryoshka_lora.export.export_peft`).
 * ``--format merged``: a plain transformers model with the rank-r update folded
   into its weights, plus the tokenizer (:func:`matryoshka_lora.export.save_merged`).
+
+Every PEFT folder carries a Hub model card (``README.md``, :mod:`matryoshka_lora.hub`),
+with the rank sweep of ``--sweep`` (the ``sweep.json`` that ``matryoshka-lora eval``
+writes) when given; ``--push-to-hub REPO`` uploads the finished folder as written.
 """
 
 from __future__ import annotations
@@ -37,10 +41,13 @@ Export a saved adapter at one or several ranks.
   matryoshka-lora export runs/gsm8k/adapter --rank 8 --output-dir deploy/r8
   matryoshka-lora export runs/gsm8k/adapter --rank 4,8,16 --output-dir deploy/peft
   matryoshka-lora export runs/gsm8k/adapter --format merged --rank 16 --output-dir merged-r16
+  matryoshka-lora export runs/gsm8k --rank 4,16 --sweep runs/gsm8k/eval/sweep.json \
+      --output-dir deploy/hub --push-to-hub me/gsm8k-matryoshka
 
 peft: a standard PEFT LoRA folder (vanilla peft.PeftModel.from_pretrained, vLLM); several
 ranks give one rank-<r>/ sub-folder each. merged: a plain transformers model (weights +
 tokenizer) with the rank-r update folded in, loadable with AutoModelForCausalLM.
+Every PEFT folder gets a Hub model card (README.md); --push-to-hub uploads it.
 """
 
 
@@ -110,6 +117,27 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "the ranks where this beats prefix truncation)",
     )
     p.add_argument("--device", default="cpu", help="device for loading and merging")
+    p.add_argument(
+        "--sweep",
+        metavar="FILE",
+        help="peft: the sweep.json of `matryoshka-lora eval` on this adapter, shown in the model "
+        "cards as the rank-sweep table",
+    )
+    p.add_argument(
+        "--tags",
+        type=lambda s: [t for t in s.split(",") if t],
+        default=[],
+        metavar="T1,T2",
+        help="peft: extra Hub tags for the model cards",
+    )
+    p.add_argument(
+        "--push-to-hub",
+        metavar="REPO",
+        help="peft: upload the finished --output-dir to the Hub model repo REPO (created if "
+        "missing; needs a token: `hf auth login` or HF_TOKEN)",
+    )
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: a private repo")
+    p.add_argument("--hub-revision", metavar="BRANCH", help="with --push-to-hub: the branch")
     p.set_defaults(func=run, parser=p)
     return p
 
@@ -124,6 +152,15 @@ def check_options(args: argparse.Namespace, max_rank: int) -> tuple[int, ...]:
             )
         if args.scale_encoding is not None:
             raise CLIError("--scale-encoding applies to --format peft only")
+        for flag, value in (("--push-to-hub", args.push_to_hub), ("--sweep", args.sweep)):
+            if value:
+                raise CLIError(f"{flag} applies to --format peft only")
+    if (args.private or args.hub_revision) and not args.push_to_hub:
+        raise CLIError("--private and --hub-revision go with --push-to-hub REPO")
+    if args.sweep and not Path(args.sweep).is_file():
+        raise CLIError(
+            f"--sweep {args.sweep} is not a file (the sweep.json of matryoshka-lora eval)"
+        )
     out = Path(args.output_dir)
     if out.exists():
         if not out.is_dir():
@@ -136,6 +173,20 @@ def check_options(args: argparse.Namespace, max_rank: int) -> tuple[int, ...]:
     return ranks
 
 
+def read_sweep(path: str | None):
+    """The :class:`~matryoshka_lora.eval.SweepResult` in ``path`` (None: no path)."""
+    if path is None:
+        return None
+    from ..eval.sweep import SweepResult
+
+    try:
+        return SweepResult.from_json(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CLIError(
+            f"--sweep {path} is not the sweep.json of matryoshka-lora eval ({err})"
+        ) from err
+
+
 def run(args: argparse.Namespace) -> int:
     from ..io import read_adapter_config
     from ._seqcls import head_metadata
@@ -143,6 +194,7 @@ def run(args: argparse.Namespace) -> int:
     adapter_dir = locate_adapter(args.adapter)
     config, _ = read_adapter_config(adapter_dir)
     ranks = check_options(args, config.r)
+    sweep = read_sweep(args.sweep)
     head = head_metadata(adapter_dir)
     if head is not None and args.format == "peft":
         raise CLIError(
@@ -183,17 +235,31 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "peft":
         dtype = None if args.dtype == "auto" else args.dtype
         encoding = args.scale_encoding or "baked"
+        card = {"sweep": sweep, "tags": args.tags}
         if len(ranks) == 1:
-            mlx.export_peft(model, ranks[0], out, encoding, overwrite=args.overwrite, dtype=dtype)
+            mlx.export_peft(model, ranks[0], out, encoding, args.overwrite, dtype=dtype, **card)
             print(f"PEFT LoRA at rank {ranks[0]}: {out}")
         else:
-            mlx.export_peft(model, None, out, encoding, args.overwrite, ranks=ranks, dtype=dtype)
+            mlx.export_peft(
+                model, None, out, encoding, args.overwrite, ranks=ranks, dtype=dtype, **card
+            )
             for r in ranks:
                 print(f"PEFT LoRA at rank {r}: {out / mlx.RANK_FOLDER.format(rank=r)}")
+        sub = "" if len(ranks) == 1 else f", subfolder={mlx.RANK_FOLDER.format(rank=ranks[0])!r}"
         print(
             "load with: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("
-            f"{model_name!r}), <folder>)"
+            f"{model_name!r}), <folder>{sub})"
         )
+        from ..serving import vllm_max_lora_rank
+
+        print(f"vLLM: --enable-lora --max-lora-rank {vllm_max_lora_rank(max(ranks))}")
+        if args.push_to_hub:
+            from ..hub import push_to_hub
+
+            info = push_to_hub(
+                out, args.push_to_hub, private=args.private or None, revision=args.hub_revision
+            )
+            print(f"pushed {out} to https://huggingface.co/{args.push_to_hub}: {info}")
     else:
         mlx.save_merged(model, ranks[0], out, overwrite=args.overwrite, tokenizer=tokenizer)
         print(f"merged model at rank {ranks[0]}: {out}")

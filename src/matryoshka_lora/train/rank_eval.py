@@ -1,7 +1,7 @@
 """The rank curve during training: teacher-forced metrics at every eval rank, and their AURAC.
 
 At an evaluation the adapter is deployed at each eval rank ``r`` (the adapter's
-configured inference scale, ``shared/method.md`` §5) and the teacher-forced
+configured inference scale, ``docs/method.md`` §6) and the teacher-forced
 metrics of :mod:`matryoshka_lora.eval.teacher_forced` are computed over all
 eval batches, token-weighted over the whole set:
 
