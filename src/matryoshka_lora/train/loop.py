@@ -36,6 +36,12 @@ from ..io import atomic_write_text, save_adapter
 from ..model import adapter_layers, get_config, set_sampled_rank
 from ..sampling import RankSampler
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .distributed import (
+    is_fsdp,
+    load_sharded_checkpoint,
+    save_adapter_sharded,
+    save_sharded_checkpoint,
+)
 from .objective import prefix_loss, prefix_loss_ranks_for, rank_sampler_for
 
 
@@ -172,6 +178,7 @@ def train_adapter(
     output = Path(config.output_dir)
     checkpoints = output / "checkpoints"
     torch.manual_seed(config.seed)
+    sharded = is_fsdp(model)  # FSDP2: no DDP wrapper, collective saves and loads
 
     sampler = rank_sampler_for(
         adapter_config, config.seed, config.sampler_distribution, config.sampler_per
@@ -193,7 +200,8 @@ def train_adapter(
     elif resume:
         resume_path = Path(resume)
     if resume_path is not None:
-        state = load_checkpoint(resume_path, model, optimizer, scheduler)
+        load = load_sharded_checkpoint if sharded else load_checkpoint
+        state = load(resume_path, model, optimizer, scheduler)
         start_step = resumed_from = state["step"]
         losses = state.get("losses", [])
         if (
@@ -206,7 +214,7 @@ def train_adapter(
             )
 
     ddp_model = model
-    if world > 1:
+    if world > 1 and not sharded:
         ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
@@ -245,7 +253,9 @@ def train_adapter(
                 if sampler is not None:
                     b = sampler.apply(model, step, micro)
                 sync = micro == accum - 1 or world == 1
-                context = ddp_model.no_sync() if (world > 1 and not sync) else nullcontext()
+                context = (
+                    ddp_model.no_sync() if (ddp_model is not model and not sync) else nullcontext()
+                )
                 with context:
                     with autocast:
                         if adapter_config.prefix_loss:
@@ -305,7 +315,17 @@ def train_adapter(
                         + "\n"
                     )
             if config.save_every and done % config.save_every == 0 and done < steps:
-                if rank == 0:
+                if sharded:
+                    last_good = save_sharded_checkpoint(
+                        checkpoints,
+                        done,
+                        model,
+                        optimizer,
+                        scheduler,
+                        {"losses": losses, "sampler": sampler.state_dict() if sampler else None},
+                        keep=config.keep_checkpoints,
+                    )
+                elif rank == 0:
                     last_good = save_checkpoint(
                         checkpoints,
                         done,
@@ -325,7 +345,9 @@ def train_adapter(
             set_sampled_rank(model, None)
         model.eval()
     adapter_dir = output / "adapter"
-    if rank == 0:
+    if sharded:
+        save_adapter_sharded(model, adapter_dir)
+    elif rank == 0:
         save_adapter(model, adapter_dir)
     if world > 1:
         dist.barrier()
