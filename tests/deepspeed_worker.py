@@ -5,7 +5,8 @@ MODE: ``one`` (1 process, batch 4), ``ddp``, ``zero2`` or ``zero3`` (DeepSpeed
 through accelerate, ``DS_ACCELERATOR=cpu`` on gloo), 2 processes with
 micro-batches of 2. For every variant it trains a tiny Llama for 4 steps (2
 micro-batches each), saves the adapter with ``trainer.save_model`` and writes
-the gathered adapter as this process sees it to OUT_DIR/<variant>/rank<k>.safetensors.
+the gathered adapter as this process sees it to OUT_DIR/<variant>/rank<k>.safetensors;
+``zero3`` also writes a PEFT export and a merged model from the partitioned run.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from ddp_worker import fixed_length_dataset  # noqa: E402
 from transformers import TrainingArguments  # noqa: E402
 
 import matryoshka_lora as ml  # noqa: E402
+from matryoshka_lora.export import export_peft, save_merged  # noqa: E402
 from matryoshka_lora.train import PaddingCollator  # noqa: E402
-from matryoshka_lora.train.distributed import gathered_adapters, is_zero3  # noqa: E402
+from matryoshka_lora.train.distributed import gathered_adapters, is_zero3, run_gathered  # noqa: E402
 from matryoshka_lora.train.hf_trainer import NestedLoraTrainer  # noqa: E402
 
 VARIANTS = {
@@ -107,6 +109,13 @@ def main() -> None:
         if mode == "zero3":
             local = model.model.layers[0].self_attn.q_proj.lora_A
             assert local.ds_tensor.numel() == local.ds_numel // world, "not partitioned"
+            run_gathered(model, lambda m, f=folder: export_peft(m, 4, os.path.join(f, "peft")))
+            if variant == "prefix_loss":
+                run_gathered(
+                    model,
+                    lambda m, f=folder: save_merged(m, 4, os.path.join(f, "merged")),
+                    include_base=True,
+                )
         if zero:
             from accelerate.state import AcceleratorState
 

@@ -579,6 +579,9 @@ def run(args: argparse.Namespace) -> int:
 
             save_head(model, folder, args.num_labels)
 
+    from ..train.distributed import shard_from_accelerate_env
+
+    shard_from_accelerate_env(model)  # under `accelerate launch` with an FSDP config
     started = time.perf_counter()
     result = train_adapter(model, dataset, train_config, collate, resume=resume, on_step=on_step)
     if not main:

@@ -108,6 +108,27 @@ def shard_model(
     return model
 
 
+def shard_from_accelerate_env(model: nn.Module) -> bool:
+    """Shard ``model`` with FSDP2 if ``accelerate launch`` was given an FSDP config; True if so.
+
+    ``accelerate launch --config_file recipes/accelerate/fsdp.yaml`` sets
+    ``ACCELERATE_USE_FSDP=true`` (and ``FSDP_RESHARD_AFTER_FORWARD``,
+    ``FSDP_TRANSFORMER_CLS_TO_WRAP``); the plain training loop reads them here.
+    The process group is initialised first (nccl with CUDA, else gloo).
+    """
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return False
+    if os.environ.get("FSDP_VERSION", "2") != "2":
+        raise ValueError("matryoshka-lora trains with FSDP2: set fsdp_version: 2 in the config")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    names = [n for n in os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",") if n]
+    types = tuple({type(m) for m in model.modules() if type(m).__name__ in names}) or None
+    reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false"
+    shard_model(model, block_types=types, reshard_after_forward=reshard)
+    return True
+
+
 def reset_scales(model: nn.Module) -> None:
     """Recompute P (``train_p``) and the deployed scales of every adapter from the model's config.
 
@@ -372,5 +393,6 @@ __all__ = [
     "run_gathered",
     "save_adapter_sharded",
     "save_sharded_checkpoint",
+    "shard_from_accelerate_env",
     "shard_model",
 ]
