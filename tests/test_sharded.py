@@ -175,3 +175,60 @@ def test_scales_are_right_after_meta_device_init(runs):
         torch.testing.assert_close(got["rank_p"], deployed[3], atol=0, rtol=0)
         torch.testing.assert_close(got["sampled_p"], deployed[5], atol=0, rtol=0)
     assert train_p[0] > train_p[-1] > 0  # a decreasing P, not the uninitialised memory
+
+
+def test_cli_under_accelerate_launch_with_the_fsdp_recipe(tmp_path):
+    """``accelerate launch --config_file recipes/accelerate/fsdp.yaml`` shards the CLI's plain loop."""
+    import json
+
+    from conftest import make_char_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    make_char_tokenizer().save_pretrained(tmp_path / "model")
+    with open(tmp_path / "data.jsonl", "w", encoding="utf-8") as fh:
+        for a in range(1, 5):
+            for b in range(1, 5):
+                row = {"question": f"What is {a}+{b}?", "answer": f"{a}+{b}={a + b}\n#### {a + b}"}
+                fh.write(json.dumps(row) + "\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    common = ["train", "--model", "model", "--dataset", "data.jsonl", "--r", "8", "--lr", "0.05"]
+    common += ["--target-modules", "q_proj,v_proj", "--max-steps", "3", "--grad-accum", "2"]
+    common += ["--max-length", "64", "--no-progress", "--save-every", "2"]
+    recipe = Path(__file__).parents[1] / "recipes" / "accelerate" / "fsdp.yaml"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(recipe)]
+    launch += ["--num_processes", "2", "-m", "matryoshka_lora.cli"]
+    runs = {
+        "fsdp": launch + common + ["--batch-size", "2", "--output-dir", "fsdp"],
+        "one": [sys.executable, "-m", "matryoshka_lora.cli"]
+        + common
+        + ["--batch-size", "4", "--output-dir", "one"],
+    }
+    for name, command in runs.items():
+        done = subprocess.run(
+            command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+        )
+        assert done.returncode == 0, f"{name}:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+        if name == "fsdp":
+            assert "FSDP2: every decoder layer sharded across 2 processes" in done.stdout
+    sharded = load_file(tmp_path / "fsdp" / "adapter" / "adapter.safetensors")
+    one = load_file(tmp_path / "one" / "adapter" / "adapter.safetensors")
+    assert set(sharded) == set(one) and len(one) == 2 * 2 * 2
+    for key, value in one.items():
+        torch.testing.assert_close(sharded[key], value, atol=1e-5, rtol=1e-4)
+    assert all(one[k].abs().max() > 1e-2 for k in one if k.endswith("lora_B"))
+    assert [p.name for p in (tmp_path / "fsdp" / "checkpoints").iterdir()] == ["step-000002"]
