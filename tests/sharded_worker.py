@@ -8,8 +8,9 @@ trains a tiny Llama for 4 steps (2 micro-batches each) with ``train_adapter``
 and writes the adapter as this process sees it after a gather to
 OUT_DIR/<variant>/rank<k>.safetensors; process 0's saved adapter is
 OUT_DIR/<variant>/run/adapter. ``fsdp`` also writes a PEFT export and a merged
-model from the sharded run, resumes a crashed run from its sharded checkpoint,
-and records P after meta-device initialisation.
+model from the sharded run, an SVD re-basis of the sharded adapter, resumes a
+crashed run from its sharded checkpoint, and records P after meta-device
+initialisation.
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ from conftest import LLAMA_TARGETS, make_tiny_llama  # noqa: E402
 from ddp_worker import fixed_length_dataset  # noqa: E402
 
 import matryoshka_lora as ml  # noqa: E402
+from matryoshka_lora.eval.svd import svd_rebase_  # noqa: E402
 from matryoshka_lora.export import export_peft, save_merged  # noqa: E402
 from matryoshka_lora.train import PaddingCollator, TrainConfig, train_adapter  # noqa: E402
 from matryoshka_lora.train.distributed import (  # noqa: E402
     gathered_adapters,
     reset_scales,
     run_gathered,
+    save_adapter_sharded,
     shard_model,
 )
 
@@ -193,6 +196,9 @@ def main() -> None:
                 lambda m, f=folder: save_merged(m, 4, os.path.join(f, "merged")),
                 include_base=True,
             )
+            with gathered_adapters(model, writeback=True):  # an in-place change of the shards
+                svd_rebase_(model)
+            save_adapter_sharded(model, os.path.join(folder, "svd"))
         if variant in RESUMED:
             crashed = os.path.join(folder, "crashed")
 

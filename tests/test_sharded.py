@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from sharded_worker import RESUMED, VARIANTS
 
 import matryoshka_lora as ml
+from matryoshka_lora.eval.svd import svd_rebase_
 from matryoshka_lora.export import export_peft, save_merged
 from matryoshka_lora.nesting import inference_p, training_p
 
@@ -139,6 +140,20 @@ def test_sharded_merged_save_equals_merging_the_saved_adapter(runs, tmp_path):
         assert torch.equal(got[key], value), key
     key = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(got[key], base[key])  # the update is in the merged weight
+
+
+def test_sharded_svd_rebase_equals_rebasing_the_saved_adapter(runs):
+    folder = runs["fsdp"] / "prefix_loss"
+    model = _fresh("prefix_loss")
+    ml.load_adapter(model, folder / "run" / "adapter")
+    svd_rebase_(model)
+    config, _ = ml.read_adapter_config(folder / "svd")
+    assert (config.method, config.scaling) == ("lora", "none")
+    got = load_file(folder / "svd" / "adapter.safetensors")
+    want = ml.adapter_state_dict(model)
+    assert set(got) == set(want)
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value.detach(), atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("variant", RESUMED)

@@ -7,6 +7,8 @@ seeding, periodic atomic checkpoints and exact resume. Under ``torchrun``
 each optimizer micro-step takes one global batch of ``batch_size * world_size``
 examples in a seeded order and gives each process its slice, so a run on N
 processes computes the same update as one process with the same global batch.
+A model sharded with FSDP2 (:func:`~matryoshka_lora.train.distributed.shard_model`)
+trains the same way without DDP; its saves and checkpoints gather the adapter.
 
 Reproducibility: the data order of epoch ``e`` is a permutation seeded by
 ``(seed, e)``, DyLoRA's rank is a function of ``(seed, step, micro_step)``
