@@ -114,7 +114,12 @@ def run_zero3(rank_r: int, world: int, rank: int) -> dict[str, int]:
     config = {
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "zero_optimization": {
+            "stage": 3,
+            "stage3_param_persistence_threshold": 0,
+            "reduce_bucket_size": 1e6,  # the default, 5e8 elements, is a 2 GB buffer
+            "stage3_prefetch_bucket_size": 1e6,
+        },
         "zero_allow_untested_optimizer": True,
     }
     optimizer = torch.optim.AdamW(params, lr=1e-3)

@@ -2,7 +2,8 @@
 
 Skipped where ``deepspeed`` is not installed (the ``deepspeed`` extra). Each
 engine runs once (``deepspeed_worker.py`` trains every variant in one launch);
-the references are the plain Trainer on one process and under DDP.
+the references are the plain Trainer on one process and under DDP. A ZeRO-3
+run killed after step 3 resumes from its checkpoint to the same adapter.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from matryoshka_lora.export import export_peft, save_merged  # noqa: E402
 
 pytestmark = pytest.mark.slow
 WORKER = Path(__file__).parent / "deepspeed_worker.py"
-MODES = ("one", "ddp", "zero2", "zero3")
+MODES = ("one", "ddp", "zero2", "zero3", "zero3-resume")
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +126,14 @@ def test_zero3_merged_save_equals_merging_the_saved_adapter(runs, tmp_path):
     assert set(got) == set(want)
     for key, value in want.items():
         assert torch.equal(got[key], value), key
+
+
+def test_zero3_resume_after_a_kill_is_exact(runs):
+    whole = load_file(runs["zero3"] / "dylora" / "rank0.safetensors")
+    for rank in (0, 1):
+        resumed = load_file(runs["zero3-resume"] / f"resumed_rank{rank}.safetensors")
+        assert set(resumed) == set(whole)
+        for key, value in whole.items():
+            assert torch.equal(resumed[key], value), key
+    checkpoint = runs["zero3-resume"] / "crashed" / "checkpoint-2"
+    ml.load_adapter(_fresh("dylora"), checkpoint)  # the gathered adapter, loadable alone
