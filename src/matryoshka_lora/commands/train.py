@@ -581,6 +581,10 @@ def run(args: argparse.Namespace) -> int:
 
             save_head(model, folder, args.num_labels)
 
+    from ..train.distributed import shard_from_accelerate_env
+
+    if shard_from_accelerate_env(model) and main:  # `accelerate launch` with an FSDP config
+        print(f"FSDP2: every decoder layer sharded across {world} processes")
     started = time.perf_counter()
     result = train_adapter(model, dataset, train_config, collate, resume=resume, on_step=on_step)
     if not main:

@@ -35,6 +35,7 @@ from transformers import Trainer
 from ..io import load_adapter, save_adapter
 from ..model import adapter_layers, get_config, set_sampled_rank
 from ..sampling import RankSampler
+from .distributed import gathered_adapters, is_sharded
 from .objective import prefix_loss, prefix_loss_ranks_for, rank_sampler_for
 from .rank_eval import RANK_EVAL_METRICS, check_eval_ranks, rank_eval_metrics
 
@@ -155,6 +156,14 @@ class NestedLoraMixin:
             self.processing_class.save_pretrained(output_dir)
         with open(os.path.join(output_dir, "training_args.json"), "w", encoding="utf-8") as fh:
             fh.write(self.args.to_json_string())
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Under ZeRO-3 / FSDP2 every process gathers the adapter, process 0 writes it (never the base)."""
+        model = self._unwrapped()
+        if not is_sharded(model):
+            return super().save_model(output_dir, _internal_call)
+        with gathered_adapters(model):
+            self._save(output_dir)
 
     def _load_from_checkpoint(
         self, resume_from_checkpoint: str, model: nn.Module | None = None

@@ -7,6 +7,8 @@ seeding, periodic atomic checkpoints and exact resume. Under ``torchrun``
 each optimizer micro-step takes one global batch of ``batch_size * world_size``
 examples in a seeded order and gives each process its slice, so a run on N
 processes computes the same update as one process with the same global batch.
+A model sharded with FSDP2 (:func:`~matryoshka_lora.train.distributed.shard_model`)
+trains the same way without DDP; its saves and checkpoints gather the adapter.
 
 Reproducibility: the data order of epoch ``e`` is a permutation seeded by
 ``(seed, e)``, DyLoRA's rank is a function of ``(seed, step, micro_step)``
@@ -45,6 +47,12 @@ from .checkpoint import (
     load_checkpoint,
     process_rng_tensors,
     save_checkpoint,
+)
+from .distributed import (
+    is_fsdp,
+    load_sharded_checkpoint,
+    save_adapter_sharded,
+    save_sharded_checkpoint,
 )
 from .objective import prefix_loss, prefix_loss_ranks_for, rank_sampler_for
 from .rank_eval import check_eval_ranks, format_rank_curve, rank_eval_metrics
@@ -207,6 +215,7 @@ def train_adapter(
     output = Path(config.output_dir)
     checkpoints = output / "checkpoints"
     torch.manual_seed(config.seed)
+    sharded = is_fsdp(model)  # FSDP2: no DDP wrapper, collective saves and loads
 
     sampler = rank_sampler_for(
         adapter_config, config.seed, config.sampler_distribution, config.sampler_per
@@ -228,7 +237,8 @@ def train_adapter(
     elif resume:
         resume_path = Path(resume)
     if resume_path is not None:
-        state = load_checkpoint(resume_path, model, optimizer, scheduler, process=rank)
+        load = load_sharded_checkpoint if sharded else load_checkpoint
+        state = load(resume_path, model, optimizer, scheduler, process=rank)
         start_step = resumed_from = state["step"]
         losses = state.get("losses", [])
         if (
@@ -241,7 +251,7 @@ def train_adapter(
             )
 
     ddp_model = model
-    if world > 1:
+    if world > 1 and not sharded:
         ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
@@ -261,7 +271,8 @@ def train_adapter(
         )
 
     eval_batches = None
-    if eval_dataset is not None and rank == 0:
+    evaluates = rank == 0 or sharded  # a sharded forward needs every process
+    if eval_dataset is not None and evaluates:
         check_eval_ranks(model, config.eval_ranks)
         size = config.eval_batch_size or config.batch_size
         eval_batches = [
@@ -293,7 +304,9 @@ def train_adapter(
                 if sampler is not None:
                     b = sampler.apply(model, step, micro)
                 sync = micro == accum - 1 or world == 1
-                context = ddp_model.no_sync() if (world > 1 and not sync) else nullcontext()
+                context = (
+                    ddp_model.no_sync() if (ddp_model is not model and not sync) else nullcontext()
+                )
                 with context:
                     with autocast:
                         if adapter_config.prefix_loss:
@@ -357,10 +370,11 @@ def train_adapter(
             if eval_dataset is not None and (
                 done == steps or (config.eval_every and done % config.eval_every == 0)
             ):
-                if rank == 0:
+                if evaluates:
                     with autocast:
                         metrics = rank_eval_metrics(model, eval_batches, config.eval_ranks)
                     evals.append({"step": done, **metrics})
+                if rank == 0:
                     with open(log_path, "a", encoding="utf-8") as fh:
                         fh.write(json.dumps({"step": done, **metrics}) + "\n")
                     eval_postfix = {"aurac": f"{metrics['eval_aurac']:.2f}"}
@@ -370,7 +384,18 @@ def train_adapter(
                     dist.barrier()
             if config.save_every and done % config.save_every == 0 and done < steps:
                 rng_states = process_rng_tensors()  # a collective: every process takes part
-                if rank == 0:
+                if sharded:
+                    last_good = save_sharded_checkpoint(
+                        checkpoints,
+                        done,
+                        model,
+                        optimizer,
+                        scheduler,
+                        {"losses": losses, "sampler": sampler.state_dict() if sampler else None},
+                        keep=config.keep_checkpoints,
+                        rng=rng_states,
+                    )
+                elif rank == 0:
                     last_good = save_checkpoint(
                         checkpoints,
                         done,
@@ -391,7 +416,9 @@ def train_adapter(
             set_sampled_rank(model, None)
         model.eval()
     adapter_dir = output / "adapter"
-    if rank == 0:
+    if sharded:
+        save_adapter_sharded(model, adapter_dir)
+    elif rank == 0:
         save_adapter(model, adapter_dir)
     if world > 1:
         dist.barrier()
