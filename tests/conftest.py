@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -88,3 +90,17 @@ def assert_tensors_close(actual: dict, expected: dict, rtol: float = 1e-5) -> No
         error = (actual[key].double() - want.double()).norm()
         scale = want.double().norm().clamp_min(1e-12)
         assert error <= rtol * scale, f"{key}: relative error {float(error / scale):.2e}"
+
+
+def torchrun(script, *args, processes: int = 2) -> list[str]:
+    """The command that runs ``script`` with ``args`` in ``processes`` local processes."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(processes),
+        str(script),
+        *map(str, args),
+    ]

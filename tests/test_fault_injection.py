@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import torchrun
 from safetensors.torch import load_file
 from save_worker import make_adapted
 
@@ -75,19 +76,8 @@ def test_save_killed_at_random_moments_keeps_a_complete_adapter(tmp_path):
 
 
 def run_two_processes(out_dir: Path, delay: float = 0.0, **popen) -> subprocess.Popen:
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(HERE / "resume_worker.py"),
-        str(out_dir),
-        str(delay),
-    ]
     return subprocess.Popen(
-        command,
+        torchrun(HERE / "resume_worker.py", out_dir, delay),
         env=ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, make_tiny_llama
+from conftest import LLAMA_TARGETS, make_tiny_llama, torchrun
 from ddp_worker import fixed_length_dataset
 from transformers import TrainerCallback, TrainingArguments
 
@@ -255,16 +254,7 @@ def test_trainer_rank_curve_under_two_processes_is_the_whole_sets(tmp_path):
         "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(source)]),
     }
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            str(worker),
-            str(tmp_path),
-        ],
+        torchrun(worker, tmp_path),
         check=True,
         env=env,
         capture_output=True,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, assert_tensors_close, make_tiny_llama
+from conftest import LLAMA_TARGETS, assert_tensors_close, make_tiny_llama, torchrun
 from ddp_worker import fixed_length_dataset, varied_length_dataset
 from safetensors.torch import load_file
 
@@ -311,18 +311,7 @@ def test_two_process_ddp_matches_one_process(tmp_path, method):
     for d in (two, one):
         d.mkdir()
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            str(worker),
-            str(two),
-            method,
-            "2",
-        ],
+        torchrun(worker, two, method, 2),
         check=True,
         env=env,
         capture_output=True,

@@ -384,19 +384,9 @@ def train_adapter(
                     dist.barrier()
             if config.save_every and done % config.save_every == 0 and done < steps:
                 rng_states = process_rng_tensors()  # a collective: every process takes part
-                if sharded:
-                    last_good = save_sharded_checkpoint(
-                        checkpoints,
-                        done,
-                        model,
-                        optimizer,
-                        scheduler,
-                        {"losses": losses, "sampler": sampler.state_dict() if sampler else None},
-                        keep=config.keep_checkpoints,
-                        rng=rng_states,
-                    )
-                elif rank == 0:
-                    last_good = save_checkpoint(
+                if sharded or rank == 0:  # a sharded save gathers on every process
+                    save = save_sharded_checkpoint if sharded else save_checkpoint
+                    last_good = save(
                         checkpoints,
                         done,
                         model,
