@@ -35,6 +35,7 @@ from matryoshka_lora.commands import evaluate as eval_command
 from matryoshka_lora.commands import export as export_command
 from matryoshka_lora.commands import train as train_command
 from matryoshka_lora.eval import Comparison, SweepResult
+from matryoshka_lora.train.classification import HEAD_FILE
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 ENV = {
@@ -334,7 +335,7 @@ def test_seq_cls_train_eval_and_merged_export(work, capsys, monkeypatch):
     )
     assert code == 0, err
     adapter = work / "cls" / "adapter"
-    assert (adapter / _common.HEAD_FILE).is_file()
+    assert (adapter / HEAD_FILE).is_file()
     code, out, err = run_main(
         capsys, "eval", "cls", "--evaluator", "seq-cls", "--dataset", "data.jsonl",
         "--no-progress", "--output-dir", "cls-eval",
@@ -350,7 +351,7 @@ def test_seq_cls_train_eval_and_merged_export(work, capsys, monkeypatch):
     merged = AutoModelForSequenceClassification.from_pretrained(work / "cls-m")
     ours = AutoModelForSequenceClassification.from_pretrained(work / "model", num_labels=2)
     ml.load_adapter(ours, adapter)
-    from matryoshka_lora.commands._seqcls import load_head
+    from matryoshka_lora.train.classification import load_head
 
     load_head(ours, adapter)
     with torch.no_grad(), ml.at_rank(ours, 2):

@@ -36,7 +36,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .assets import resolve_dataset
-from .commands._seqcls import head_modules, make_head_trainable
 from .config import NestedLoraConfig
 from .eval.aurac import aurac
 from .eval.classification import classification_metrics
@@ -46,7 +45,12 @@ from .eval.teacher_forced import teacher_forced_metrics
 from .io import load_adapter
 from .model import at_rank, attach, detach
 from .nesting import powers_of_two_ranks
-from .train.classification import ClassificationCollator, ClassificationDataset
+from .train.classification import (
+    ClassificationCollator,
+    ClassificationDataset,
+    head_modules,
+    make_head_trainable,
+)
 from .train.data import PaddingCollator, SFTDataset, load_records
 from .train.loop import TrainConfig, train_adapter
 

@@ -10,5 +10,4 @@ Heavy imports (transformers, datasets, lm-eval, matplotlib) happen inside
 * :mod:`.export`: PEFT LoRA folder or merged model at chosen ranks.
 * :mod:`.info`: a saved adapter's config and parameter counts.
 * :mod:`._common`: option types, config files, model loading, the error type.
-* :mod:`._seqcls`: the text/label dataset and the classifier-head file of ``--task seq-cls``.
 """

@@ -24,9 +24,6 @@ RESERVED_DESTS = frozenset(
     {"help", "config", "debug", "print_config", "version", "command", "func"}
 )
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-HEAD_FILE = "classifier_head.safetensors"
-HEAD_FORMAT = "matryoshka-lora-classifier-head"
-HEAD_MODULE_NAMES = ("score", "classifier", "pre_classifier")
 RESOLVED_CONFIG_STEM = "resolved_config"
 
 

@@ -367,7 +367,7 @@ def run(args: argparse.Namespace) -> int:
         print(dump_config(options_dict(args.parser, args, "eval")), end="")
         return 0
     from ..io import read_adapter_config
-    from ._seqcls import head_metadata
+    from ..train.classification import head_metadata
 
     adapter_dir = locate_adapter(args.adapter)
     config, _ = read_adapter_config(adapter_dir)
@@ -413,7 +413,7 @@ def run(args: argparse.Namespace) -> int:
     )
     load_adapter(model, adapter_dir)
     if head is not None:
-        from ._seqcls import load_head
+        from ..train.classification import load_head
 
         load_head(model, adapter_dir)
 

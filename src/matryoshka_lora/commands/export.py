@@ -189,7 +189,7 @@ def read_sweep(path: str | None):
 
 def run(args: argparse.Namespace) -> int:
     from ..io import read_adapter_config
-    from ._seqcls import head_metadata
+    from ..train.classification import head_metadata
 
     adapter_dir = locate_adapter(args.adapter)
     config, _ = read_adapter_config(adapter_dir)
@@ -217,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
     )
     load_adapter(model, adapter_dir)
     if head is not None:
-        from ._seqcls import load_head
+        from ..train.classification import load_head
 
         load_head(model, adapter_dir)
     if args.inference_scale is not None:

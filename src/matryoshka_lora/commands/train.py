@@ -20,8 +20,8 @@ from typing import Any
 from ..config import A_INITS, DYLORA_UPDATES, PRESETS
 from ..nesting import INFERENCE_SCALES, METHODS, NORMALIZATIONS, SCALINGS
 from ..sampling import DISTRIBUTIONS, FREQUENCIES
+from ..train.classification import HEAD_FILE
 from ._common import (
-    HEAD_FILE,
     RESOLVED_CONFIG_STEM,
     CLIError,
     HelpFormatter,
@@ -542,11 +542,11 @@ def run(args: argparse.Namespace) -> int:
     head_params = 0
     resume: bool | Path = args.resume and not args.overwrite
     if seq_cls:
-        from ._seqcls import load_head, make_head_trainable
+        from ..train.classification import load_head, make_head_trainable
 
         head_params = make_head_trainable(model)
         if args.bf16:  # keep the trained head in fp32, like the adapters
-            from ._seqcls import head_modules
+            from ..train.classification import head_modules
 
             for module in head_modules(model).values():
                 module.float()
@@ -577,7 +577,7 @@ def run(args: argparse.Namespace) -> int:
             return
         folder = checkpoints / f"step-{step:06d}"
         if folder.is_dir():
-            from ._seqcls import save_head
+            from ..train.classification import save_head
 
             save_head(model, folder, args.num_labels)
 
@@ -590,7 +590,7 @@ def run(args: argparse.Namespace) -> int:
     if not main:
         return 0
     if seq_cls:
-        from ._seqcls import save_head
+        from ..train.classification import save_head
 
         save_head(model, result.adapter_dir, args.num_labels)
     summary = {

@@ -1,22 +1,40 @@
-"""Sequence-classification data: tokenized text with an integer class label, and its collator.
+"""Sequence classification: tokenized text with a class label, its collator, the head file.
 
 The counterpart of :class:`~matryoshka_lora.train.data.SFTDataset` for
 ``--task seq-cls``: each record gives ``text_field`` (truncated to ``max_length``
 tokens) and ``label_field`` (a class index in ``0..num_labels-1``); the collator
 right-pads a batch and stacks the labels into a ``(B,)`` tensor.
+
+The nested adapter format holds only A and B, so the classifier head a
+sequence-classification run trains (``score`` in Llama-style models,
+``classifier`` in BERT-style ones) is saved beside it as
+``classifier_head.safetensors`` (metadata: task and number of labels) and loaded
+again for evaluation and merged export.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
 
+from ..io import atomic_save_safetensors
 from .data import DatasetFormatError, Record
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+HEAD_FILE = "classifier_head.safetensors"
+HEAD_FORMAT = "matryoshka-lora-classifier-head"
+HEAD_MODULE_NAMES = ("score", "classifier", "pre_classifier")
+
+
+class ClassifierHeadError(ValueError):
+    """A model has no classifier head, or a saved head does not fit it."""
 
 
 def _label(record: Record, field: str, num_labels: int) -> int:
@@ -102,3 +120,80 @@ def batches(dataset: ClassificationDataset, batch_size: int, pad_token_id: int) 
 
 
 __all__ = ["ClassificationCollator", "ClassificationDataset", "batches"]
+
+
+# ---------------------------------------------------------------------------- the head file
+def head_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The classifier head modules of a transformers sequence classifier, by attribute name."""
+    return {
+        name: module
+        for name in HEAD_MODULE_NAMES
+        if isinstance(module := getattr(model, name, None), nn.Module)
+    }
+
+
+def make_head_trainable(model: nn.Module) -> int:
+    """Unfreeze the classifier head (after ``attach`` froze it); returns its parameter count."""
+    heads = head_modules(model)
+    if not heads:
+        raise ClassifierHeadError(
+            f"{type(model).__name__} has no classifier head named "
+            f"{' or '.join(HEAD_MODULE_NAMES)}: cannot train it"
+        )
+    count = 0
+    for module in heads.values():
+        for param in module.parameters():
+            param.requires_grad_(True)
+            count += param.numel()
+    return count
+
+
+def head_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        f"{name}.{key}": value
+        for name, module in head_modules(model).items()
+        for key, value in module.state_dict().items()
+    }
+
+
+def save_head(model: nn.Module, folder: Path, num_labels: int) -> Path:
+    path = Path(folder) / HEAD_FILE
+    atomic_save_safetensors(
+        head_state(model),
+        path,
+        metadata={"format": HEAD_FORMAT, "task": "seq-cls", "num_labels": str(num_labels)},
+    )
+    return path
+
+
+def head_metadata(folder: Path) -> dict[str, str] | None:
+    """The metadata of ``folder/classifier_head.safetensors``, or None if there is none."""
+    path = Path(folder) / HEAD_FILE
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except Exception as err:  # a truncated or foreign file
+        raise ClassifierHeadError(f"{path} is not a readable classifier head: {err}") from None
+
+
+def load_head(model: nn.Module, folder: Path) -> None:
+    """Copy the saved head into ``model``; a :class:`ClassifierHeadError` if it does not fit."""
+    path = Path(folder) / HEAD_FILE
+    tensors = load_file(str(path))
+    expected = head_state(model)
+    if set(tensors) != set(expected):
+        raise ClassifierHeadError(
+            f"{path} does not fit {type(model).__name__}: saved keys {sorted(tensors)[:3]}, "
+            f"model head keys {sorted(expected)[:3]}"
+        )
+    bad = [k for k in expected if tuple(tensors[k].shape) != tuple(expected[k].shape)]
+    if bad:
+        raise ClassifierHeadError(
+            f"{path} does not fit the model: {bad[0]} is {tuple(tensors[bad[0]].shape)} in the "
+            f"file, {tuple(expected[bad[0]].shape)} in the model (another --num-labels?)"
+        )
+    with torch.no_grad():
+        for key, value in expected.items():
+            value.copy_(tensors[key].to(dtype=value.dtype, device=value.device))
