@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from .export import export_peft
-from .model import adapter_layers
+from .model import require_adapters
 from .nesting import check_rank, check_rank_list
 
 LossFn = Callable[[nn.Module], float]
@@ -97,19 +97,12 @@ class RankAllocation:
 
 
 # ---------------------------------------------------------------------------- basics
-def _layers(model: nn.Module) -> dict[str, nn.Module]:
-    layers = adapter_layers(model)
-    if not layers:
-        raise ValueError("the model has no nested-LoRA adapter: call attach(model, config) first")
-    merged = [n for n, layer in layers.items() if layer.merged]
-    if merged:
-        raise RuntimeError(f"{len(merged)} adapters are merged: call unmerge(model) first")
-    return layers
-
-
 def module_costs(model: nn.Module) -> dict[str, int]:
     """Parameters per rank of each module: ``in_m + out_m``."""
-    return {n: layer.in_features + layer.out_features for n, layer in _layers(model).items()}
+    return {
+        n: layer.in_features + layer.out_features
+        for n, layer in require_adapters(model, unmerged=True).items()
+    }
 
 
 def allocation_params(model: nn.Module, ranks: Mapping[str, int]) -> int:
@@ -123,7 +116,7 @@ def candidate_ranks(
 ) -> dict[str, tuple[int, ...]]:
     """Ranks each module may get: ``"train"`` (the config's train ranks), ``"all"``
     (1..R) or an explicit increasing list."""
-    layers = _layers(model)
+    layers = require_adapters(model, unmerged=True)
     out = {}
     for name, layer in layers.items():
         if ranks == "train":
@@ -261,7 +254,7 @@ def energy_damage(
     """
     if criterion not in ENERGY_CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}: choose 'prefix' or 'svd'")
-    layers = _layers(model)
+    layers = require_adapters(model, unmerged=True)
     cands = candidate_ranks(model, ranks)
     out: dict[str, dict[int, float]] = {}
     with torch.no_grad():
@@ -351,7 +344,7 @@ def _loss_fn(loss_fn: LossFn | None, batches: Iterable[Any] | None) -> LossFn:
 @contextmanager
 def _evaluating(model: nn.Module):
     """Eval mode, no grad, and every layer's rank restored afterwards."""
-    layers = _layers(model)
+    layers = require_adapters(model, unmerged=True)
     previous = {n: layer.active_rank for n, layer in layers.items()}
     was_training = model.training
     model.eval()
@@ -476,7 +469,7 @@ def allocate_by_loss(
 def apply_allocation(model: nn.Module, allocation: RankAllocation | Mapping[str, int]) -> None:
     """Deploy each module at its allocated rank (``layer.set_rank`` per module)."""
     ranks = allocation.ranks if isinstance(allocation, RankAllocation) else dict(allocation)
-    layers = _layers(model)
+    layers = require_adapters(model, unmerged=True)
     if set(ranks) != set(layers):
         missing, unknown = sorted(set(layers) - set(ranks)), sorted(set(ranks) - set(layers))
         raise ValueError(

@@ -36,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .assets import resolve_dataset
-from .config import NestedLoraConfig
+from .config import LLAMA_PROJECTIONS, NestedLoraConfig
 from .eval.aurac import aurac
 from .eval.classification import classification_metrics
 from .eval.results import Comparison
@@ -133,7 +133,7 @@ TASKS = {  # task -> the metrics it reports
     "sft": ("token_accuracy", "exact_match", "loss", "perplexity"),
     "seq-cls": ("accuracy",),
 }
-SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SEVEN_PROJECTIONS = list(LLAMA_PROJECTIONS)
 
 
 @dataclass

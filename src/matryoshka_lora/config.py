@@ -8,6 +8,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from .nesting import (
     INFERENCE_SCALES,
     METHODS,
@@ -21,6 +23,22 @@ from .nesting import (
 )
 
 A_INITS: tuple[str, ...] = ("peft", "authors")
+# the attention and MLP projections of Llama-style decoders (the paper's targets)
+LLAMA_PROJECTIONS: tuple[str, ...] = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
+# floating dtypes by name, as configs, exports and the command line spell them
+FLOAT_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 DYLORA_UPDATES: tuple[str, ...] = ("prefix", "last")
 
 
@@ -89,17 +107,7 @@ class NestedLoraConfig:
     scaling: str = "sqrt"
     alpha: float = 1.0
     normalize: str = "none"
-    target_modules: list[str] | str = field(
-        default_factory=lambda: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-    )
+    target_modules: list[str] | str = field(default_factory=lambda: list(LLAMA_PROJECTIONS))
     dropout: float = 0.0
     init_a: str = "peft"
     inference_scale: str | None = None
@@ -181,11 +189,7 @@ class NestedLoraConfig:
                 f"target_modules must be a non-empty list of module-name suffixes or a regex string, "
                 f"got {self.target_modules!r}"
             )
-        if self.adapter_dtype is not None and self.adapter_dtype not in (
-            "float32",
-            "float16",
-            "bfloat16",
-        ):
+        if self.adapter_dtype is not None and self.adapter_dtype not in FLOAT_DTYPES:
             raise ValueError(
                 f"adapter_dtype must be 'float32', 'bfloat16', 'float16' or None, got {self.adapter_dtype!r}"
             )

@@ -43,9 +43,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ._version import __version__
-from .config import NestedLoraConfig
+from .config import FLOAT_DTYPES, NestedLoraConfig
 from .io import atomic_save_safetensors, atomic_write_text, staged_directory
-from .model import adapter_layers, attach, detach, get_config
+from .model import adapter_layers, attach, detach, get_config, require_adapters
 from .nesting import check_rank
 from .quantized import check_not_quantized
 
@@ -56,24 +56,16 @@ PEFT_KEY_PREFIX = "base_model.model."
 SCALE_ENCODINGS: tuple[str, ...] = ("baked", "alpha")
 RANK_FOLDER = "rank-{rank}"
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 RankSpec = int | str | Mapping[str, int]
 
 
 # ---------------------------------------------------------------------------- helpers
-def _require_layers(model: nn.Module) -> dict[str, nn.Module]:
-    layers = adapter_layers(model)
-    if not layers:
-        raise ValueError("the model has no nested-LoRA adapter: call attach(model, config) first")
-    return layers
-
-
 def resolve_module_ranks(model: nn.Module, rank: RankSpec) -> dict[str, int]:
     """Per-module ranks from ``rank``: an int (every module), ``"active"`` (each
     layer's current ``active_rank``) or a mapping ``module path -> rank`` that
     names every adapted module exactly once."""
-    layers = _require_layers(model)
+    layers = require_adapters(model)
     if isinstance(rank, str):
         if rank != "active":
             raise ValueError(
@@ -196,9 +188,11 @@ def _check_encoding(scale_encoding: str) -> None:
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or a torch.dtype, got {dtype!r}")
-    return _DTYPES[dtype]
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(
+            f"dtype must be one of {sorted(FLOAT_DTYPES)} or a torch.dtype, got {dtype!r}"
+        )
+    return FLOAT_DTYPES[dtype]
 
 
 def _copy(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -250,7 +244,7 @@ def _build_export(
     """
     _check_encoding(scale_encoding)
     dtype = _resolve_dtype(dtype)
-    layers = _require_layers(model)
+    layers = require_adapters(model)
     ranks = resolve_module_ranks(model, rank)
     config = get_config(model)
     rslora = scale_encoding == "alpha" and config.scaling == "sqrt"
@@ -638,7 +632,7 @@ def import_peft(
 
 # ---------------------------------------------------------------------------- merged save
 def _check_mergeable(model: nn.Module, rank: RankSpec) -> tuple[dict[str, nn.Module], dict]:
-    layers = _require_layers(model)
+    layers = require_adapters(model)
     check_not_quantized(layers, "a merged save")
     merged = [n for n, layer in layers.items() if layer.merged]
     if merged:

@@ -26,10 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import NestedLoraConfig
+from .config import FLOAT_DTYPES, NestedLoraConfig
 from .nesting import check_rank, inference_p, rank_scale, training_p
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def conv1d_type() -> type[nn.Module] | None:
@@ -82,7 +80,7 @@ class NestedLoraLinear(nn.Module):
         self.max_rank = config.r
         self.init_a = config.init_a
 
-        dtype = weight.dtype if config.adapter_dtype is None else _DTYPES[config.adapter_dtype]
+        dtype = weight.dtype if config.adapter_dtype is None else FLOAT_DTYPES[config.adapter_dtype]
         if not dtype.is_floating_point:
             raise TypeError(f"cannot attach a float adapter to a {dtype} weight; set adapter_dtype")
         self.lora_A = nn.Parameter(

@@ -45,10 +45,15 @@ def adapter_layers(model: nn.Module) -> dict[str, NestedAdapter]:
     return {name: m for name, m in model.named_modules() if isinstance(m, NestedAdapter)}
 
 
-def _require_adapters(model: nn.Module) -> dict[str, NestedAdapter]:
+def require_adapters(model: nn.Module, unmerged: bool = False) -> dict[str, NestedAdapter]:
+    """:func:`adapter_layers`, refusing a model without adapters (and, if ``unmerged``,
+    one whose adapters are merged) with a message that names the fix."""
     layers = adapter_layers(model)
     if not layers:
         raise ValueError("the model has no nested-LoRA adapter: call attach(model, config) first")
+    merged = [n for n, layer in layers.items() if unmerged and getattr(layer, "merged", False)]
+    if merged:
+        raise RuntimeError(f"{len(merged)} adapters are merged: call unmerge(model) first")
     return layers
 
 
@@ -129,7 +134,7 @@ def detach(model: nn.Module) -> nn.Module:
     Refuses a merged model, whose base weights hold the update: ``unmerge`` first.
     The ``requires_grad`` flags ``attach`` changed are restored.
     """
-    layers = _require_adapters(model)
+    layers = require_adapters(model)
     merged = [n for n, m in layers.items() if m.merged]
     if merged:
         raise RuntimeError(
@@ -141,7 +146,7 @@ def detach(model: nn.Module) -> nn.Module:
 
 def set_rank(model: nn.Module, rank: int | None) -> None:
     """Deploy every adapter at ``rank`` (None: the full training function)."""
-    layers = _require_adapters(model)
+    layers = require_adapters(model)
     if rank is not None:
         check_rank(rank, min(m.max_rank for m in layers.values()))
     for layer in layers.values():
@@ -150,7 +155,7 @@ def set_rank(model: nn.Module, rank: int | None) -> None:
 
 def get_rank(model: nn.Module) -> int | None:
     """The active rank shared by all adapters (None: full training function)."""
-    ranks = {m.active_rank for m in _require_adapters(model).values()}
+    ranks = {m.active_rank for m in require_adapters(model).values()}
     if len(ranks) != 1:
         raise ValueError(f"adapters are at different ranks {sorted(ranks, key=str)}")
     return ranks.pop()
@@ -159,7 +164,7 @@ def get_rank(model: nn.Module) -> int | None:
 @contextmanager
 def at_rank(model: nn.Module, rank: int | None) -> Iterator[nn.Module]:
     """Temporarily deploy every adapter at ``rank``; restores each layer's previous rank."""
-    layers = _require_adapters(model)
+    layers = require_adapters(model)
     previous = {name: layer.active_rank for name, layer in layers.items()}
     set_rank(model, rank)
     try:
@@ -171,7 +176,7 @@ def at_rank(model: nn.Module, rank: int | None) -> Iterator[nn.Module]:
 
 def set_example_ranks(model: nn.Module, ranks: torch.Tensor | Sequence[int] | None) -> None:
     """Give each example of the batch its own rank (a mixed-rank batch); None turns it off."""
-    layers = _require_adapters(model)
+    layers = require_adapters(model)
     if ranks is not None:
         ranks = torch.as_tensor(ranks)
     for layer in layers.values():
@@ -190,13 +195,13 @@ def mixed_ranks(model: nn.Module, ranks: torch.Tensor | Sequence[int]) -> Iterat
 
 def set_sampled_rank(model: nn.Module, rank: int | None) -> None:
     """Set DyLoRA's sampled prefix ``b`` on every adapter (one b shared by all layers)."""
-    for layer in _require_adapters(model).values():
+    for layer in require_adapters(model).values():
         layer.set_sampled_rank(rank)
 
 
 def set_inference_scale(model: nn.Module, inference_scale: str) -> None:
     """Use ``paper`` (s(r)) or ``trained`` (p[:r]) scales for active ranks."""
-    for layer in _require_adapters(model).values():
+    for layer in require_adapters(model).values():
         layer.set_inference_scale(inference_scale)
     config = getattr(model, CONFIG_ATTRIBUTE, None)
     if config is not None:
@@ -215,7 +220,7 @@ def reconfigure(model: nn.Module, **changes) -> NestedLoraConfig:
             f"reconfigure cannot change {sorted(frozen)}: they define the adapter tensors"
         )
     config = get_config(model).replace(**changes)
-    for layer in _require_adapters(model).values():
+    for layer in require_adapters(model).values():
         layer.apply_scale_config(config)
     setattr(model, CONFIG_ATTRIBUTE, config)
     return config
@@ -224,7 +229,7 @@ def reconfigure(model: nn.Module, **changes) -> NestedLoraConfig:
 @contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the frozen base model alone (the rank-0 reference)."""
-    layers = _require_adapters(model).values()
+    layers = require_adapters(model).values()
     previous = [layer.disabled for layer in layers]
     for layer in layers:
         layer.disabled = True
@@ -237,7 +242,7 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 def merge(model: nn.Module, rank: int | None = None) -> nn.Module:
     """Fold the rank-``rank`` adapter into every base weight (None: each layer's active rank)."""
-    layers = _require_adapters(model)
+    layers = require_adapters(model)
     if rank is not None:
         check_rank(rank, min(m.max_rank for m in layers.values()))
     for layer in layers.values():
@@ -247,7 +252,7 @@ def merge(model: nn.Module, rank: int | None = None) -> nn.Module:
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Subtract every merged update from its base weight."""
-    for layer in _require_adapters(model).values():
+    for layer in require_adapters(model).values():
         layer.unmerge()
     return model
 
@@ -263,7 +268,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, nn.Parameter]:
     """Adapter tensors keyed ``<module path>.lora_A`` / ``.lora_B``."""
     return {
         f"{name}.{key}": tensor
-        for name, layer in _require_adapters(model).items()
+        for name, layer in require_adapters(model).items()
         for key, tensor in layer.adapter_parameters().items()
     }
 
@@ -289,7 +294,7 @@ class ParameterSummary:
 
 def parameter_summary(model: nn.Module) -> ParameterSummary:
     """Trainable/total counts and the size of the deployed adapter at each eval rank."""
-    layers = _require_adapters(model)
+    layers = require_adapters(model)
     config = getattr(model, CONFIG_ATTRIBUTE, None)
     ranks = config.eval_ranks if config is not None else (max(m.max_rank for m in layers.values()),)
     per_rank = {

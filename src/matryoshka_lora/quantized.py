@@ -37,12 +37,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import NestedLoraConfig
+from .config import FLOAT_DTYPES, NestedLoraConfig
 from .layer import NestedLoraLinear
 
 PEFT_FLAG = "_hf_peft_config_loaded"
 _FLAG_BEFORE = "_nested_lora_hf_peft_flag_before"
-_COMPUTE_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_COMPUTE_DTYPES = {dtype: name for name, dtype in FLOAT_DTYPES.items()}
 
 
 def bnb_linear_types() -> tuple[type[nn.Module], ...]:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..model import adapter_layers, reconfigure
+from ..model import adapter_layers, reconfigure, require_adapters
 
 
 def svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,9 +69,7 @@ def svd_rebase_(model: nn.Module) -> nn.Module:
     update, and rank R reproduces the trained function. The active rank of each
     layer is kept. Refuses merged adapters.
     """
-    layers = adapter_layers(model)
-    if not layers:
-        raise ValueError("the model has no nested-LoRA adapter: call attach(model, config) first")
+    layers = require_adapters(model)
     merged = [name for name, layer in layers.items() if layer.merged]
     if merged:
         raise RuntimeError(

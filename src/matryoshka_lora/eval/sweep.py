@@ -32,6 +32,7 @@ from ..model import (
     adapter_layers,
     adapters_disabled,
     get_config,
+    require_adapters,
     set_inference_scale,
     set_rank,
 )
@@ -188,10 +189,8 @@ def rank_sweep(
 
     The model is left at the rank and inference scale it was in, also on error.
     """
-    layers = adapter_layers(model)
+    layers = require_adapters(model)
     config = get_config(model)
-    if not layers:
-        raise ValueError("the model has no nested-LoRA adapter: call attach(model, config) first")
     merged = [name for name, layer in layers.items() if layer.merged]
     if merged:
         raise RuntimeError(

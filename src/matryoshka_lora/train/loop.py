@@ -40,7 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..io import atomic_write_text, save_adapter
-from ..model import adapter_layers, get_config, set_sampled_rank
+from ..model import get_config, require_adapters, set_sampled_rank
 from ..sampling import RankSampler
 from .checkpoint import (
     list_checkpoints,
@@ -207,9 +207,7 @@ def train_adapter(
     rank, world = _distributed()
     if config.eval_every and eval_dataset is None:
         raise ValueError("TrainConfig.eval_every needs train_adapter(..., eval_dataset=...)")
-    layers = adapter_layers(model)
-    if not layers:
-        raise ValueError("the model has no nested-LoRA adapter: call attach(model, config) first")
+    layers = require_adapters(model)
     adapter_config = get_config(model)
     device = next(iter(layers.values())).lora_A.device
     output = Path(config.output_dir)
