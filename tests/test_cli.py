@@ -624,9 +624,11 @@ def test_top_level_help_lists_commands(capsys):
 
 
 def test_demo_hook_is_optional(monkeypatch):
-    monkeypatch.setitem(sys.modules, "matryoshka_lora.demo", None)  # import raises ImportError
+    monkeypatch.setitem(
+        sys.modules, "matryoshka_lora.commands.demo", None
+    )  # import raises ImportError
     assert "demo" not in _command_parsers()
-    fake = types.ModuleType("matryoshka_lora.demo")
+    fake = types.ModuleType("matryoshka_lora.commands.demo")
 
     def add_demo_parser(subparsers):
         demo = subparsers.add_parser("demo", help="a demo")
@@ -634,7 +636,7 @@ def test_demo_hook_is_optional(monkeypatch):
         return demo
 
     fake.add_demo_parser = add_demo_parser
-    monkeypatch.setitem(sys.modules, "matryoshka_lora.demo", fake)
+    monkeypatch.setitem(sys.modules, "matryoshka_lora.commands.demo", fake)
     assert "demo" in _command_parsers()
     assert cli.main(["demo"]) == 0
 

@@ -17,7 +17,7 @@ def library_modules() -> list[str]:
     for path in sorted(PACKAGE.rglob("*.py")):
         parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
         name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-        if not name.startswith(COMMAND_LINE) and name != "matryoshka_lora.demo":
+        if not name.startswith(COMMAND_LINE):
             names.append(name)
     return names
 

@@ -1,7 +1,7 @@
 """The ``matryoshka-lora`` command line.
 
 Sub-commands (one module each in :mod:`matryoshka_lora.commands`): ``train``,
-``eval``, ``export``, ``info``, and ``demo`` when :mod:`matryoshka_lora.demo`
+``eval``, ``export``, ``info``, and ``demo`` when :mod:`matryoshka_lora.commands.demo`
 provides ``add_demo_parser(subparsers)``.
 
 Errors in the input (a missing model or dataset, a dataset without the fields
@@ -57,7 +57,7 @@ def build_parser() -> ArgumentParser:
     for command in COMMANDS:
         command.add_parser(sub)
     try:
-        from .demo import add_demo_parser
+        from .commands.demo import add_demo_parser
     except ImportError:  # the demo module (or its dependencies) is not available
         add_demo_parser = None
     if add_demo_parser is not None:

@@ -77,8 +77,8 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from .assets import load_causal_lm
-    from .compare import ComparisonRunner, ComparisonSpec
+    from ..assets import load_causal_lm
+    from ..compare import ComparisonRunner, ComparisonSpec
 
     if args.threads:
         torch.set_num_threads(args.threads)
