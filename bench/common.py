@@ -32,21 +32,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from matryoshka_lora.config import LLAMA_PROJECTIONS
+
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 SECTION_HEADING = "## Speed and memory"
-SEVEN_TARGETS = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-]
+SEVEN_TARGETS = list(LLAMA_PROJECTIONS)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MIB = 1024.0 * 1024.0
 

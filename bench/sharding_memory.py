@@ -28,9 +28,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from matryoshka_lora.config import LLAMA_PROJECTIONS
+
 warnings.filterwarnings("ignore")
 BENCH_DIR = Path(__file__).resolve().parent
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS = list(LLAMA_PROJECTIONS)
 MODEL = dict(
     vocab_size=1000,
     hidden_size=256,
