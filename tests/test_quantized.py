@@ -7,6 +7,8 @@ layout it switches to in eval mode.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import LLAMA_TARGETS
@@ -264,8 +266,23 @@ def test_qlora_bench_script_smoke(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = target.read_text()
-    assert "PEFT QLoRA, quantized base" in text and "× PEFT QLoRA" in text
-    assert list(tmp_path.glob("qlora_step_4bit_*.json"))
+    (results,) = tmp_path.glob("qlora_step_4bit_*.json")
+    measured = json.loads(results.read_text())["results"][0]
+    rows = {  # the table's rows: median ms, IQR, x PEFT QLoRA (medians), paired [IQR], ...
+        cells[0]: cells[1:]
+        for line in text.splitlines()
+        if line.startswith("| ") and "quantized base" in line
+        for cells in [[c.strip() for c in line.strip("|").split("|")]]
+    }
+    ours, peft = rows["matryoshka (ours), quantized base"], rows["PEFT QLoRA, quantized base"]
+    summary = measured["summary"]
+    assert float(ours[0]) == pytest.approx(summary["matryoshka"]["median_s"] * 1e3, abs=0.051)
+    assert float(peft[0]) == pytest.approx(summary["peft_qlora"]["median_s"] * 1e3, abs=0.051)
+    assert peft[2] == "1.000"
+    ratio = summary["matryoshka"]["median_s"] / summary["peft_qlora"]["median_s"]
+    assert float(ours[2]) == pytest.approx(ratio, abs=5e-4)
+    paired = measured["paired_vs_peft_qlora"]["matryoshka"]["median"]
+    assert float(ours[3].split()[0]) == pytest.approx(paired, abs=5e-4)
 
 
 def test_peft_kbit_recipe_and_gradient_checkpointing_train(tmp_path, base_dir):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import LLAMA_TARGETS, make_char_tokenizer, make_tiny_llama
+from test_hf_trainer import CrashAt, adapter
 from transformers import TrainerCallback
 
 import matryoshka_lora as ml
@@ -63,19 +64,6 @@ def make_sft(tmp_path, name, method="matryoshka", callbacks=None, eval_dataset=N
 
 
 REENTRANT = {"gradient_checkpointing_kwargs": {"use_reentrant": True}}
-
-
-def adapter(model):
-    return {k: v.detach().clone() for k, v in ml.adapter_state_dict(model).items()}
-
-
-class CrashAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt("simulated kill")
 
 
 def test_sft_trainer_prefix_loss_checkpoints_and_bit_identical_resume(tmp_path):
