@@ -131,13 +131,14 @@ class NestedLoraLinear(nn.Module):
         self._masked_sum_weight = float(p[0]) / sum(
             rank_scale(r, self.scaling, self.alpha) for r in self.train_ranks
         )
-        self._recompute_scales()
+        self.recompute_scales()
 
-    def _recompute_scales(self) -> None:
+    def recompute_scales(self) -> None:
         """Recompute the scale buffers (P, the active and the sampled rank's scales) from the config.
 
-        They are a function of the config, never state: they are not saved, and
-        they are rebuilt here on the device the buffers are on.
+        They are a function of the layer's config and rank state, never saved:
+        they are rebuilt here on the device the buffers are on. Every move, cast
+        or ``to_empty`` calls this (see ``_apply``).
         """
         device = self.train_p.device
         self.train_p = training_p(
@@ -166,7 +167,7 @@ class NestedLoraLinear(nn.Module):
         """
         super()._apply(fn, recurse)
         self._p_dtype = torch.float64 if self.lora_A.dtype == torch.float64 else torch.float32
-        self._recompute_scales()
+        self.recompute_scales()
         return self
 
     # ------------------------------------------------------------------ setup

@@ -18,9 +18,9 @@ Whatever reads or writes an adapter outside the forward (saving, PEFT export,
 SVD, merge, loading a checkpoint) must see the full tensors. That is explicit
 here: every process enters :func:`gathered_adapters` (a collective), inside
 which the adapters are plain full tensors; one process then writes the file.
-P and the deployed scales are non-persistent buffers recomputed from the
-config by :func:`reset_scales`, e.g. after FSDP's meta-device initialisation
-(``model.to_empty(device=...)`` leaves them uninitialised).
+P and the deployed scales are non-persistent buffers that every adapter layer
+rebuilds from its config after ``model.to_empty(device=...)`` (FSDP's
+meta-device initialisation); :func:`reset_scales` rebuilds them on demand.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..io import save_adapter
-from ..model import adapter_layers, get_config
+from ..model import adapter_layers, require_adapters
 from .checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -132,16 +132,16 @@ def shard_from_accelerate_env(model: nn.Module) -> bool:
 
 
 def reset_scales(model: nn.Module) -> None:
-    """Recompute P (``train_p``) and the deployed scales of every adapter from the model's config.
+    """Recompute P (``train_p``) and the deployed scales of every adapter.
 
-    P and the deployed scales are non-persistent buffers, functions of the
-    config alone; a meta-device model materialised with ``to_empty`` (FSDP's
-    deferred initialisation) holds uninitialised memory there until this runs.
+    P and the deployed scales are non-persistent buffers, functions of each
+    layer's config and rank state. ``to_empty`` (FSDP's deferred
+    initialisation) already rebuilds them, through the layer's ``_apply``; this
+    rebuilds them explicitly, e.g. after something wrote into the buffers.
     A and B are not touched (load or initialise them separately).
     """
-    config = get_config(model)
-    for layer in adapter_layers(model).values():
-        layer.apply_scale_config(config)
+    for layer in require_adapters(model).values():
+        layer.recompute_scales()
 
 
 # ---------------------------------------------------------------------------- gathers
