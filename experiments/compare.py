@@ -61,6 +61,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--train-size", type=int, default=320)
     p.add_argument("--val-size", type=int, default=16)
     p.add_argument("--test-size", type=int, default=32)
+    p.add_argument("--eval-batch-size", type=int, default=8)
+    p.add_argument(
+        "--autocast-dtype",
+        default=None,
+        choices=["bfloat16", "float16"],
+        help="train under torch.autocast in this dtype (evaluation stays in the model's dtype)",
+    )
     p.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's choice)"
     )
@@ -98,6 +105,8 @@ def main() -> None:
         val_size=args.val_size,
         test_size=args.test_size,
         warmup_steps=args.warmup_steps,
+        eval_batch_size=args.eval_batch_size,
+        autocast_dtype=args.autocast_dtype,
         task=args.task,
         num_labels=args.num_labels,
         metric=args.metric or ("accuracy" if args.task == "seq-cls" else "token_accuracy"),

@@ -177,7 +177,12 @@ def test_svd_deployment_matches_an_explicit_rebase_and_restores_the_adapter():
     before = {k: v.clone() for k, v in ml.adapter_state_dict(model).items()}
     full = logit_sum(model)
     sweep = rank_sweep(
-        model, logit_sum, ranks=[1, 2, 8], inference_scales=("trained", "svd"), progress=False
+        model,
+        logit_sum,
+        ranks=[1, 2, 8],
+        inference_scales=("trained", "svd"),
+        progress=False,
+        reuse_identical=False,
     )
     # the model is untouched: same factors, config and function
     assert ml.get_config(model) == config
@@ -195,3 +200,15 @@ def test_svd_deployment_matches_an_explicit_rebase_and_restores_the_adapter():
     assert sweep.values["metric"]["svd"][1] != pytest.approx(
         sweep.values["metric"]["trained"][1], rel=1e-5
     )
+    # by default the rank-R SVD deployment is not evaluated again: it is the trained adapter
+    calls = []
+
+    def counting(m):
+        calls.append(1)
+        return logit_sum(m)
+
+    reused = rank_sweep(
+        model, counting, ranks=[1, 8], inference_scales=("svd", "trained"), progress=False
+    )
+    assert len(calls) == 3
+    assert reused.values["metric"]["trained"][8] == reused.values["metric"]["svd"][8]

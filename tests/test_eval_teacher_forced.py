@@ -121,3 +121,35 @@ def test_errors():
         teacher_forced_metrics(model, [{"input_ids": batch["input_ids"]}])
     with pytest.raises(ValueError, match="unknown metric"):
         teacher_forced_metric_fn([batch], metric="bleu")
+
+
+class HidesLogitsToKeep(torch.nn.Module):
+    """The same model behind a forward without ``logits_to_keep``: every position's logits."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        return self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        )
+
+
+def test_lm_head_on_scored_positions_only_gives_the_same_metrics():
+    from matryoshka_lora.eval.teacher_forced import accepts_logits_to_keep, scored_positions
+
+    model = make_tiny_llama()
+    ml.attach(model, ml.NestedLoraConfig(r=4, target_modules=LLAMA_TARGETS))
+    randomise_adapters(model)
+    # rows scored on different, partly disjoint spans, one row with nothing scored
+    batch = make_batch(0, 4, 14, prompt=3, pad=2)
+    batch["labels"][1, :10] = -100
+    batch["labels"][2, 6:] = -100
+    batch["labels"][3] = -100
+    assert accepts_logits_to_keep(model) and not accepts_logits_to_keep(HidesLogitsToKeep(model))
+    kept = scored_positions(batch["labels"])
+    assert 0 < len(kept) < batch["labels"].shape[1] - 1
+    only_scored = teacher_forced_metrics(model, [batch])
+    every_position = teacher_forced_metrics(HidesLogitsToKeep(model), [batch])
+    assert only_scored == pytest.approx(every_position, rel=1e-6)

@@ -59,6 +59,8 @@ from .train.loop import TrainConfig, train_adapter
 KIND_SETTINGS: dict[str, dict[str, Any]] = {
     "lora": {"method": "lora"},
     "lora_r": {"method": "lora"},
+    # LoRA given the training compute of a two-forward nested method: twice the steps
+    "lora_2x": {"method": "lora"},
     "dylora": {"method": "dylora"},
     # the authors' objective (the full adapter's loss), deployed with its trained scales
     "matryoshka": {"method": "matryoshka", "prefix_loss": False},
@@ -80,17 +82,20 @@ KIND_SETTINGS: dict[str, dict[str, Any]] = {
     "mat_prefix1": {"method": "matryoshka", "prefix_loss": True, "prefix_loss_sample": 1},
 }
 VARIANT_KINDS = tuple(k for k in KIND_SETTINGS if k.startswith("mat_"))
+# Training steps (and warm-up) of a kind, as a multiple of the spec's budget.
+STEPS_FACTOR: dict[str, int] = {"lora_2x": 2}
 # How a trained adapter is deployed at rank r (a row's second half):
 #   paper: prefix, s(r) | trained: prefix, trained p[:r] | svd: the best rank-r
 #   approximation of the full update | select: per rank, prefix or svd, whichever
 #   scores higher on the validation split | full: a run trained at that rank.
-SELECT_FROM = {"lora": ("paper", "svd"), "dylora": ("paper", "svd")}  # others: trained / svd
+SELECT_FROM = {"lora": ("paper", "svd"), "lora_2x": ("paper", "svd"), "dylora": ("paper", "svd")}  # others: trained / svd
 
 ROW_SOURCE = {  # row -> (training method, how it is deployed)
     "lora_trunc_paper": ("lora", "paper"),
     "lora_trunc_trained": ("lora", "trained"),
     "lora_svd": ("lora", "svd"),
     "lora_select": ("lora", "select"),
+    "lora_svd_2x": ("lora_2x", "svd"),
     "lora_per_rank": ("lora_r", "full"),
     "dylora": ("dylora", "paper"),
     "dylora_svd": ("dylora", "svd"),
@@ -171,6 +176,7 @@ class ComparisonSpec:
     train_size: int = 320
     val_size: int = 16
     test_size: int = 32
+    eval_batch_size: int = 8
     data_seed: int = 1234
     metric: str = "token_accuracy"
     autocast_dtype: str | None = None
@@ -205,15 +211,37 @@ class ComparisonSpec:
 
     def training_kinds(self) -> list[str]:
         """Training methods needed by the rows, in run order (the cheap, central ones first)."""
-        order = ("matryoshka", "lora", "dylora", "lora_r", *VARIANT_KINDS)
+        order = ("matryoshka", "lora", "dylora", "lora_r", "lora_2x", *VARIANT_KINDS)
         needed = {ROW_SOURCE[r][0] for r in self.rows}
         return [kind for kind in order if kind in needed]
+
+    def deployments(self, kind: str) -> tuple[str, ...]:
+        """The deployments of a training method that the rows read, in sweep order.
+
+        A ``select`` row reads its prefix and SVD deployments; the per-rank envelope
+        reads the LoRA run at R, where every deployment of a LoRA is the same function.
+        DyLoRA's two scales coincide, so it is swept with ``paper`` only.
+        """
+        needed: set[str] = set()
+        for row in self.rows:
+            row_kind, deployment = ROW_SOURCE[row]
+            if row_kind == kind:
+                if deployment == "select":
+                    needed.update(SELECT_FROM.get(kind, ("trained", "svd")))
+                else:
+                    needed.add(deployment)
+        if kind == "lora" and "lora_r" in {ROW_SOURCE[row][0] for row in self.rows}:
+            if not needed:  # the envelope at R: any deployment's rank-R value is the LoRA
+                needed.add("trained")
+        if kind == "dylora" and "trained" in needed:
+            needed = (needed - {"trained"}) | {"paper"}
+        return tuple(d for d in ("paper", "trained", "svd") if d in needed)
 
     def identity(self) -> dict[str, Any]:
         """The fields that define the runs' data and budget: a folder's records are only
         reused under a spec with the same identity (rows, grids and seeds may grow)."""
         data = asdict(self)
-        for name in ("rows", "learning_rates", "seeds"):
+        for name in ("rows", "learning_rates", "seeds", "eval_batch_size"):
             data.pop(name)
         return json.loads(json.dumps(data))
 
@@ -294,10 +322,13 @@ def _reset_head(model: nn.Module, seed: int) -> None:
 
 
 def _batches(dataset: SFTDataset, collate, batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
-    return [
-        collate([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
-        for i in range(0, len(dataset), batch_size)
-    ]
+    """Evaluation batches of examples of similar length (sorted by length, longest first),
+    so that little padding is computed; the metrics are sums, so the order is free."""
+    order = sorted(range(len(dataset)), key=lambda j: -len(dataset[j]["input_ids"]))
+    loader = torch.utils.data.DataLoader(
+        [dataset[j] for j in order], batch_size=batch_size, shuffle=False, collate_fn=collate
+    )
+    return list(loader)
 
 
 # ----------------------------------------------------------------------------- one run
@@ -321,7 +352,9 @@ def _evaluator(
     spec: ComparisonSpec, splits: dict[str, SFTDataset], collate
 ) -> Callable[[nn.Module], dict[str, float]]:
     """``evaluate(model) -> {"val": metric, "test": metric}``."""
-    eval_batches = {name: _batches(splits[name], collate) for name in ("val", "test")}
+    eval_batches = {
+        name: _batches(splits[name], collate, spec.eval_batch_size) for name in ("val", "test")
+    }
 
     def both_splits(m: nn.Module) -> dict[str, float]:
         return {name: _metric(spec, m, batches) for name, batches in eval_batches.items()}
@@ -381,8 +414,8 @@ def run_one(
                 output_dir=str(output_dir / key.name),
                 learning_rate=key.lr,
                 batch_size=spec.batch_size,
-                max_steps=spec.steps,
-                warmup_steps=spec.warmup_steps,
+                max_steps=spec.steps * STEPS_FACTOR.get(key.kind, 1),
+                warmup_steps=spec.warmup_steps * STEPS_FACTOR.get(key.kind, 1),
                 seed=key.seed,
                 progress=progress,
                 autocast_dtype=spec.autocast_dtype,
@@ -401,13 +434,8 @@ def run_one(
             with at_rank(model, None):
                 keep("full", {key.rank: both_splits(model)})
         else:
-            # DyLoRA's two scales coincide; the variants are deployed with their trained
-            # scales (the paper rule lost to them for plain Matryoshka at every rate)
-            scales = {"dylora": ("paper",), "lora": ("paper", "trained")}.get(
-                key.kind, ("paper", "trained") if key.kind == "matryoshka" else ("trained",)
-            )
             ranks = [r for r in spec.ranks if r <= key.rank]
-            deployments = (*scales, "svd")
+            deployments = spec.deployments(key.kind)
             sweep = rank_sweep(
                 model, both_splits, ranks=ranks, inference_scales=deployments, progress=progress
             )
@@ -519,7 +547,10 @@ class ComparisonRunner:
         """The per-rank envelope at rank r: a LoRA trained at r (at R: the LoRA run)."""
         if r == self.spec.max_rank and "lora" in self.spec.training_kinds():
             record = self.records.get(RunKey("lora", r, lr, seed).name)
-            return None if record is None else record["curves"][split]["trained"].get(str(r))
+            if record is None:
+                return None
+            curves = record["curves"][split]  # at R every deployment is the full LoRA
+            return (curves.get("trained") or curves["svd"]).get(str(r))
         record = self.records.get(RunKey("lora_r", r, lr, seed).name)
         return None if record is None else record["curves"][split]["full"].get(str(r))
 
@@ -655,7 +686,7 @@ class ComparisonRunner:
         todo = [
             record
             for record in self.records.values()
-            if record["key"]["kind"] != "lora_r"
+            if "svd" in self.spec.deployments(record["key"]["kind"])
             and "svd" not in record["curves"]["test"]
             and (kinds is None or record["key"]["kind"] in kinds)
             and (self.output_dir / "runs" / record["name"] / "adapter").is_dir()

@@ -19,6 +19,7 @@ from .nesting import (
     check_max_rank,
     check_rank_list,
     check_train_ranks,
+    inference_p,
     powers_of_two_ranks,
 )
 
@@ -236,6 +237,21 @@ class NestedLoraConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
+
+    def deployed_scales(self, rank: int, inference_scale: str | None = None) -> torch.Tensor:
+        """Per-component scales q (float64, length ``rank``) of the rank-``rank`` adapter
+        under ``inference_scale`` (default: the config's): ``paper`` s(r) on every
+        component, ``trained`` p[:r] of the training P (``docs/method.md`` §6)."""
+        return inference_p(
+            self.method,
+            rank,
+            self.r,
+            self.train_ranks,
+            self.scaling,
+            self.alpha,
+            self.normalize,
+            inference_scale or self.inference_scale,
+        )
 
     def replace(self, **changes: Any) -> NestedLoraConfig:
         """A copy with some fields changed (validated again).

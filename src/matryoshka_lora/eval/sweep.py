@@ -9,8 +9,10 @@ copied or reloaded, only the rank state of each layer changes.
 
 Two scales can deploy the same function at a rank (DyLoRA always; LoRA and
 Matryoshka with ``scaling="none"`` and a single train rank, ...): the
-per-component scales ``q = inference_p(...)`` are compared and an identical
-adapter is evaluated only once (``reuse_identical=True``).
+per-component scales ``q = config.deployed_scales(r, m)`` are compared and an
+identical adapter is evaluated only once (``reuse_identical=True``). The SVD
+deployment at rank R is the full trained update, the ``trained`` adapter at R, and
+is evaluated once for both.
 
 ``metric_fn`` returns a float, or a mapping ``{name: float}`` to record several
 metrics from one evaluation (e.g. loss and accuracy of one forward pass).
@@ -36,7 +38,7 @@ from ..model import (
     set_inference_scale,
     set_rank,
 )
-from ..nesting import INFERENCE_SCALES, check_rank_list, inference_p
+from ..nesting import INFERENCE_SCALES, check_rank_list
 from .aurac import RankCurve
 
 MetricValue = float | Mapping[str, float]
@@ -212,7 +214,8 @@ def rank_sweep(
     previous_scale = {name: layer.inference_scale for name, layer in layers.items()}
     values: dict[str, dict[str, dict[int, float]]] = {}
     base: dict[str, float] | None = None
-    evaluated: dict[tuple[int, tuple[float, ...]], dict[str, float]] = {}
+    evaluated: dict[tuple[int, tuple[float, ...]] | None, dict[str, float]] = {}
+    full_rank_key = (config.r, tuple(config.deployed_scales(config.r, "trained").tolist()))
     bar = _progress(len(scales) * len(ranks) + int(include_base), progress, "rank sweep")
 
     def record(scale: str, rank: int, metrics: dict[str, float]) -> None:
@@ -230,25 +233,24 @@ def rank_sweep(
             if scale == "svd":
                 with _svd_rebased(model):
                     for rank in ranks:
-                        set_rank(model, rank)
-                        record(scale, rank, _as_metrics(metric_fn(model), metric_name))
+                        # at rank R the re-based factors give the full update: the
+                        # function of the trained scales at R
+                        key = full_rank_key if rank == config.r else None
+                        if reuse_identical and key in evaluated:
+                            metrics = evaluated[key]
+                        else:
+                            set_rank(model, rank)
+                            metrics = _as_metrics(metric_fn(model), metric_name)
+                            if key is not None:
+                                evaluated[key] = metrics
+                        record(scale, rank, metrics)
                         if bar is not None:
                             bar.set_postfix_str(f"svd r={rank}")
                             bar.update()
                 continue
             set_inference_scale(model, scale)
             for rank in ranks:
-                q = inference_p(
-                    config.method,
-                    rank,
-                    config.r,
-                    config.train_ranks,
-                    config.scaling,
-                    config.alpha,
-                    config.normalize,
-                    scale,
-                )
-                key = (rank, tuple(q.tolist()))
+                key = (rank, tuple(config.deployed_scales(rank, scale).tolist()))
                 if reuse_identical and key in evaluated:
                     metrics = evaluated[key]
                 else:
