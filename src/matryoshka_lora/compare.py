@@ -159,6 +159,7 @@ class ComparisonSpec:
             "lora": [2e-3, 8e-3, 2e-2],
             "lora_r": [2e-3, 8e-3, 2e-2],
             "lora_r:1": [2e-3, 8e-3, 2e-2, 5e-2],  # rank 1 chose the top of the common grid
+            "lora_2x": [2e-3, 8e-3, 2e-2],
             "dylora": [2e-3, 8e-3, 2e-2],
             "matryoshka": [5e-4, 2e-3, 8e-3, 3.2e-2],
             "mat_rms": [2e-3, 8e-3, 2e-2],
