@@ -4,7 +4,8 @@
     python experiments/compare.py --output experiments/results/minilm-drug-reviews \
         --task seq-cls --model minilm --dataset drug-reviews --num-labels 3 ...
 
-Every field of :class:`matryoshka_lora.compare.ComparisonSpec` has a flag; the run
+Every field of :class:`matryoshka_lora.compare.ComparisonSpec` has a flag, and the
+MatryoshkaLoRA variants and learning-rate grids of ``research.py`` are added; the run
 log (``runs.jsonl``) makes the command resumable: run it again with the same
 flags to continue, with ``--max-runs`` to stop after a few runs.
 """
@@ -17,7 +18,9 @@ import json
 import torch
 
 from matryoshka_lora.assets import load_causal_lm, load_sequence_classifier
-from matryoshka_lora.compare import RESEARCH_ROWS, ROWS, ComparisonRunner, ComparisonSpec
+from research import RESEARCH_ROWS, complete_records, research_spec, write_report
+
+from matryoshka_lora.compare import METHOD_ROWS, ComparisonRunner
 
 
 def parse_args() -> argparse.Namespace:
@@ -34,7 +37,7 @@ def parse_args() -> argparse.Namespace:
         "--rows",
         default="research",
         help="comma list of rows to compare, 'research' (every variant and deployment) "
-        "or 'methods' (the five methods of the evaluation issue)",
+        "or 'methods' (LoRA slicing, SVD and envelope, DyLoRA, MatryoshkaLoRA)",
     )
     p.add_argument(
         "--lr",
@@ -89,13 +92,17 @@ def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    spec = ComparisonSpec(
+    rates = {}
+    for item in args.lr:
+        kind, _, values = item.partition("=")
+        rates[kind] = [float(x) for x in values.split(",")]
+    spec = research_spec(
         model=args.model,
         dataset=args.dataset,
         format=args.format,
         max_rank=args.max_rank,
         scaling=args.scaling,
-        rows={"research": RESEARCH_ROWS, "methods": ROWS}.get(args.rows)
+        rows={"research": RESEARCH_ROWS, "methods": METHOD_ROWS}.get(args.rows)
         or tuple(args.rows.split(",")),
         seeds=tuple(int(s) for s in args.seeds.split(",")),
         steps=args.steps,
@@ -110,14 +117,12 @@ def main() -> None:
         task=args.task,
         num_labels=args.num_labels,
         metric=args.metric or ("accuracy" if args.task == "seq-cls" else "token_accuracy"),
+        learning_rates=rates,
         **({"target_modules": args.target_modules.split(",")} if args.target_modules else {}),
     )
-    for item in args.lr:
-        kind, _, rates = item.partition("=")
-        spec.learning_rates[kind] = [float(x) for x in rates.split(",")]
     runner = ComparisonRunner(spec, args.output)
     if args.report:
-        runner.write_outputs(title=f"{spec.model} on {spec.dataset}")
+        write_report(runner, title=f"{spec.model} on {spec.dataset}")
         print((runner.output_dir / "results.md").read_text())
         return
     if spec.task == "seq-cls":
@@ -126,12 +131,14 @@ def main() -> None:
         model, tokenizer = load_causal_lm(spec.model)
 
     def report(record: dict) -> None:
-        runner.write_outputs(title=f"{spec.model} on {spec.dataset}")
+        write_report(runner, title=f"{spec.model} on {spec.dataset}")
         print(f"done {record['name']}: {record['train_seconds']:.0f}s train", flush=True)
 
     kinds = args.kinds.split(",") if args.kinds else None
+    if spec.task == "sft":  # seq-cls records need the head of each run
+        complete_records(runner, model, tokenizer, kinds)
     runner.run(model, tokenizer, max_runs=args.max_runs, on_record=report, kinds=kinds)
-    paths = runner.write_outputs(title=f"{spec.model} on {spec.dataset}")
+    paths = write_report(runner, title=f"{spec.model} on {spec.dataset}")
     print((runner.output_dir / "results.md").read_text())
     print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
 

@@ -1,0 +1,199 @@
+"""The research comparison: MatryoshkaLoRA variants, their grids, and the report.
+
+The library's :mod:`matryoshka_lora.compare` runs the protocol for any set of
+training methods; this module adds the variants studied in BENCHMARKS.md, the
+learning-rate grids chosen for them, the completion of run logs written before a
+deployment existed, and the report (paired differences, training cost, figures).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from matryoshka_lora.compare import METHOD_ROWS, ComparisonRunner, ComparisonSpec
+from matryoshka_lora.compare.run import collator_for, evaluator, splits_for
+from matryoshka_lora.eval.results import Comparison
+from matryoshka_lora.eval.sweep import rank_sweep
+from matryoshka_lora.io import load_adapter
+from matryoshka_lora.model import detach
+
+# MatryoshkaLoRA variants: adapter-config fields on top of method="matryoshka".
+VARIANT_KINDS: dict[str, dict[str, Any]] = {
+    # P rescaled to LoRA's step size (so LoRA's learning rate applies)
+    "mat_rms": {"method": "matryoshka", "normalize": "rms", "prefix_loss": False},
+    # steeper P (s(r) = 1/r), at LoRA's step size
+    "mat_steep": {
+        "method": "matryoshka",
+        "scaling": "rank",
+        "normalize": "rms",
+        "prefix_loss": False,
+    },
+    # rank sampling on top of P: half of the micro-batches train a sampled prefix
+    "mat_sampled": {"method": "matryoshka", "prefix_sampling": 0.5, "prefix_loss": False},
+    # the prefix-loss objective (mean of the train ranks' losses)
+    "mat_prefix": {"method": "matryoshka", "prefix_loss": True, "prefix_loss_sample": 0},
+    # the prefix loss over R and one rank drawn from S minus {R} per micro-batch:
+    # 2 forwards instead of |S| (the library default)
+    "mat_prefix1": {"method": "matryoshka", "prefix_loss": True, "prefix_loss_sample": 1},
+}
+RESEARCH_ROWS: tuple[str, ...] = (  # every deployment of every variant
+    "lora_trunc_paper",
+    "lora_trunc_trained",
+    "lora_svd",
+    "lora_select",
+    "lora_per_rank",
+    "dylora",
+    "dylora_svd",
+    "matryoshka_paper",
+    "matryoshka_trained",
+    "matryoshka_svd",
+    "matryoshka_select",
+    *(
+        f"{k}_{d}"
+        for k in ("mat_rms", "mat_sampled", "mat_prefix", "mat_prefix1")
+        for d in ("trained", "svd", "select")
+    ),
+)
+# The grids of the 40-step comparisons; each was widened where its best value sat at
+# an edge, which is why some are uneven.
+LEARNING_RATES: dict[str, list[float]] = {
+    "lora": [2e-3, 8e-3, 2e-2],
+    "lora_r": [2e-3, 8e-3, 2e-2],
+    "lora_r:1": [2e-3, 8e-3, 2e-2, 5e-2],
+    "lora_2x": [2e-3, 8e-3, 2e-2],
+    "dylora": [2e-3, 8e-3, 2e-2],
+    "matryoshka": [5e-4, 2e-3, 8e-3, 3.2e-2],
+    "mat_rms": [2e-3, 8e-3, 2e-2],
+    "mat_steep": [2e-3, 8e-3, 2e-2],
+    "mat_sampled": [2e-3, 8e-3, 1.6e-2],
+    "mat_prefix": [4e-3, 8e-3],
+    "mat_prefix1": [8e-3],
+}
+
+
+def research_spec(**fields: Any) -> ComparisonSpec:
+    """A spec with the variants and the research grids (``fields`` override)."""
+    rates = {**LEARNING_RATES, **fields.pop("learning_rates", {})}
+    return ComparisonSpec(
+        kinds={**VARIANT_KINDS, **fields.pop("kinds", {})}, learning_rates=rates, **fields
+    )
+
+
+# ----------------------------------------------------------------------------- old run logs
+def add_svd_curves(
+    model: nn.Module, record: dict[str, Any], spec: ComparisonSpec, splits, collate, runs_dir: Path
+) -> dict[str, Any]:
+    """A record of an earlier run, completed with its SVD deployment from its saved adapter."""
+    load_adapter(model, runs_dir / record["name"] / "adapter")
+    try:
+        ranks = [r for r in spec.ranks if r <= record["key"]["rank"]]
+        sweep = rank_sweep(
+            model, evaluator(spec, splits, collate), ranks=ranks, inference_scales=("svd",)
+        )
+    finally:
+        detach(model)
+    record = json.loads(json.dumps(record))
+    for split in ("val", "test"):
+        record["curves"][split]["svd"] = {str(r): sweep.values[split]["svd"][r] for r in ranks}
+    return record
+
+
+def complete_records(
+    runner: ComparisonRunner, model: nn.Module, tokenizer, kinds: list[str] | None = None
+) -> int:
+    """Add the SVD deployment to records written before it was part of every run; returns
+    how many were completed (each is appended to ``runs.jsonl`` as a newer line)."""
+    spec = runner.spec
+    runner.records.update(runner._read_records())
+    todo = [
+        record
+        for record in runner.records.values()
+        if "svd" in spec.deployments(record["key"]["kind"])
+        and "svd" not in record["curves"]["test"]
+        and (kinds is None or record["key"]["kind"] in kinds)
+        and (runner.output_dir / "runs" / record["name"] / "adapter").is_dir()
+    ]
+    if not todo:
+        return 0
+    splits, collate = splits_for(spec, tokenizer), collator_for(spec, tokenizer)
+    for record in tqdm(todo, desc="add SVD deployments"):
+        completed = add_svd_curves(
+            model, record, spec, splits, collate, runner.output_dir / "runs"
+        )
+        with open(runner.log_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(completed) + "\n")
+        runner.records[completed["name"]] = completed
+    return len(todo)
+
+
+# ----------------------------------------------------------------------------- the report
+def paired_lines(runner: ComparisonRunner, table: Comparison, reference: str = "lora_svd") -> list[str]:
+    """Markdown: each row minus ``reference``, seed by seed (the same seed trains on the
+    same data order, so the pairing removes the data-order noise both share)."""
+    if reference not in table.methods or table.n_runs(reference) < 2:
+        return []
+    ranks = list(runner.spec.ranks)
+    header = ["row", *(f"r={r}" for r in ranks), "AURAC_log", "seeds"]
+    lines = [
+        "",
+        f"Paired difference against `{reference}` (row minus {reference}, same seed; "
+        "mean ± sample std over the shared seeds, in points):",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|:---|" + "---:|" * (len(header) - 1),
+    ]
+    for row in table.methods:
+        if row == reference:
+            continue
+        diffs, seeds = table.paired_difference(row, reference)
+        if len(seeds) < 2:
+            continue
+        cells = [f"{diffs[c][0]:+.2f} ± {diffs[c][1]:.2f}" for c in (*ranks, "aurac_log")]
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | {len(seeds)} |")
+    return lines
+
+
+def cost_lines(runner: ComparisonRunner) -> list[str]:
+    """Markdown: mean training seconds per run of each kind, and its ratio to LoRA."""
+    cost = runner.training_cost()
+    runs_by_kind: dict[str, int] = {}
+    for record in runner.records.values():
+        runs_by_kind[record["key"]["kind"]] = runs_by_kind.get(record["key"]["kind"], 0) + 1
+    lines = [
+        "",
+        "Training cost (mean wall time per run on this machine; the ratio is against LoRA "
+        "runs of the same comparison, which shared the machine in the same way):",
+        "",
+        "| training method | runs | seconds per run | × LoRA |",
+        "|:---|---:|---:|---:|",
+    ]
+    for kind, seconds in sorted(cost.items()):
+        ratio = f"{seconds / cost['lora']:.2f}" if cost.get("lora") else "—"
+        lines.append(f"| {kind} | {runs_by_kind[kind]} | {seconds:.0f} | {ratio} |")
+    return lines
+
+
+def write_report(runner: ComparisonRunner, title: str | None = None) -> dict[str, Path]:
+    """results.* with the paired differences and the cost table, and two figures: the
+    methods, and the variants against the two LoRA references."""
+    rows = runner.spec.rows
+    variant_rows = [r for r in rows if r.startswith("mat") and r.endswith("select")]
+    if not variant_rows:  # a few rows: one figure of them all
+        return _with_sections(runner, runner.write_outputs(title=title))
+    figures = {
+        "rank_curves": [r for r in rows if r in METHOD_ROWS],
+        "rank_curves_variants": ["lora_svd", "lora_per_rank", "matryoshka_trained", *variant_rows],
+    }
+    return _with_sections(runner, runner.write_outputs(title=title, figures=figures))
+
+
+def _with_sections(runner: ComparisonRunner, paths: dict[str, Path]) -> dict[str, Path]:
+    extra = paired_lines(runner, runner.table()) + cost_lines(runner)
+    markdown = paths["markdown"]
+    markdown.write_text(markdown.read_text() + "\n".join(extra) + "\n")
+    return paths
