@@ -19,7 +19,6 @@ from typing import Any, NoReturn
 from ._version import __version__
 from .commands import evaluate, export, info, train
 from .commands._common import HelpFormatter, config_file_defaults, one_line
-from .config import PRESETS
 
 PROG = "matryoshka-lora"
 COMMANDS = (train, evaluate, export, info)
@@ -87,21 +86,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse ``argv`` and merge a ``--preset`` and a ``--config`` file:
     defaults < preset < file < command line.
 
+    A command that declares its options on dataclasses (``train``) sets a
+    ``resolve`` default that merges the sources itself (:mod:`.commands.options`);
+    for the others the config file's values become the parser's defaults.
     Raises :class:`CLIError` for a bad config file (unknown key, bad value).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    resolve = getattr(args, "resolve", None)
+    if resolve is not None:
+        return resolve(args)
     path = getattr(args, "config", None)
-    file_defaults = (
-        config_file_defaults(_subparsers(parser)[args.command], args.command, path) if path else {}
-    )
-    preset = getattr(args, "preset", None) or file_defaults.get("preset")
-    if not path and not preset:
+    if not path:
         return args
     command = args.command
-    # defaults < preset < config file < command line
-    defaults = {**(dict(PRESETS[preset]) if preset else {}), **file_defaults}
+    defaults = config_file_defaults(_subparsers(parser)[command], command, path)
     explicit = _explicit_dests(argv, command)
     parser = build_parser()
     sub = _subparsers(parser)[command]
@@ -116,9 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             for dest in dests - explicit:
                 defaults.pop(dest, None)
     sub.set_defaults(**defaults)
-    args = parser.parse_args(argv)
-    args.config_keys = sorted(defaults)
-    return args
+    return parser.parse_args(argv)
 
 
 def _wants_debug(argv: list[str]) -> bool:

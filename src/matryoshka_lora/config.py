@@ -6,7 +6,7 @@ import dataclasses
 import difflib
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -15,6 +15,10 @@ from .nesting import (
     METHODS,
     NORMALIZATIONS,
     SCALINGS,
+    InferenceScale,
+    Method,
+    Normalization,
+    Scaling,
     _check_choice,
     check_max_rank,
     check_rank_list,
@@ -23,7 +27,8 @@ from .nesting import (
     powers_of_two_ranks,
 )
 
-A_INITS: tuple[str, ...] = ("peft", "authors")
+AInit = Literal["peft", "authors"]
+A_INITS: tuple[str, ...] = get_args(AInit)
 # the attention and MLP projections of Llama-style decoders (the paper's targets)
 LLAMA_PROJECTIONS: tuple[str, ...] = (
     "q_proj",
@@ -40,7 +45,8 @@ FLOAT_DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
-DYLORA_UPDATES: tuple[str, ...] = ("prefix", "last")
+DyloraUpdate = Literal["prefix", "last"]
+DYLORA_UPDATES: tuple[str, ...] = get_args(DyloraUpdate)
 
 
 @dataclass
@@ -101,23 +107,87 @@ class NestedLoraConfig:
         base_model_name_or_path: recorded in saved adapters and exports.
     """
 
-    r: int = 16
-    method: str = "matryoshka"
-    train_ranks: tuple[int, ...] | None = None
-    eval_ranks: tuple[int, ...] | None = None
-    scaling: str = "sqrt"
-    alpha: float = 1.0
-    normalize: str = "none"
-    target_modules: list[str] | str = field(default_factory=lambda: list(LLAMA_PROJECTIONS))
-    dropout: float = 0.0
-    init_a: str = "peft"
-    inference_scale: str | None = None
-    dylora_update: str = "prefix"
-    prefix_sampling: float = 0.0
-    prefix_loss: bool | None = None
-    prefix_loss_sample: int | None = None
-    adapter_dtype: str | None = "float32"
-    base_model_name_or_path: str | None = None
+    r: int = field(default=16, metadata={"help": "max rank R"})
+    method: Method = field(default="matryoshka", metadata={"help": "training method"})
+    train_ranks: tuple[int, ...] | None = field(
+        default=None,
+        metadata={
+            "help": "train ranks S, increasing, must include R "
+            "(default: powers of two up to R, plus R)"
+        },
+    )
+    eval_ranks: tuple[int, ...] | None = field(
+        default=None,
+        metadata={"help": "ranks recorded for evaluation (default: the train ranks)"},
+    )
+    scaling: Scaling = field(
+        default="sqrt",
+        metadata={"help": "scale s(r): sqrt = alpha/sqrt(r), rank = alpha/r, none = alpha"},
+    )
+    alpha: float = field(default=1.0, metadata={"help": "multiplier alpha of s(r)"})
+    normalize: Normalization = field(
+        default="none",
+        metadata={
+            "help": "none: the authors' diagonal P; mean: divide the Matryoshka P by |S|; "
+            "rms: scale P to LoRA's step size (so LoRA's learning rate applies)"
+        },
+    )
+    target_modules: list[str] | str = field(
+        default_factory=lambda: list(LLAMA_PROJECTIONS),
+        metadata={
+            "help": f"module-name suffixes to adapt (default: {','.join(LLAMA_PROJECTIONS)})"
+        },
+    )
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input"})
+    init_a: AInit = field(
+        default="peft",
+        metadata={
+            "help": "init of A: peft = U(+-1/sqrt(in)), authors = U(+-1/sqrt(R)); B starts at 0"
+        },
+    )
+    inference_scale: InferenceScale | None = field(
+        default=None,
+        metadata={
+            "help": "scale at a deployed rank r: paper = s(r), P dropped; trained = p[:r] "
+            "(default: trained for matryoshka, paper for lora and dylora)"
+        },
+    )
+    dylora_update: DyloraUpdate = field(
+        default="prefix",
+        metadata={
+            "help": "dylora only: prefix = components 1..b learn, last = only component b "
+            "(default: prefix)"
+        },
+    )
+    prefix_sampling: float = field(
+        default=0.0,
+        metadata={
+            "help": "matryoshka only: probability that a micro-batch trains a sampled "
+            "prefix b (uniform over the train ranks) instead of the full adapter (default: 0)"
+        },
+    )
+    prefix_loss: bool | None = field(
+        default=None,
+        metadata={
+            "help": "train on the mean loss of the deployed rank-r adapters (default: on for "
+            "matryoshka, off for lora and dylora; off trains the authors' 1x objective)"
+        },
+    )
+    prefix_loss_sample: int | None = field(
+        default=None,
+        metadata={
+            "help": "with the prefix loss: average the full rank and K ranks drawn from the "
+            "train ranks below R at each micro-batch (K + 1 forward passes; default 1; "
+            "0: every train rank)"
+        },
+    )
+    adapter_dtype: str | None = field(
+        default="float32",
+        metadata={"help": "dtype of A and B; None follows the base weight"},
+    )
+    base_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "base model recorded in saved adapters and exports"}
+    )
 
     def _check_prefix_loss_sample(self) -> None:
         below = len(self.train_ranks) - 1

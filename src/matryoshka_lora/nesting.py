@@ -32,13 +32,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from typing import Literal, get_args
 
 import torch
 
-SCALINGS: tuple[str, ...] = ("none", "rank", "sqrt")
-NORMALIZATIONS: tuple[str, ...] = ("none", "mean", "rms")
-METHODS: tuple[str, ...] = ("matryoshka", "matryoshka_exact", "lora", "dylora")
-INFERENCE_SCALES: tuple[str, ...] = ("paper", "trained")
+# each choice is declared once, as a Literal (config field types) with its tuple of values
+Scaling = Literal["none", "rank", "sqrt"]
+Normalization = Literal["none", "mean", "rms"]
+Method = Literal["matryoshka", "matryoshka_exact", "lora", "dylora"]
+InferenceScale = Literal["paper", "trained"]
+SCALINGS: tuple[str, ...] = get_args(Scaling)
+NORMALIZATIONS: tuple[str, ...] = get_args(Normalization)
+METHODS: tuple[str, ...] = get_args(Method)
+INFERENCE_SCALES: tuple[str, ...] = get_args(InferenceScale)
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:

@@ -11,15 +11,17 @@ uninterrupted one without saving generator state.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 from torch import nn
 
 from .nesting import _check_choice, check_max_rank, check_train_ranks
 
-DISTRIBUTIONS = ("train_ranks", "uniform")
-FREQUENCIES = ("micro_batch", "step")
+Distribution = Literal["train_ranks", "uniform"]
+Frequency = Literal["micro_batch", "step"]
+DISTRIBUTIONS: tuple[str, ...] = get_args(Distribution)
+FREQUENCIES: tuple[str, ...] = get_args(Frequency)
 
 
 @dataclass(frozen=True)

@@ -9,5 +9,15 @@ Heavy imports (transformers, datasets, lm-eval, matplotlib) happen inside
 * :mod:`.evaluate`: rank sweep of a saved adapter (``eval``).
 * :mod:`.export`: PEFT LoRA folder or merged model at chosen ranks.
 * :mod:`.info`: a saved adapter's config and parameter counts.
-* :mod:`._common`: option types, config files, model loading, the error type.
+* :mod:`._common`: the shared pieces in one import (help formatter, re-exports of
+  :mod:`.errors`, :mod:`.option_types`, :mod:`.config_files`, :mod:`.models`,
+  :mod:`.inputs`).
+* :mod:`.options`: command-line options generated from dataclass fields (help in
+  ``metadata``, choices as ``Literal``), config-file values and their precedence.
+* :mod:`.train_options`: ``train``'s options (``NestedLoraConfig``, ``TrainConfig``
+  and the CLI-only :class:`~.train_options.RunOptions`); :mod:`.train_outputs`: its
+  output folder.
+
+A command may set a ``resolve`` default (``train`` does) that turns the parsed
+namespace into the final one; ``cli.parse_args`` calls it.
 """

@@ -26,11 +26,12 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
-FORMATS = ("gsm8k", "alpaca", "chat", "text")
+DatasetFormat = Literal["gsm8k", "alpaca", "chat", "text"]
+FORMATS: tuple[str, ...] = get_args(DatasetFormat)
 REQUIRED_FIELDS = {
     "gsm8k": ("question", "answer"),
     "alpaca": ("instruction", "output"),

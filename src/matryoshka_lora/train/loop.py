@@ -32,7 +32,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from ..io import atomic_write_text, save_adapter
 from ..model import get_config, require_adapters, set_sampled_rank
-from ..sampling import RankSampler
+from ..sampling import Distribution, Frequency, RankSampler
 from .checkpoint import (
     list_checkpoints,
     load_checkpoint,
@@ -72,27 +72,69 @@ class NonFiniteLossError(FloatingPointError):
 class TrainConfig:
     """Settings of :func:`train_adapter` (per-process micro-batch ``batch_size``)."""
 
-    output_dir: str = "runs/matryoshka-lora"
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 0
-    max_steps: int | None = None
-    epochs: float = 1.0
-    batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    max_grad_norm: float | None = 1.0
-    autocast_dtype: str | None = None  # "bfloat16" or "float16"
-    seed: int = 42
-    save_every: int | None = None
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    progress: bool = True
-    sampler_distribution: str = "train_ranks"
-    sampler_per: str = "micro_batch"
-    eval_every: int | None = None  # rank curve on eval_dataset every N steps (and at the end)
-    eval_ranks: tuple[int, ...] | None = None  # default: the adapter's eval_ranks
-    eval_batch_size: int | None = None  # default: batch_size
+    output_dir: str = field(
+        default="runs/matryoshka-lora", metadata={"help": "folder for all outputs"}
+    )
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    adam_betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "AdamW betas"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
+    max_steps: int | None = field(
+        default=None,
+        metadata={"help": "stop after this many optimizer steps (overrides the epochs)"},
+    )
+    epochs: float = field(default=1.0, metadata={"help": "passes over the dataset"})
+    batch_size: int = field(default=8, metadata={"help": "micro-batch size per process"})
+    gradient_accumulation_steps: int = field(
+        default=1,
+        metadata={
+            "help": "micro-batches per optimizer step (effective batch = batch size x grad "
+            "accum x processes)"
+        },
+    )
+    max_grad_norm: float | None = field(
+        default=1.0, metadata={"help": "gradient clipping norm, 0 disables"}
+    )
+    autocast_dtype: Literal["bfloat16", "float16"] | None = field(
+        default=None, metadata={"help": "autocast dtype of the forward pass (None: off)"}
+    )
+    seed: int = field(
+        default=42, metadata={"help": "seed of data order, init, dropout and DyLoRA ranks"}
+    )
+    save_every: int | None = field(
+        default=None,
+        metadata={
+            "help": "write a resumable checkpoint every N optimizer steps "
+            "(default: final adapter only)"
+        },
+    )
+    keep_checkpoints: int = field(default=2, metadata={"help": "keep the newest N checkpoints"})
+    log_every: int = field(
+        default=10, metadata={"help": "append loss/lr to training_log.jsonl every N steps"}
+    )
+    progress: bool = field(default=True, metadata={"help": "show a progress bar on stderr"})
+    sampler_distribution: Distribution = field(
+        default="train_ranks",
+        metadata={
+            "help": "b uniform over the train ranks, or uniform over 1..R (default: train_ranks)"
+        },
+    )
+    sampler_per: Frequency = field(
+        default="micro_batch",
+        metadata={
+            "help": "draw b for every micro-batch or once per optimizer step (default: micro_batch)"
+        },
+    )
+    eval_every: int | None = field(
+        default=None,
+        metadata={"help": "rank curve on eval_dataset every N steps (and at the end)"},
+    )
+    eval_ranks: tuple[int, ...] | None = field(
+        default=None, metadata={"help": "ranks of the rank curve (default: the adapter's)"}
+    )
+    eval_batch_size: int | None = field(
+        default=None, metadata={"help": "batch size of the rank curve (default: batch_size)"}
+    )
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -1,0 +1,132 @@
+"""Where a base model comes from, how it loads, and on which device."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import CLIError, one_line
+
+
+def resolve_device(spec: str):
+    """``auto``: the local CUDA device (``LOCAL_RANK`` under torchrun), else MPS, else CPU."""
+    import torch
+
+    if spec == "auto":
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            return torch.device("cuda", local)
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise CLIError(
+            f"--device {spec!r} is not a device (use auto, cpu, cuda, cuda:N, mps)"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {spec} asks for CUDA, but CUDA is not available here")
+    if device.type == "cuda" and device.index is not None:
+        if device.index >= torch.cuda.device_count():
+            raise CLIError(
+                f"--device {spec}: there are only {torch.cuda.device_count()} CUDA devices"
+            )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise CLIError("--device mps asks for Apple MPS, but it is not available here")
+    return device
+
+
+def torch_dtype(name: str | None):
+    import torch
+
+    if name in (None, "auto"):
+        return "auto"
+    return getattr(torch, name)
+
+
+# ---------------------------------------------------------------------------- models
+def model_source(name: str) -> str:
+    """Where ``name`` loads from: a packaged folder, an absolute local folder, or a hub id.
+
+    Raises :class:`CLIError` for a local path that does not exist or is not a
+    transformers model folder, and for a packaged alias that is not installed.
+    """
+    from ..assets import ALIASES, resolve_model_path
+
+    key = name.lower()
+    hub_ids = {v.lower() for v in ALIASES.values()}
+    if key in ALIASES or key in hub_ids:
+        try:
+            return resolve_model_path(name)
+        except FileNotFoundError as err:
+            if key in ALIASES:
+                raise CLIError(
+                    f"packaged model {name!r} is not installed: {one_line(err)}"
+                ) from None
+            return name  # the hub id itself
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CLIError(f"model {name} is a file, not a model folder")
+        if not (path / "config.json").is_file():
+            raise CLIError(
+                f"model folder {name} has no config.json: it is not a transformers model"
+            )
+        return str(path.resolve())
+    if name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or not name.strip():
+        raise CLIError(
+            f"model {name!r} not found: no such folder, and not a packaged alias "
+            f"({', '.join(ALIASES)}) or hub id"
+        )
+    return name
+
+
+def load_model(
+    name: str,
+    task: str = "causal-lm",
+    *,
+    num_labels: int | None = None,
+    dtype: str | None = "auto",
+    device=None,
+    progress: bool = True,
+):
+    """Load ``(model, tokenizer)`` for ``task`` (``causal-lm`` or ``seq-cls``).
+
+    The tokenizer gets EOS as pad token if it has none; a sequence classifier
+    gets the tokenizer's pad id (it needs one to find each row's last token).
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from ..assets import ALIASES
+
+    source = model_source(name)
+    if not progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype)}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        if task == "seq-cls":
+            model = AutoModelForSequenceClassification.from_pretrained(
+                source, num_labels=num_labels, **kwargs
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as err:
+        raise CLIError(f"could not load model {name!r}: {one_line(err)}") from None
+    except (ValueError, KeyError) as err:
+        kind = "sequence classifier" if task == "seq-cls" else "causal LM"
+        raise CLIError(f"could not load {name!r} as a {kind}: {one_line(err)}") from None
+    if name.lower() in ALIASES:
+        model.config._name_or_path = ALIASES[name.lower()]
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if task == "seq-cls" and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if device is not None:
+        model.to(device)
+    return model, tokenizer

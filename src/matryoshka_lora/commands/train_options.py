@@ -1,0 +1,217 @@
+"""The options of ``matryoshka-lora train``, and their precedence.
+
+The adapter options are fields of :class:`~matryoshka_lora.config.NestedLoraConfig`,
+the optimisation and output options fields of
+:class:`~matryoshka_lora.train.TrainConfig`, and the rest (model, data, how to
+treat an earlier run) fields of :class:`RunOptions`; each is declared there once,
+with its help and choices (:mod:`.options`). :data:`GROUPS` picks and orders them
+for the help, adding only what the command line alone needs.
+
+:func:`resolve_args` merges the sources, defaults < ``--preset`` < ``--config``
+file < command line, into one namespace whose attributes are the options' dests.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ..config import PRESETS, NestedLoraConfig
+from ..train.data import DatasetFormat
+from ..train.loop import TrainConfig
+from .option_types import (
+    name_list,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+)
+from .options import Option, defaults, file_values, given_values, merge, option
+
+Task = Literal["causal-lm", "seq-cls"]
+
+
+@dataclass
+class RunOptions:
+    """The options of a training run that configure no library object."""
+
+    model: str | None = field(
+        default=None,
+        metadata={
+            "help": "base model: hub id, local folder, or packaged alias smollm2 / minilm "
+            "(required)"
+        },
+    )
+    task: Task = field(
+        default="causal-lm",
+        metadata={
+            "help": "causal-lm (AutoModelForCausalLM, supervised fine-tuning) or seq-cls "
+            "(AutoModelForSequenceClassification; the classifier head is trained too)"
+        },
+    )
+    num_labels: int | None = field(
+        default=None, metadata={"help": "number of classes (required for --task seq-cls)"}
+    )
+    device: str = field(
+        default="auto",
+        metadata={
+            "help": "device: auto (CUDA, LOCAL_RANK under torchrun; else MPS; else CPU), cpu, "
+            "cuda, cuda:N, mps"
+        },
+    )
+    bf16: bool = field(
+        default=False,
+        metadata={
+            "help": "load the base weights in bfloat16 and train under bf16 autocast "
+            "(adapters stay float32)"
+        },
+    )
+    dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "hub dataset name, local .jsonl/.json/.csv/.parquet file (or folder with "
+            "<split>.*), or reasoning-gym:<name> (required)"
+        },
+    )
+    dataset_subset: str | None = field(
+        default=None, metadata={"help": "hub dataset configuration, e.g. 'main' for gsm8k"}
+    )
+    split: str = field(
+        default="train", metadata={"help": "dataset split (hub datasets and folders)"}
+    )
+    format: DatasetFormat | None = field(
+        default=None,
+        metadata={
+            "help": "causal-lm record format: gsm8k {question, answer}, alpaca {instruction, "
+            "input, output}, chat {messages}, text {text} (default: gsm8k); prompts are "
+            "masked out of the loss"
+        },
+    )
+    max_length: int = field(default=512, metadata={"help": "truncate examples to this many tokens"})
+    train_size: int | None = field(
+        default=None,
+        metadata={"help": "use the first N records (reasoning-gym: generate N, default 1000)"},
+    )
+    data_seed: int = field(default=0, metadata={"help": "seed of reasoning-gym's generators"})
+    text_field: str | None = field(
+        default=None, metadata={"help": "seq-cls: field holding the input text (default: text)"}
+    )
+    label_field: str | None = field(
+        default=None,
+        metadata={"help": "seq-cls: field holding the class index 0..N-1 (default: label)"},
+    )
+    preset: str | None = field(
+        default=None,
+        metadata={
+            "help": "start from a named adapter configuration (matryoshka-paper: the authors' "
+            "method formula for formula); a config file and explicit options override it"
+        },
+    )
+    target_regex: str | None = field(
+        default=None,
+        metadata={
+            "help": "adapt the modules whose full name matches this regex "
+            "(instead of --target-modules)"
+        },
+    )
+    resume: bool = field(
+        default=True,
+        metadata={"help": "continue from the newest checkpoint in --output-dir if there is one"},
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "discard an earlier run's outputs in --output-dir and start from step 0"},
+    )
+
+
+RUN, ADAPTER, TRAIN = RunOptions, NestedLoraConfig, TrainConfig
+RANKS = "R1,R2,..."
+GROUPS: dict[str, tuple[Option, ...]] = {
+    "model": (
+        option(RUN, "model"),
+        option(RUN, "task"),
+        option(RUN, "num_labels", type=positive_int),
+        option(RUN, "device"),
+        option(RUN, "bf16"),
+    ),
+    "data": (
+        option(RUN, "dataset"),
+        option(RUN, "dataset_subset", metavar="NAME"),
+        option(RUN, "split"),
+        option(RUN, "format"),
+        option(RUN, "max_length", type=positive_int),
+        option(RUN, "train_size", type=positive_int),
+        option(RUN, "data_seed"),
+        option(RUN, "text_field"),
+        option(RUN, "label_field"),
+    ),
+    "adapter": (
+        option(RUN, "preset", choices=list(PRESETS)),
+        option(ADAPTER, "method"),
+        option(ADAPTER, "r", type=positive_int),
+        option(ADAPTER, "train_ranks", metavar=RANKS),
+        option(ADAPTER, "eval_ranks", metavar=RANKS),
+        option(ADAPTER, "scaling"),
+        option(ADAPTER, "alpha", type=positive_float),
+        option(ADAPTER, "normalize"),
+        # None: the config's default targets; a regex comes from --target-regex
+        option(ADAPTER, "target_modules", type=name_list, default=None, metavar="NAME,..."),
+        option(RUN, "target_regex", metavar="REGEX"),
+        option(ADAPTER, "dropout", type=probability),
+        option(ADAPTER, "init_a"),
+        option(ADAPTER, "inference_scale"),
+        option(ADAPTER, "prefix_sampling", type=probability),
+        option(ADAPTER, "prefix_loss"),
+        option(ADAPTER, "prefix_loss_sample", metavar="K"),
+        option(ADAPTER, "dylora_update", default=None),  # None: not given (dylora only)
+    ),
+    "DyLoRA rank sampler (method dylora only)": (
+        option(TRAIN, "sampler_distribution", default=None),
+        option(TRAIN, "sampler_per", default=None),
+    ),
+    "optimisation": (
+        option(TRAIN, "learning_rate", dest="lr", aliases=["--learning-rate"], type=positive_float),
+        option(TRAIN, "weight_decay", type=non_negative_float),
+        option(TRAIN, "warmup_steps", type=non_negative_int),
+        option(TRAIN, "max_steps", type=positive_int),
+        option(TRAIN, "epochs", type=positive_float),
+        option(TRAIN, "batch_size", type=positive_int),
+        option(TRAIN, "gradient_accumulation_steps", dest="grad_accum", type=positive_int),
+        option(TRAIN, "max_grad_norm", type=non_negative_float),
+        option(TRAIN, "seed"),
+    ),
+    "output": (
+        option(TRAIN, "output_dir"),
+        option(TRAIN, "save_every", type=positive_int),
+        option(TRAIN, "keep_checkpoints", type=positive_int),
+        option(TRAIN, "log_every", type=positive_int),
+        option(RUN, "resume"),
+        option(RUN, "overwrite", switch=True),
+        option(TRAIN, "progress"),
+    ),
+}
+OPTIONS: tuple[Option, ...] = tuple(o for group in GROUPS.values() for o in group)
+EXCLUSIVE: tuple[tuple[str, ...], ...] = (("target_modules", "target_regex"),)
+
+
+def fields_of(args: argparse.Namespace, owner: type) -> dict[str, Any]:
+    """``{field: value}`` of the options that fill dataclass ``owner``."""
+    return {o.field: getattr(args, o.dest) for o in OPTIONS if o.owner is owner}
+
+
+def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Every option's value from defaults < preset < config file < command line.
+
+    The preset is the command line's ``--preset``, else the file's ``preset``.
+    Attributes of ``args`` that are not options (``config``, ``func``, ...) are kept.
+    """
+    given = given_values(args, OPTIONS)
+    path = getattr(args, "config", None)
+    from_file = file_values(OPTIONS, "train", path, EXCLUSIVE) if path else {}
+    preset = given.get("preset") or from_file.get("preset")
+    layers = [defaults(OPTIONS), dict(PRESETS[preset]) if preset else {}, from_file, given]
+    dests = {o.dest for o in OPTIONS}
+    rest = {k: v for k, v in vars(args).items() if k not in dests}
+    return argparse.Namespace(**rest, **merge(layers, EXCLUSIVE))
