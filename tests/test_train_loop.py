@@ -178,12 +178,17 @@ class Crash(RuntimeError):
     pass
 
 
-@pytest.mark.parametrize("method, dropout", [("matryoshka", 0.1), ("dylora", 0.0)])
-def test_resume_after_crash_is_bit_identical(tmp_path, method, dropout):
+@pytest.mark.parametrize(
+    "method, dropout, rebase",
+    [("matryoshka", 0.1, 0), ("dylora", 0.0, 0), ("matryoshka", 0.0, 3)],
+)
+def test_resume_after_crash_is_bit_identical(tmp_path, method, dropout, rebase):
+    """``rebase``: an SVD re-basis every 3 steps: at the checkpoint (3) and after the resume (6)."""
     torch.use_deterministic_algorithms(True)
+    kw = {"save_every": 3, "svd_rebase_every": rebase}
     try:
         whole = fresh(method, dropout)
-        train_adapter(whole, fixed_length_dataset(), cfg(tmp_path, "whole", save_every=3), COLLATE)
+        train_adapter(whole, fixed_length_dataset(), cfg(tmp_path, "whole", **kw), COLLATE)
 
         def crash_at_5(step, loss):
             if step == 5:
@@ -194,7 +199,7 @@ def test_resume_after_crash_is_bit_identical(tmp_path, method, dropout):
             train_adapter(
                 crashed,
                 fixed_length_dataset(),
-                cfg(tmp_path, "crash", save_every=3),
+                cfg(tmp_path, "crash", **kw),
                 COLLATE,
                 on_step=crash_at_5,
             )
@@ -202,7 +207,7 @@ def test_resume_after_crash_is_bit_identical(tmp_path, method, dropout):
         resumed = fresh(method, dropout)  # a new process: fresh model, same config
         torch.manual_seed(12345)  # whatever RNG state the new process has
         result = train_adapter(
-            resumed, fixed_length_dataset(), cfg(tmp_path, "crash", save_every=3), COLLATE
+            resumed, fixed_length_dataset(), cfg(tmp_path, "crash", **kw), COLLATE
         )
         assert result.resumed_from == 3
         want = adapter(whole)

@@ -47,6 +47,8 @@ FLOAT_DTYPES: dict[str, torch.dtype] = {
 }
 DyloraUpdate = Literal["prefix", "last"]
 DYLORA_UPDATES: tuple[str, ...] = get_args(DyloraUpdate)
+PrefixLossMode = Literal["per_rank", "mixed"]
+PREFIX_LOSS_MODES: tuple[str, ...] = get_args(PrefixLossMode)
 
 
 @dataclass
@@ -101,6 +103,15 @@ class NestedLoraConfig:
             0: every rank of S, every micro-batch (|S| forwards; preset
             ``matryoshka-prefix``). Default (None): 1 with the prefix loss (2
             forwards per micro-batch), 0 without.
+        prefix_loss_mode: with ``prefix_loss``, how the ranks share a micro-batch:
+            ``per_rank`` (default) runs the whole micro-batch once at each rank
+            drawn by ``prefix_loss_sample``; ``mixed`` runs it once, example i at
+            its own rank from that draw (one forward; see
+            :func:`~matryoshka_lora.sampling.mixed_example_ranks`).
+        prefix_loss_every: with ``prefix_loss``, train the prefix loss on every
+            k-th micro-batch only (global micro-batch index ``g = step *
+            accumulation + micro``, prefix loss when ``g % k == 0``) and the full
+            adapter's loss alone on the others. 1 (default): every micro-batch.
         adapter_dtype: dtype of A and B, or None to follow the base weight;
             ``"float32"`` (default) keeps adapters in fp32 under a bf16/fp16
             base, like PEFT's ``autocast_adapter_dtype``.
@@ -181,6 +192,20 @@ class NestedLoraConfig:
             "0: every train rank)"
         },
     )
+    prefix_loss_mode: PrefixLossMode = field(
+        default="per_rank",
+        metadata={
+            "help": "with the prefix loss: 'per_rank' runs the micro-batch once per drawn rank; "
+            "'mixed' runs it once, each example at its own drawn rank (1 forward)"
+        },
+    )
+    prefix_loss_every: int = field(
+        default=1,
+        metadata={
+            "help": "with the prefix loss: apply it on every k-th micro-batch only, the full "
+            "adapter's loss alone on the others ((1 + 1/k) forwards with prefix_loss_sample=1)"
+        },
+    )
     adapter_dtype: str | None = field(
         default="float32",
         metadata={"help": "dtype of A and B; None follows the base weight"},
@@ -203,6 +228,19 @@ class NestedLoraConfig:
             raise ValueError(
                 "prefix_loss_sample sets how many ranks the prefix loss draws: "
                 "it needs prefix_loss=True (or set prefix_loss_sample=0)"
+            )
+
+    def _check_prefix_loss_schedule(self) -> None:
+        _check_choice("prefix_loss_mode", self.prefix_loss_mode, PREFIX_LOSS_MODES)
+        k = self.prefix_loss_every
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(
+                f"prefix_loss_every must be an integer >= 1 (1: every micro-batch), got {k!r}"
+            )
+        if not self.prefix_loss and (self.prefix_loss_mode != "per_rank" or k != 1):
+            raise ValueError(
+                "prefix_loss_mode and prefix_loss_every shape the prefix loss: they need "
+                "prefix_loss=True (or keep prefix_loss_mode='per_rank', prefix_loss_every=1)"
             )
 
     def __post_init__(self) -> None:
@@ -238,6 +276,7 @@ class NestedLoraConfig:
             self.train_ranks = powers_of_two_ranks(self.r)
         self.train_ranks = check_train_ranks(self.train_ranks, self.r)
         self._check_prefix_loss_sample()
+        self._check_prefix_loss_schedule()
         if self.eval_ranks is None:
             self.eval_ranks = self.train_ranks
         self.eval_ranks = check_rank_list(self.eval_ranks, self.r, "eval ranks")
@@ -328,12 +367,16 @@ class NestedLoraConfig:
 
         The prefix-loss fields follow a changed method or prefix loss unless given:
         a new ``method`` re-derives ``prefix_loss`` and ``prefix_loss_sample`` from
-        their defaults, a new ``prefix_loss`` re-derives ``prefix_loss_sample``.
+        their defaults, a new ``prefix_loss`` re-derives ``prefix_loss_sample`` and
+        resets ``prefix_loss_mode`` and ``prefix_loss_every`` to their defaults.
         """
         if "method" in changes and "prefix_loss" not in changes:
             changes["prefix_loss"] = None
         if "prefix_loss" in changes and "prefix_loss_sample" not in changes:
             changes["prefix_loss_sample"] = None
+        if "prefix_loss" in changes:
+            changes.setdefault("prefix_loss_mode", "per_rank")
+            changes.setdefault("prefix_loss_every", 1)
         return dataclasses.replace(self, **changes)
 
 

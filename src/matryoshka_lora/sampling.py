@@ -117,3 +117,37 @@ def prefix_loss_ranks(
     rng = np.random.default_rng(np.random.SeedSequence(key))
     chosen = rng.choice(len(below), size=sample, replace=False)
     return tuple(sorted(below[int(i)] for i in chosen)) + (train_ranks[-1],)
+
+
+def mixed_example_ranks(
+    ranks: tuple[int, ...],
+    examples: int,
+    seed: int,
+    step: int,
+    micro_step: int = 0,
+    first_example: int = 0,
+) -> tuple[int, ...]:
+    """The rank of each example of a mixed-rank prefix-loss micro-batch.
+
+    ``ranks`` is the micro-batch's draw S' (:func:`prefix_loss_ranks`, m = |S'|
+    ranks ending with R). An offset ``o`` is drawn uniformly from 0..m-1 as a pure
+    function of ``(seed, step, micro_step)`` (a stream of its own) and the example
+    at position ``j = first_example + i`` of the global batch trains at
+
+        r_j = S'[(o + j) mod m],
+
+    a balanced cycle: any m consecutive examples hold each rank of S' once, so a
+    micro-batch of n examples gives each rank floor(n/m) or ceil(n/m) of them,
+    and over the draw of ``o`` each example is at each rank with probability
+    1/m (the full rank R included, the weight ``per_rank`` gives it).
+    ``first_example`` (e.g. process index x per-process batch size) continues
+    the cycle across the processes of a data-parallel step.
+    """
+    if not ranks:
+        raise ValueError("a mixed-rank micro-batch needs at least one rank")
+    if examples < 1:
+        raise ValueError(f"a mixed-rank micro-batch needs at least one example, got {examples}")
+    key = [seed & 0xFFFFFFFF, step, micro_step, 2]  # the trailing 2 separates the streams
+    rng = np.random.default_rng(np.random.SeedSequence(key))
+    offset = int(rng.integers(len(ranks)))
+    return tuple(ranks[(offset + first_example + i) % len(ranks)] for i in range(examples))

@@ -30,14 +30,21 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from ..io import load_adapter, save_adapter
 from ..model import adapter_layers, get_config, set_sampled_rank
 from ..sampling import RankSampler
 from .distributed import gathered_adapters, is_sharded
-from .objective import prefix_loss, prefix_loss_ranks_for, rank_sampler_for
+from .objective import (
+    MicroBatchPlan,
+    batch_examples,
+    micro_batch_plan,
+    plan_loss,
+    rank_sampler_for,
+)
 from .rank_eval import RANK_EVAL_METRICS, check_eval_ranks, rank_eval_metrics
+from .rebase import rebase_adapters_
 
 
 class NestedLoraMixin:
@@ -55,7 +62,10 @@ class NestedLoraMixin:
     ``rank_eval`` (default True: each evaluation also reports the teacher-forced
     metrics at every eval rank and their AURAC); ``eval_ranks`` (default: the
     adapter's ``eval_ranks``); ``rank_eval_metrics`` (default ``("loss",
-    "token_accuracy")``, the first accuracy-like one gives ``eval_aurac``).
+    "token_accuracy")``, the first accuracy-like one gives ``eval_aurac``);
+    ``svd_rebase_every`` (default 0, never: every K optimizer steps each adapter
+    is re-based on the SVD of its update and its optimizer state dropped, before
+    that step's checkpoint, as :class:`SvdRebaseCallback` does).
     """
 
     def __init__(
@@ -65,9 +75,12 @@ class NestedLoraMixin:
         rank_eval: bool = True,
         eval_ranks: Sequence[int] | None = None,
         rank_eval_metrics: Sequence[str] = RANK_EVAL_METRICS,
+        svd_rebase_every: int = 0,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
+        if svd_rebase_every:
+            self.add_callback(SvdRebaseCallback(svd_rebase_every))
         model = self.model
         if not adapter_layers(model):
             raise ValueError(
@@ -113,8 +126,11 @@ class NestedLoraMixin:
         return super().training_step(model, inputs, num_items_in_batch)
 
     def compute_loss(self, model: nn.Module, inputs, return_outputs: bool = False, **kwargs):
-        """The Trainer's loss, or with ``prefix_loss`` the mean of the train ranks' losses."""
-        if not (self.adapter_config.prefix_loss and model.training):
+        """The Trainer's loss, or the adapter's objective for this micro-batch
+        (:func:`~matryoshka_lora.train.objective.micro_batch_plan`: the prefix loss,
+        per rank or mixed, on the micro-batches ``prefix_loss_every`` selects)."""
+        plan = self._micro_batch_plan(model, inputs)
+        if plan.mode == "full":
             return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
         outputs = {}
 
@@ -130,17 +146,26 @@ class NestedLoraMixin:
 
             return compute
 
-        ranks = prefix_loss_ranks_for(
-            self.adapter_config, self.args.seed, *self._current_micro_batch()
-        )
-        loss = prefix_loss(
-            self._unwrapped(),
-            self.adapter_config,
-            loss_of(model),
-            loss_of(self._unwrapped()),
-            ranks,
+        loss = plan_loss(
+            self._unwrapped(), self.adapter_config, plan, loss_of(model), loss_of(self._unwrapped())
         )
         return (loss, outputs["last"]) if return_outputs else loss
+
+    def _micro_batch_plan(self, model: nn.Module, inputs) -> MicroBatchPlan:
+        """This micro-batch's objective; the full adapter outside training."""
+        if not (self.adapter_config.prefix_loss and model.training):
+            return MicroBatchPlan("full")
+        examples = (
+            batch_examples(inputs) if self.adapter_config.prefix_loss_mode == "mixed" else None
+        )
+        return micro_batch_plan(
+            self.adapter_config,
+            self.args.seed,
+            *self._current_micro_batch(),
+            accumulation=self.args.gradient_accumulation_steps,
+            examples=examples,
+            first_example=self.args.process_index * (examples or 0),
+        )
 
     def _unwrapped(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
@@ -223,6 +248,34 @@ class NestedLoraMixin:
             return values
         tensor = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
         return self.accelerator.reduce(tensor, reduction="sum").tolist()
+
+
+class SvdRebaseCallback(TrainerCallback):
+    """Every ``every`` optimizer steps, re-base the adapters on the SVD of their updates.
+
+    :func:`~matryoshka_lora.train.rebase.rebase_adapters_` at the end of steps
+    ``every, 2 every, ...``: the full-rank function is unchanged, each rank-r
+    prefix becomes the best rank-r approximation of its layer's update, and the
+    optimizer state of the re-based parameters is dropped. ``on_step_end`` runs
+    before the Trainer saves that step's checkpoint, so a resumed run continues
+    from the re-based factors and the dropped state.
+    """
+
+    def __init__(self, every: int) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"svd_rebase_every must be an integer >= 1, got {every!r}")
+        self.every = every
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if model is None or state.global_step % self.every:
+            return control
+        if is_sharded(model):
+            raise ValueError(
+                "svd_rebase_every needs whole adapter factors: it does not run under FSDP or "
+                "DeepSpeed ZeRO-3; set svd_rebase_every=0 or train without sharding"
+            )
+        rebase_adapters_(model, optimizer)
+        return control
 
 
 class NestedLoraTrainer(NestedLoraMixin, Trainer):

@@ -16,6 +16,11 @@ Reproducibility: the data order of epoch ``e`` is a permutation seeded by
 run resumed from a checkpoint ends bit-identical (on CPU, deterministic ops) to
 the uninterrupted run.
 
+With ``svd_rebase_every = K`` every K-th optimizer step ends by re-basing each
+adapter on the SVD of its update (:mod:`matryoshka_lora.train.rebase`: the
+full-rank function is unchanged, the re-based parameters' optimizer state is
+dropped), before that step's checkpoint is written.
+
 Losses are token-weighted (:mod:`matryoshka_lora.train.token_weights`): the
 gradient of an optimizer step is that of the mean loss over all target tokens of
 its global batch, whatever its split into micro-batches and processes, and the
@@ -54,8 +59,9 @@ from .distributed import (
     save_adapter_sharded,
     save_sharded_checkpoint,
 )
-from .objective import prefix_loss, prefix_loss_ranks_for, rank_sampler_for
+from .objective import batch_examples, micro_batch_plan, plan_loss, rank_sampler_for
 from .rank_eval import check_eval_ranks, format_rank_curve, rank_eval_metrics
+from .rebase import rebase_adapters_
 from .token_weights import (
     count_loss_items,
     loss_shifts_labels,
@@ -135,6 +141,13 @@ class TrainConfig:
     eval_batch_size: int | None = field(
         default=None, metadata={"help": "batch size of the rank curve (default: batch_size)"}
     )
+    svd_rebase_every: int = field(
+        default=0,
+        metadata={
+            "help": "every K optimizer steps, rotate each adapter onto the SVD of its update, "
+            "full update unchanged (0: never)"
+        },
+    )
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -155,6 +168,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1 or None, got {getattr(self, name)}")
         if self.eval_ranks is not None:
             self.eval_ranks = tuple(self.eval_ranks)
+        k = self.svd_rebase_every
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"svd_rebase_every must be an integer >= 0 (0: never), got {k!r}")
 
 
 @dataclass
@@ -256,6 +272,11 @@ def train_adapter(
     checkpoints = output / "checkpoints"
     torch.manual_seed(config.seed)
     sharded = is_fsdp(model)  # FSDP2: no DDP wrapper, collective saves and loads
+    if sharded and config.svd_rebase_every:
+        raise ValueError(
+            "svd_rebase_every needs whole adapter factors: it does not run on an FSDP-sharded "
+            "model; set svd_rebase_every=0 or train without sharding"
+        )
 
     sampler = rank_sampler_for(
         adapter_config, config.seed, config.sampler_distribution, config.sampler_per
@@ -347,20 +368,26 @@ def train_adapter(
                 context = (
                     ddp_model.no_sync() if (ddp_model is not model and not sync) else nullcontext()
                 )
+                examples = batch_examples(batch)
+                plan = micro_batch_plan(
+                    adapter_config,
+                    config.seed,
+                    step,
+                    micro,
+                    accumulation=accum,
+                    examples=examples,
+                    first_example=rank * examples,
+                )
+                shown = plan.describe()
                 with context:
                     with autocast:
-                        if adapter_config.prefix_loss:
-                            ranks = prefix_loss_ranks_for(adapter_config, config.seed, step, micro)
-                            shown = "+".join(map(str, ranks))
-                            loss = prefix_loss(
-                                model,
-                                adapter_config,
-                                lambda batch=batch: ddp_model(**batch).loss,
-                                lambda batch=batch: model(**batch).loss,
-                                ranks,
-                            )
-                        else:
-                            loss = ddp_model(**batch).loss
+                        loss = plan_loss(
+                            model,
+                            adapter_config,
+                            plan,
+                            lambda batch=batch: ddp_model(**batch).loss,
+                            lambda batch=batch: model(**batch).loss,
+                        )
                     if not _all_finite(loss):
                         where = (
                             f"the last good checkpoint is {last_good}"
@@ -386,6 +413,8 @@ def train_adapter(
             optimizer.zero_grad(set_to_none=True)
             losses.append(step_loss)
             done = step + 1
+            if config.svd_rebase_every and done % config.svd_rebase_every == 0:
+                rebase_adapters_(model, optimizer)  # before a checkpoint of this step is saved
             elapsed = time.perf_counter() - started
             bar.update(1)
             bar.set_postfix(

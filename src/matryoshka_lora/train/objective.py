@@ -15,20 +15,32 @@ Three ways to make every prefix of an adapter useful, all set in
   learning. It costs |S| forward passes and one backward per micro-batch.
   ``prefix_loss_sample = k`` averages R and k ranks drawn from S minus {R}
   instead: k + 1 forwards, the full adapter weighted 1/(k+1).
+* **mixed-rank prefix loss** (``prefix_loss_mode="mixed"``): one forward in
+  which example i runs at its own rank r_i of that draw S' (a balanced cycle,
+  :func:`~matryoshka_lora.sampling.mixed_example_ranks`), through the
+  per-example scales of :meth:`~matryoshka_lora.layer.NestedLoraLinear.set_example_ranks`.
+  The loss is the model's own: a mean over the micro-batch's target tokens,
+  ``L = (1/n) sum_i n_i L_i(r_i)`` with ``n_i`` the target tokens of example i,
+  ``n = sum_i n_i`` and ``L_i(r)`` example i's mean token loss at rank r.
+* **prefix loss on part of the micro-batches** (``prefix_loss_every = k``): the
+  global micro-batch ``g = step * accumulation + micro`` trains the prefix loss
+  when ``g % k == 0`` and the full training function's loss alone otherwise
+  (``per_rank`` with ``prefix_loss_sample = 1``: 1 + 1/k forwards on average).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..config import NestedLoraConfig
 from ..layer import NestedLoraLinear
-from ..model import set_rank
-from ..sampling import RankSampler
+from ..model import get_config, set_example_ranks, set_rank
+from ..sampling import RankSampler, mixed_example_ranks
 from ..sampling import prefix_loss_ranks as draw_prefix_loss_ranks
 
 
@@ -82,17 +94,34 @@ def prefix_loss(
     return total / len(ranks)
 
 
+def mixed_rank_loss(
+    model: nn.Module, compute_loss: Callable[[], torch.Tensor], example_ranks: tuple[int, ...]
+) -> torch.Tensor:
+    """``compute_loss()`` with example i of the batch at rank ``example_ranks[i]``: one forward.
+
+    Each example's adapters use the deployed scales of its rank padded with zeros
+    (:meth:`~matryoshka_lora.layer.NestedLoraLinear.set_example_ranks`), which
+    equals running it alone at that rank. The model is left without example ranks.
+    """
+    with _recompute_at_forward_rank(model):
+        set_example_ranks(model, torch.as_tensor(example_ranks))
+        try:
+            return compute_loss()
+        finally:
+            set_example_ranks(model, None)
+
+
 @contextmanager
 def _recompute_at_forward_rank(model: nn.Module) -> Iterator[None]:
-    """Make activation checkpointing recompute each block at the rank of its forward.
+    """Make activation checkpointing recompute each block at the ranks of its forward.
 
-    The prefix loss runs one graph through the model at several ranks; with
-    transformers' gradient checkpointing a block's forward is recomputed during
-    the backward, when the adapters are back at the full function. While this
-    context is open, every checkpointed block (a module with
-    ``gradient_checkpointing`` on) records the ranks of its adapters when it runs
-    and its recomputation runs at those ranks, for reentrant and non-reentrant
-    checkpointing alike.
+    The prefix loss runs one graph through the model at several ranks (or, mixed,
+    with per-example ranks); with transformers' gradient checkpointing a block's
+    forward is recomputed during the backward, when the adapters are back at the
+    full function. While this context is open, every checkpointed block (a module
+    with ``gradient_checkpointing`` on) records the rank state of its adapters
+    (active rank and example scales) when it runs and its recomputation runs in
+    that state, for reentrant and non-reentrant checkpointing alike.
     """
     patched: list[tuple[nn.Module, Callable]] = []
     for module in model.modules():
@@ -111,29 +140,122 @@ def _recompute_at_forward_rank(model: nn.Module) -> Iterator[None]:
             module._gradient_checkpointing_func = checkpoint
 
 
+_RankState = tuple[int | None, torch.Tensor | None]  # (active rank, example scales)
+
+
 def _rank_pinning(checkpoint: Callable, layers: list[NestedLoraLinear]) -> Callable:
-    """``checkpoint`` whose function always runs at the adapter ranks of the first call."""
+    """``checkpoint`` whose function always runs in the adapters' rank state of the first call."""
 
     def pinned_checkpoint(function: Callable, *args, **kwargs):
-        ranks = [layer.active_rank for layer in layers]
+        states = _rank_states(layers)
 
         def at_forward_ranks(*a, **k):
-            current = [layer.active_rank for layer in layers]
-            _set_ranks(layers, ranks)
+            current = _rank_states(layers)
+            _set_rank_states(layers, states)
             try:
                 return function(*a, **k)
             finally:
-                _set_ranks(layers, current)
+                _set_rank_states(layers, current)
 
         return checkpoint(at_forward_ranks, *args, **kwargs)
 
     return pinned_checkpoint
 
 
-def _set_ranks(layers: list[NestedLoraLinear], ranks: list[int | None]) -> None:
-    for layer, rank in zip(layers, ranks, strict=True):
+def _rank_states(layers: list[NestedLoraLinear]) -> list[_RankState]:
+    return [(layer.active_rank, layer.example_scales) for layer in layers]
+
+
+def _set_rank_states(layers: list[NestedLoraLinear], states: list[_RankState]) -> None:
+    for layer, (rank, scales) in zip(layers, states, strict=True):
         if layer.active_rank != rank:
             layer.set_rank(rank)
+        layer.example_scales = scales  # the scale table built by set_example_ranks
+
+
+@dataclass(frozen=True)
+class MicroBatchPlan:
+    """What one training micro-batch optimises.
+
+    ``mode``: ``full`` (the full training function's loss alone), ``per_rank``
+    (the mean of the losses at ``ranks``, one forward each) or ``mixed`` (one
+    forward, example i at ``ranks[i]``).
+    """
+
+    mode: str
+    ranks: tuple[int, ...] = ()
+
+    def describe(self) -> str:
+        """A short label for progress bars: ``all``, ``1+8`` or ``mixed:1+8``."""
+        if self.mode == "full":
+            return "all"
+        shown = "+".join(map(str, sorted(set(self.ranks))))
+        return shown if self.mode == "per_rank" else f"mixed:{shown}"
+
+
+def micro_batch_plan(
+    config: NestedLoraConfig,
+    seed: int,
+    step: int,
+    micro_step: int = 0,
+    *,
+    accumulation: int = 1,
+    examples: int | None = None,
+    first_example: int = 0,
+) -> MicroBatchPlan:
+    """The objective of micro-batch ``micro_step`` of optimizer step ``step``.
+
+    A pure function of the config and ``(seed, step, micro_step)``: every process
+    and a resumed run plan alike. Without ``prefix_loss``, or on a micro-batch that
+    ``prefix_loss_every`` skips (``(step * accumulation + micro_step) %
+    prefix_loss_every != 0``), the full adapter; else the ranks S' of
+    :func:`prefix_loss_ranks_for`, averaged (``per_rank``) or assigned to the
+    ``examples`` examples of the batch (``mixed``, which needs ``examples``;
+    ``first_example``: the position of the batch's first example in the global
+    batch, see :func:`~matryoshka_lora.sampling.mixed_example_ranks`).
+    """
+    if not config.prefix_loss:
+        return MicroBatchPlan("full")
+    if (step * accumulation + micro_step) % config.prefix_loss_every:
+        return MicroBatchPlan("full")
+    ranks = prefix_loss_ranks_for(config, seed, step, micro_step)
+    if config.prefix_loss_mode == "per_rank":
+        return MicroBatchPlan("per_rank", ranks)
+    if examples is None:
+        raise ValueError(
+            "prefix_loss_mode='mixed' assigns a rank to each example: pass examples= "
+            "(the batch size of the micro-batch)"
+        )
+    return MicroBatchPlan(
+        "mixed", mixed_example_ranks(ranks, examples, seed, step, micro_step, first_example)
+    )
+
+
+def plan_loss(
+    model: nn.Module,
+    config: NestedLoraConfig,
+    plan: MicroBatchPlan,
+    full_loss: Callable[[], torch.Tensor],
+    prefix_loss_at: Callable[[], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The loss ``plan`` trains; ``full_loss`` / ``prefix_loss_at`` as in :func:`prefix_loss`."""
+    if plan.mode == "full":
+        return full_loss()
+    if plan.mode == "per_rank":
+        return prefix_loss(model, config, full_loss, prefix_loss_at, plan.ranks)
+    return mixed_rank_loss(model, full_loss, plan.ranks)
+
+
+def batch_examples(batch: Mapping[str, torch.Tensor]) -> int:
+    """The number of examples of a model-input batch (the first dimension of its inputs)."""
+    for key in ("input_ids", "inputs_embeds", "labels"):
+        value = batch.get(key)
+        if torch.is_tensor(value) and value.ndim:
+            return int(value.shape[0])
+    for value in batch.values():
+        if torch.is_tensor(value) and value.ndim:
+            return int(value.shape[0])
+    raise ValueError(f"cannot tell the batch size of a batch with keys {sorted(batch)}")
 
 
 def training_loss(
@@ -142,24 +264,34 @@ def training_loss(
     step: int = 0,
     micro_step: int = 0,
     seed: int = 0,
+    *,
+    accumulation: int = 1,
+    examples: int | None = None,
+    first_example: int = 0,
 ) -> torch.Tensor:
     """The loss ``model``'s adapter config trains, for a hand-written training loop.
 
-    ``compute_loss()`` runs the model on the batch and returns its loss. With
-    ``prefix_loss`` (the default for ``method="matryoshka"``) the result is the
-    mean of that loss at the ranks drawn for ``(seed, step, micro_step)``; else it
-    is ``compute_loss()`` of the full training function. (DyLoRA's and
+    ``compute_loss()`` runs the model on the batch and returns its loss. The
+    objective is :func:`micro_batch_plan`'s for ``(seed, step, micro_step)``: with
+    ``prefix_loss`` (the default for ``method="matryoshka"``) the mean of that loss
+    at the drawn ranks, or one mixed-rank forward (``prefix_loss_mode="mixed"``,
+    which needs ``examples``, the batch size); else, or on a micro-batch that
+    ``prefix_loss_every`` skips (``accumulation``: micro-batches per optimizer
+    step), ``compute_loss()`` of the full training function. (DyLoRA's and
     ``prefix_sampling``'s sampled rank is set by a
     :class:`~matryoshka_lora.sampling.RankSampler` before the forward.)
     """
-    from ..model import get_config
-
     config = get_config(model)
-    if not config.prefix_loss:
-        return compute_loss()
-    return prefix_loss(
-        model, config, compute_loss, ranks=prefix_loss_ranks_for(config, seed, step, micro_step)
+    plan = micro_batch_plan(
+        config,
+        seed,
+        step,
+        micro_step,
+        accumulation=accumulation,
+        examples=examples,
+        first_example=first_example,
     )
+    return plan_loss(model, config, plan, compute_loss)
 
 
 def prefix_loss_ranks_for(
@@ -171,4 +303,14 @@ def prefix_loss_ranks_for(
     )
 
 
-__all__ = ["prefix_loss", "prefix_loss_ranks_for", "rank_sampler_for", "training_loss"]
+__all__ = [
+    "MicroBatchPlan",
+    "batch_examples",
+    "micro_batch_plan",
+    "mixed_rank_loss",
+    "plan_loss",
+    "prefix_loss",
+    "prefix_loss_ranks_for",
+    "rank_sampler_for",
+    "training_loss",
+]
