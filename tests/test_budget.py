@@ -13,6 +13,7 @@ from peft import PeftModel
 import matryoshka_lora as ml
 from matryoshka_lora import budget as mlb
 from matryoshka_lora import export as mlx
+from matryoshka_lora.export.peft import _pattern_key, _pattern_matches
 
 MODELS = {"llama": (make_tiny_llama, LLAMA_TARGETS), "gpt2": (make_tiny_gpt2, GPT2_TARGETS)}
 
@@ -235,7 +236,7 @@ def test_rank_pattern_export_loads_in_vanilla_peft(
     mlb.apply_allocation(model, alloc)
     for name, layer in ml.adapter_layers(model).items():
         assert layer.active_rank == alloc.ranks[name]
-    mlb.export_allocation(model, alloc, tmp_path, scale_encoding=scale_encoding)
+    mlx.export_peft(model, alloc.ranks, tmp_path, scale_encoding=scale_encoding)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["r"] == max(alloc.ranks.values()) and config["rank_pattern"]
     if scale_encoding == "baked":
@@ -267,7 +268,7 @@ def test_active_rank_export_and_trained_scales(tmp_path, input_ids):
         )
     if any(r > 1 for r in alloc.ranks.values()):
         with pytest.raises(ValueError, match="baked"):
-            mlb.export_allocation(model, alloc, tmp_path / "alpha", scale_encoding="alpha")
+            mlx.export_peft(model, alloc.ranks, tmp_path / "alpha", scale_encoding="alpha")
     with pytest.raises(ValueError, match="missing"):
         mlb.apply_allocation(model, {"model.layers.0.mlp.up_proj": 2})
     ml.set_rank(model, None)
@@ -279,7 +280,7 @@ def test_rank_pattern_keys_select_one_module_each():
     names = [f"model.layers.{i}.self_attn.q_proj" for i in (1, 11, 21)] + [
         "model.layers.1.mlp.q_proj"
     ]
-    keys = {n: mlx._pattern_key(n, names) for n in names}
+    keys = {n: _pattern_key(n, names) for n in names}
     assert keys["model.layers.1.self_attn.q_proj"] == "layers.1.self_attn.q_proj"
     for n, key in keys.items():
-        assert [m for m in names if mlx._pattern_matches(key, m)] == [n]
+        assert [m for m in names if _pattern_matches(key, m)] == [n]

@@ -215,7 +215,7 @@ def test_bad_ranks_and_folders_fail_cleanly(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(mlx, "atomic_write_text", crash)
+    monkeypatch.setattr("matryoshka_lora.export.peft.atomic_write_text", crash)
     with pytest.raises(OSError, match="disk full"):
         mlx.export_peft(model, 2, out, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "out"]  # no temp siblings
