@@ -349,13 +349,14 @@ def build_variant(
     torch.manual_seed(1234)  # the same A in every build of the same R
     if kind == "nested":
         import matryoshka_lora as ml
+        from matryoshka_lora.model import set_sampled_rank
 
         config = ml.NestedLoraConfig(r=spec["r"], method=spec["method"], target_modules=targets)
         ml.attach(model, config)
         if random_b:
             _randomise_b(model)
         if spec.get("b"):
-            ml.set_sampled_rank(model, spec["b"])
+            set_sampled_rank(model, spec["b"])
         if spec.get("rank"):
             ml.set_rank(model, spec["rank"])
         if spec.get("merged"):
@@ -417,9 +418,9 @@ def patch_addmm_forward(model: nn.Module) -> int:
     """Give every adapter layer of ``model`` (this instance only) the candidate forward."""
     import types
 
-    import matryoshka_lora as ml
+    from matryoshka_lora.model import adapter_layers
 
-    layers = ml.adapter_layers(model)
+    layers = adapter_layers(model)
     for layer in layers.values():
         layer.forward = types.MethodType(_addmm_forward, layer)
     return len(layers)

@@ -20,6 +20,7 @@ import common as C
 import torch
 
 import matryoshka_lora as ml
+from matryoshka_lora.model import get_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -109,7 +110,7 @@ def run_model(args: argparse.Namespace, model_name: str, device: torch.device) -
         diff = (fns[unmerged_name]().float() - fns[mspec["name"]]().float()).abs().max().item()
         check = {"merged_vs_unmerged_max_abs_logit_diff": diff}
 
-    eval_ranks = ml.get_config(ours).eval_ranks
+    eval_ranks = get_config(ours).eval_ranks
     sweep_names = []
     if not args.no_sweep:
         ours.eval()

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import matryoshka_lora as ml
+from matryoshka_lora.layer import NestedLoraLinear
 
 SHAPES = {
     "smollm2": [("q_proj, o_proj", 576, 576, 60), ("k_proj, v_proj", 576, 192, 60)]
@@ -72,8 +73,8 @@ def layer_fns(i: int, o: int, args, device) -> dict:
     x = torch.randn(args.tokens, i, dtype=dtype, device=device, requires_grad=True)
     base = _frozen_linear(i, o, dtype, device)
     config = ml.NestedLoraConfig(r=args.rank, target_modules=["q_proj"])
-    ours = ml.NestedLoraLinear(_frozen_linear(i, o, dtype, device), config)
-    candidate = ml.NestedLoraLinear(_frozen_linear(i, o, dtype, device), config)
+    ours = NestedLoraLinear(_frozen_linear(i, o, dtype, device), config)
+    candidate = NestedLoraLinear(_frozen_linear(i, o, dtype, device), config)
     candidate.forward = C._addmm_forward.__get__(candidate)
     peft = get_peft_model(
         _Holder(_frozen_linear(i, o, dtype, device)),

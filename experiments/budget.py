@@ -21,6 +21,7 @@ import matryoshka_lora as ml
 from matryoshka_lora.assets import load_causal_lm
 from matryoshka_lora.budget import allocate_by_energy, apply_allocation, uniform_allocation
 from matryoshka_lora.eval.teacher_forced import teacher_forced_metrics
+from matryoshka_lora.model import set_inference_scale
 from matryoshka_lora.train import PaddingCollator, build_sft_dataset
 
 
@@ -43,7 +44,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_causal_lm(args.model)
     ml.load_adapter(model, args.adapter)
-    ml.set_inference_scale(model, args.inference_scale)
+    set_inference_scale(model, args.inference_scale)
     data = build_sft_dataset(
         args.dataset, tokenizer, size=args.size, seed=args.data_seed, max_length=args.max_length
     )

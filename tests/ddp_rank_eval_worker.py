@@ -16,6 +16,7 @@ from ddp_worker import fixed_length_dataset
 from transformers import TrainingArguments
 
 import matryoshka_lora as ml
+from matryoshka_lora.model import adapter_layers
 from matryoshka_lora.train import PaddingCollator
 from matryoshka_lora.train.hf_trainer import NestedLoraTrainer
 
@@ -26,7 +27,7 @@ def adapted_model() -> torch.nn.Module:
     ml.attach(model, ml.NestedLoraConfig(r=8, target_modules=LLAMA_TARGETS))
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for layer in ml.adapter_layers(model).values():
+        for layer in adapter_layers(model).values():
             layer.lora_B.normal_(0, 0.3, generator=generator)
     return model
 

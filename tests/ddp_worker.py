@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from conftest import LLAMA_TARGETS, make_tiny_llama  # noqa: E402
 
 import matryoshka_lora as ml  # noqa: E402
+from matryoshka_lora.model import adapter_state_dict  # noqa: E402
 from matryoshka_lora.train import PaddingCollator, TrainConfig, train_adapter  # noqa: E402
 
 
@@ -75,7 +76,7 @@ def main() -> None:
     rank = int(os.environ.get("RANK", "0"))
     with open(os.path.join(out_dir, f"losses{rank}.json"), "w", encoding="utf-8") as fh:
         json.dump(result.losses, fh)
-    tensors = {k: v.detach().clone().contiguous() for k, v in ml.adapter_state_dict(model).items()}
+    tensors = {k: v.detach().clone().contiguous() for k, v in adapter_state_dict(model).items()}
     save_file(tensors, os.path.join(out_dir, f"rank{rank}.safetensors"))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -27,6 +27,7 @@ from transformers import TrainerCallback, TrainingArguments  # noqa: E402
 
 import matryoshka_lora as ml  # noqa: E402
 from matryoshka_lora.export import export_peft, save_merged  # noqa: E402
+from matryoshka_lora.model import adapter_state_dict  # noqa: E402
 from matryoshka_lora.train import PaddingCollator  # noqa: E402
 from matryoshka_lora.train.distributed import gathered_adapters, is_zero3, run_gathered  # noqa: E402
 from matryoshka_lora.train.hf_trainer import NestedLoraTrainer  # noqa: E402
@@ -122,9 +123,7 @@ def reset_accelerate(zero: int | None) -> None:
 
 def dump(model: torch.nn.Module, path: str) -> None:
     with gathered_adapters(model):
-        tensors = {
-            k: v.detach().clone().contiguous() for k, v in ml.adapter_state_dict(model).items()
-        }
+        tensors = {k: v.detach().clone().contiguous() for k, v in adapter_state_dict(model).items()}
     save_file(tensors, path)
 
 

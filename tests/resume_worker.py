@@ -22,6 +22,7 @@ from conftest import LLAMA_TARGETS, make_tiny_llama  # noqa: E402
 from ddp_worker import varied_length_dataset  # noqa: E402
 
 import matryoshka_lora as ml  # noqa: E402
+from matryoshka_lora.model import adapter_state_dict  # noqa: E402
 from matryoshka_lora.train import PaddingCollator, TrainConfig, train_adapter  # noqa: E402
 
 
@@ -49,7 +50,7 @@ def main() -> None:
         on_step=lambda step, loss: time.sleep(delay),
     )
     rank = int(os.environ.get("RANK", "0"))
-    tensors = {k: v.detach().clone().contiguous() for k, v in ml.adapter_state_dict(model).items()}
+    tensors = {k: v.detach().clone().contiguous() for k, v in adapter_state_dict(model).items()}
     save_file(tensors, os.path.join(out_dir, f"final{rank}.safetensors"))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

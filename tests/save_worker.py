@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import matryoshka_lora as ml
+from matryoshka_lora.model import adapter_state_dict
 
 
 class Stack(nn.Module):
@@ -30,7 +31,7 @@ def make_adapted() -> nn.Module:
 
 def fill(model: nn.Module, version: int) -> None:
     with torch.no_grad():
-        for param in ml.adapter_state_dict(model).values():
+        for param in adapter_state_dict(model).values():
             param.fill_(float(version))
 
 

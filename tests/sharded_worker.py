@@ -28,6 +28,7 @@ from ddp_worker import fixed_length_dataset  # noqa: E402
 import matryoshka_lora as ml  # noqa: E402
 from matryoshka_lora.eval.svd import svd_rebase_  # noqa: E402
 from matryoshka_lora.export import export_peft, save_merged  # noqa: E402
+from matryoshka_lora.model import adapter_state_dict  # noqa: E402
 from matryoshka_lora.train import PaddingCollator, TrainConfig, train_adapter  # noqa: E402
 from matryoshka_lora.train.distributed import (  # noqa: E402
     gathered_adapters,
@@ -112,9 +113,7 @@ def train_config(out: str, batch_size: int, **kw) -> TrainConfig:
 
 def dump(model: torch.nn.Module, path: str) -> None:
     with gathered_adapters(model):
-        tensors = {
-            k: v.detach().clone().contiguous() for k, v in ml.adapter_state_dict(model).items()
-        }
+        tensors = {k: v.detach().clone().contiguous() for k, v in adapter_state_dict(model).items()}
     save_file(tensors, path)
 
 
@@ -129,7 +128,7 @@ def dump_gradient(model: torch.nn.Module, data: list[dict], path: str) -> None:
     model.zero_grad(set_to_none=True)
     model(**batch).loss.backward()
     grads = {}
-    for name, param in ml.adapter_state_dict(model).items():
+    for name, param in adapter_state_dict(model).items():
         grad = param.grad
         grads[name] = (grad.full_tensor() if isinstance(grad, DTensor) else grad).contiguous()
     model.zero_grad(set_to_none=True)

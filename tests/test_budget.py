@@ -13,6 +13,8 @@ from peft import PeftModel
 import matryoshka_lora as ml
 from matryoshka_lora import budget as mlb
 from matryoshka_lora import export as mlx
+from matryoshka_lora.export.peft import _pattern_key, _pattern_matches
+from matryoshka_lora.model import adapter_layers, get_rank
 
 MODELS = {"llama": (make_tiny_llama, LLAMA_TARGETS), "gpt2": (make_tiny_gpt2, GPT2_TARGETS)}
 
@@ -29,7 +31,7 @@ def trained(arch: str = "llama", **config):
     )
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
-        for i, layer in enumerate(ml.adapter_layers(model).values()):
+        for i, layer in enumerate(adapter_layers(model).values()):
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.05 * (1 + i % 4))
     return model
 
@@ -42,10 +44,10 @@ def calibration():
 
 def per_module_logits(model, ranks, ids):
     with torch.no_grad():
-        previous = {n: layer.active_rank for n, layer in ml.adapter_layers(model).items()}
+        previous = {n: layer.active_rank for n, layer in adapter_layers(model).items()}
         mlb.apply_allocation(model, ranks)
         out = model(ids).logits
-        for n, layer in ml.adapter_layers(model).items():
+        for n, layer in adapter_layers(model).items():
             layer.set_rank(previous[n])
     return out
 
@@ -79,7 +81,7 @@ def test_allocation_never_exceeds_the_budget(strategy):
         assert set(alloc.ranks.values()) <= {1, 2, 4, 8}  # the train ranks
         if budget == total:
             assert set(alloc.ranks.values()) == {1}
-    assert ml.get_rank(model) is None  # the model's state is restored
+    assert get_rank(model) is None  # the model's state is restored
 
 
 def test_energy_gives_the_full_budget_to_full_ranks_and_favours_big_updates():
@@ -88,7 +90,7 @@ def test_energy_gives_the_full_budget_to_full_ranks_and_favours_big_updates():
     full = mlb.allocate_by_energy(model, 8 * sum(costs.values()))
     assert set(full.ranks.values()) == {8} and full.damage == 0.0
     with torch.no_grad():  # one module carries almost all of the update
-        for name, layer in ml.adapter_layers(model).items():
+        for name, layer in adapter_layers(model).items():
             layer.lora_B.mul_(100.0 if name == "model.layers.1.mlp.down_proj" else 0.01)
     alloc = mlb.allocate_by_energy(
         model, sum(costs.values()) + 7 * costs["model.layers.1.mlp.down_proj"]
@@ -203,7 +205,7 @@ def test_sensitivity_damage_is_measured_one_module_at_a_time():
     batches = calibration()
     damage, reference = mlb.sensitivity_damage(model, mlb.make_loss_fn(batches))
     name = "model.layers.0.mlp.up_proj"
-    ranks = dict.fromkeys(ml.adapter_layers(model), 8)
+    ranks = dict.fromkeys(adapter_layers(model), 8)
     assert reference == pytest.approx(mlb.evaluate_allocation(model, ranks, batches=batches))
     ranks[name] = 2
     cut = mlb.evaluate_allocation(model, ranks, batches=batches)
@@ -233,9 +235,9 @@ def test_rank_pattern_export_loads_in_vanilla_peft(
     alloc = mlb.allocate_by_energy(model, average_rank=3)
     assert len(set(alloc.ranks.values())) > 1
     mlb.apply_allocation(model, alloc)
-    for name, layer in ml.adapter_layers(model).items():
+    for name, layer in adapter_layers(model).items():
         assert layer.active_rank == alloc.ranks[name]
-    mlb.export_allocation(model, alloc, tmp_path, scale_encoding=scale_encoding)
+    mlx.export_peft(model, alloc.ranks, tmp_path, scale_encoding=scale_encoding)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["r"] == max(alloc.ranks.values()) and config["rank_pattern"]
     if scale_encoding == "baked":
@@ -267,7 +269,7 @@ def test_active_rank_export_and_trained_scales(tmp_path, input_ids):
         )
     if any(r > 1 for r in alloc.ranks.values()):
         with pytest.raises(ValueError, match="baked"):
-            mlb.export_allocation(model, alloc, tmp_path / "alpha", scale_encoding="alpha")
+            mlx.export_peft(model, alloc.ranks, tmp_path / "alpha", scale_encoding="alpha")
     with pytest.raises(ValueError, match="missing"):
         mlb.apply_allocation(model, {"model.layers.0.mlp.up_proj": 2})
     ml.set_rank(model, None)
@@ -279,7 +281,7 @@ def test_rank_pattern_keys_select_one_module_each():
     names = [f"model.layers.{i}.self_attn.q_proj" for i in (1, 11, 21)] + [
         "model.layers.1.mlp.q_proj"
     ]
-    keys = {n: mlx._pattern_key(n, names) for n in names}
+    keys = {n: _pattern_key(n, names) for n in names}
     assert keys["model.layers.1.self_attn.q_proj"] == "layers.1.self_attn.q_proj"
     for n, key in keys.items():
-        assert [m for m in names if mlx._pattern_matches(key, m)] == [n]
+        assert [m for m in names if _pattern_matches(key, m)] == [n]

@@ -35,6 +35,7 @@ from matryoshka_lora.commands import evaluate as eval_command
 from matryoshka_lora.commands import export as export_command
 from matryoshka_lora.commands import train as train_command
 from matryoshka_lora.eval import Comparison, SweepResult
+from matryoshka_lora.io import read_adapter_config
 from matryoshka_lora.train.classification import HEAD_FILE
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -171,7 +172,7 @@ def test_train_writes_outputs_and_cli_overrides_config_file(run_dir):
     assert resolved["max-steps"] == 3  # underscore key in the file
     assert resolved["train-ranks"] == [1, 2, 4, 8]
     assert resolved["target-modules"] == ["q_proj", "v_proj"]
-    config, payload = ml.read_adapter_config(run_dir / "adapter")
+    config, payload = read_adapter_config(run_dir / "adapter")
     assert config.r == 8 and config.target_modules == ["q_proj", "v_proj"]
     assert len(payload["modules"]) == 4
     assert (run_dir / "train_config.json").is_file()

@@ -24,6 +24,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 import matryoshka_lora as ml  # noqa: E402
 from matryoshka_lora.export import export_peft, save_merged  # noqa: E402
+from matryoshka_lora.model import adapter_state_dict  # noqa: E402
 
 pytestmark = pytest.mark.slow
 WORKER = Path(__file__).parent / "deepspeed_worker.py"
@@ -96,7 +97,7 @@ def test_deepspeed_save_model_writes_the_full_adapter(runs, mode, variant):
     saved = load_file(folder / "adapter" / "adapter.safetensors")
     gathered = load_file(folder / "rank0.safetensors")
     assert set(saved) == set(gathered)
-    shapes = {k: v.shape for k, v in ml.adapter_state_dict(_fresh(variant)).items()}
+    shapes = {k: v.shape for k, v in adapter_state_dict(_fresh(variant)).items()}
     for key, value in gathered.items():
         assert saved[key].shape == shapes[key], key  # not a ZeRO-3 partition
         assert torch.equal(saved[key], value), key

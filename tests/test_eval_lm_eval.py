@@ -10,6 +10,7 @@ from conftest import LLAMA_TARGETS, make_tiny_llama
 
 import matryoshka_lora as ml
 from matryoshka_lora.eval import flatten_lm_eval_results, lm_eval_sweep
+from matryoshka_lora.model import adapter_layers, adapters_disabled, get_config, get_rank
 
 
 def adapted():
@@ -43,10 +44,10 @@ def fake_lm_eval(monkeypatch):
             self.model = pretrained
 
     def simple_evaluate(model, tasks, num_fewshot=None, limit=None, **kwargs):
-        layers = ml.adapter_layers(model.model).values()
+        layers = adapter_layers(model.model).values()
         disabled = all(layer.disabled for layer in layers)
-        rank = 0 if disabled else ml.get_rank(model.model)
-        scale = ml.get_config(model.model).inference_scale
+        rank = 0 if disabled else get_rank(model.model)
+        scale = get_config(model.model).inference_scale
         calls["evaluate"].append((tuple(tasks), num_fewshot, limit, rank, scale, kwargs))
         return {
             "results": {
@@ -99,7 +100,7 @@ def test_calls_per_rank_with_fake_lm_eval(fake_lm_eval):
     assert result.curve("paper").as_mapping() == pytest.approx({1: 0.18, 2: 0.28, 4: 0.48})
     assert result.base_value() == pytest.approx(0.08)
     assert result.info["lm_eval"] == {"tasks": ["gsm8k"], "num_fewshot": 8, "limit": 5}
-    assert ml.get_rank(model) is None
+    assert get_rank(model) is None
 
 
 def test_per_task_fewshot_counts(fake_lm_eval):
@@ -166,7 +167,7 @@ def test_real_lm_eval_on_a_local_task_agrees_with_our_multiple_choice_evaluator(
     model, tokenizer = adapted(), make_char_tokenizer()
     torch.manual_seed(1)
     with torch.no_grad():
-        for layer in ml.adapter_layers(model).values():
+        for layer in adapter_layers(model).values():
             layer.lora_B.normal_(std=0.5)
     sweep = lm_eval_sweep(
         model,
@@ -190,7 +191,7 @@ def test_real_lm_eval_on_a_local_task_agrees_with_our_multiple_choice_evaluator(
         assert 100 * sweep.values["tiny_mc/acc_norm,none"]["paper"][rank] == pytest.approx(
             expected["acc_norm"]
         )
-    with ml.adapters_disabled(model):
+    with adapters_disabled(model):
         base = multiple_choice_accuracy(model, tokenizer, ours, add_special_tokens=False)
     assert 100 * sweep.base["tiny_mc/acc,none"] == pytest.approx(base["acc"])
     seen = {*sweep.values["tiny_mc/acc,none"]["paper"].values(), sweep.base["tiny_mc/acc,none"]}

@@ -6,7 +6,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-import matryoshka_lora as ml
+from matryoshka_lora.model import adapter_layers
 
 SPECIALS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
 WORDS = (
@@ -40,6 +40,6 @@ def randomise_adapters(model, seed: int = 0, scale: float = 0.2) -> None:
     """Give every adapter random A and B so that each rank is a different function."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for layer in ml.adapter_layers(model).values():
+        for layer in adapter_layers(model).values():
             layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) * scale)
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * scale)

@@ -9,6 +9,7 @@ from test_eval_support import randomise_adapters
 
 import matryoshka_lora as ml
 from matryoshka_lora.eval import adapter_singular_values, svd_factors, svd_rebase_
+from matryoshka_lora.model import adapter_layers, get_config
 
 R = 8
 IDS = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(3))
@@ -37,9 +38,9 @@ def test_full_rank_reproduces_the_trained_adapter(method):
     extra = {"prefix_loss": True, "prefix_loss_sample": 1} if variant else {}
     model = adapted(method, scaling="sqrt", **extra)
     full_before = logits(model)
-    deltas = {n: m.delta_weight(None).double() for n, m in ml.adapter_layers(model).items()}
+    deltas = {n: m.delta_weight(None).double() for n, m in adapter_layers(model).items()}
     assert svd_rebase_(model) is model
-    config = ml.get_config(model)
+    config = get_config(model)
     assert (config.method, config.scaling, config.alpha, config.inference_scale) == (
         "lora",
         "none",
@@ -47,7 +48,7 @@ def test_full_rank_reproduces_the_trained_adapter(method):
         "paper",
     )
     assert (config.prefix_loss, config.prefix_loss_sample) == (False, 0)
-    for name, layer in ml.adapter_layers(model).items():
+    for name, layer in adapter_layers(model).items():
         torch.testing.assert_close(
             layer.delta_weight(None).double(), deltas[name], atol=1e-5, rtol=0
         )
@@ -59,12 +60,10 @@ def test_full_rank_reproduces_the_trained_adapter(method):
 
 def test_rank_r_is_the_svd_truncation_weights_and_outputs():
     model = adapted()
-    deltas = {
-        n: m.delta_weight(None).detach().double() for n, m in ml.adapter_layers(model).items()
-    }
+    deltas = {n: m.delta_weight(None).detach().double() for n, m in adapter_layers(model).items()}
     svd_rebase_(model)
     x = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
-    for name, layer in ml.adapter_layers(model).items():
+    for name, layer in adapter_layers(model).items():
         sigma = torch.linalg.svdvals(deltas[name])
         for r in (1, 2, 4, 8):
             expected = truncation(deltas[name], r)
@@ -86,10 +85,10 @@ def test_svd_truncation_beats_plain_truncation_of_a_lora():
     model = adapted("lora", scaling="rank")
     before = {
         n: (m.delta_weight(None).detach(), [m.delta_weight(r).detach() for r in (1, 2, 4)])
-        for n, m in ml.adapter_layers(model).items()
+        for n, m in adapter_layers(model).items()
     }
     svd_rebase_(model)
-    for name, layer in ml.adapter_layers(model).items():
+    for name, layer in adapter_layers(model).items():
         full, plain = before[name]
         for r, plain_r in zip((1, 2, 4), plain, strict=True):
             svd_err = torch.linalg.matrix_norm(full - layer.delta_weight(r))
@@ -101,7 +100,7 @@ def test_factors_are_orthogonal_components():
     model = adapted()
     sigmas = adapter_singular_values(model)
     svd_rebase_(model)
-    for name, layer in ml.adapter_layers(model).items():
+    for name, layer in adapter_layers(model).items():
         a, b = layer.lora_A.detach().double(), layer.lora_B.detach().double()
         s = sigmas[name][:R]
         torch.testing.assert_close(a @ a.T, torch.diag(s), atol=1e-5, rtol=0)

@@ -9,6 +9,13 @@ from test_eval_support import randomise_adapters
 
 import matryoshka_lora as ml
 from matryoshka_lora.eval import Comparison, SweepResult, rank_sweep
+from matryoshka_lora.model import (
+    adapter_layers,
+    adapter_state_dict,
+    get_config,
+    get_rank,
+    set_inference_scale,
+)
 
 IDS = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(7))
 
@@ -37,24 +44,24 @@ def logit_sum(model) -> float:
 
 
 def direct(model, rank: int, scale: str) -> float:
-    previous = ml.get_config(model).inference_scale
-    ml.set_inference_scale(model, scale)
+    previous = get_config(model).inference_scale
+    set_inference_scale(model, scale)
     try:
         with ml.at_rank(model, rank):
             return logit_sum(model)
     finally:
-        ml.set_inference_scale(model, previous)
+        set_inference_scale(model, previous)
 
 
 def test_values_match_direct_evaluation_and_state_is_restored():
     model = adapted()
-    ml.set_inference_scale(model, "trained")
+    set_inference_scale(model, "trained")
     ml.set_rank(model, 2)
     before = logit_sum(model)
     result = rank_sweep(model, logit_sum, ranks=[1, 4, 8], progress=False)
-    assert ml.get_rank(model) == 2
-    assert ml.get_config(model).inference_scale == "trained"
-    assert {m.inference_scale for m in ml.adapter_layers(model).values()} == {"trained"}
+    assert get_rank(model) == 2
+    assert get_config(model).inference_scale == "trained"
+    assert {m.inference_scale for m in adapter_layers(model).values()} == {"trained"}
     assert logit_sum(model) == before
     assert result.ranks == (1, 4, 8) and result.metrics == ["metric"]
     assert result.inference_scales == ["paper", "trained"]
@@ -71,17 +78,17 @@ def test_values_match_direct_evaluation_and_state_is_restored():
 
 def test_default_ranks_come_from_eval_ranks_and_full_function_restored():
     model = adapted(r=8, eval_ranks=(2, 8))
-    assert ml.get_rank(model) is None
+    assert get_rank(model) is None
     seen = []
 
     def metric(m):
-        seen.append((ml.get_rank(m), ml.get_config(m).inference_scale))
+        seen.append((get_rank(m), get_config(m).inference_scale))
         return 1.0
 
     result = rank_sweep(model, metric, inference_scales=("trained",), progress=False)
     assert seen == [(2, "trained"), (8, "trained")]
     assert result.ranks == (2, 8)
-    assert ml.get_rank(model) is None and ml.get_config(model).inference_scale == "paper"
+    assert get_rank(model) is None and get_config(model).inference_scale == "paper"
 
 
 def test_state_restored_when_metric_raises():
@@ -89,21 +96,21 @@ def test_state_restored_when_metric_raises():
     ml.set_rank(model, 4)
 
     def failing(m):
-        if ml.get_rank(m) == 2:
+        if get_rank(m) == 2:
             raise RuntimeError("boom")
         return 0.0
 
     with pytest.raises(RuntimeError, match="boom"):
         rank_sweep(model, failing, ranks=[1, 2, 8], progress=False)
-    assert ml.get_rank(model) == 4
-    assert ml.get_config(model).inference_scale == "paper"
+    assert get_rank(model) == 4
+    assert get_config(model).inference_scale == "paper"
 
 
 def test_identical_adapters_are_evaluated_once():
     calls = []
 
     def metric(m):
-        calls.append((ml.get_rank(m), ml.get_config(m).inference_scale))
+        calls.append((get_rank(m), get_config(m).inference_scale))
         return logit_sum(m)
 
     dylora = adapted("dylora")  # both scales deploy s(r): every rank evaluated once
@@ -173,8 +180,8 @@ def test_svd_deployment_matches_an_explicit_rebase_and_restores_the_adapter():
     from matryoshka_lora.eval.svd import svd_rebase_
 
     model = adapted(prefix_sampling=0.5)
-    config = ml.get_config(model)
-    before = {k: v.clone() for k, v in ml.adapter_state_dict(model).items()}
+    config = get_config(model)
+    before = {k: v.clone() for k, v in adapter_state_dict(model).items()}
     full = logit_sum(model)
     sweep = rank_sweep(
         model,
@@ -185,8 +192,8 @@ def test_svd_deployment_matches_an_explicit_rebase_and_restores_the_adapter():
         reuse_identical=False,
     )
     # the model is untouched: same factors, config and function
-    assert ml.get_config(model) == config
-    after = ml.adapter_state_dict(model)
+    assert get_config(model) == config
+    after = adapter_state_dict(model)
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert logit_sum(model) == pytest.approx(full, rel=1e-12)
     svd_rebase_(model)

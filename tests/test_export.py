@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 import matryoshka_lora as ml
 from matryoshka_lora import export as mlx
+from matryoshka_lora.model import adapter_layers, get_config, get_rank
 
 MODELS = {"llama": (make_tiny_llama, LLAMA_TARGETS), "gpt2": (make_tiny_gpt2, GPT2_TARGETS)}
 TRAIN_RANKS = (1, 2, 4, 8)
@@ -30,7 +31,7 @@ def trained(arch: str = "llama", **config):
     )
     g = torch.Generator().manual_seed(11)
     with torch.no_grad():
-        for layer in ml.adapter_layers(model).values():
+        for layer in adapter_layers(model).values():
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1)
     return model
 
@@ -84,7 +85,7 @@ def test_baked_export_matches_vanilla_peft_at_every_train_rank(
         got, merged = peft_logits(arch, tmp_path / "out" / f"rank-{r}", input_ids, merge=True)
         close(got, want)
         close(merged, want)  # after PEFT's merge_and_unload too
-    assert ml.get_rank(model) is None  # export does not touch the model's state
+    assert get_rank(model) is None  # export does not touch the model's state
 
 
 @pytest.mark.parametrize(
@@ -104,12 +105,12 @@ def test_alpha_encoding_matches_where_exact(tmp_path, input_ids, method, inferen
         mlx.export_peft(model, r, out, scale_encoding="alpha")
         config = json.loads((out / "adapter_config.json").read_text())
         assert config["use_rslora"] == (scaling == "sqrt")
-        q = next(iter(ml.adapter_layers(model).values())).deployed_scales(r)
+        q = next(iter(adapter_layers(model).values())).deployed_scales(r)
         divisor = r**0.5 if scaling == "sqrt" else r
         assert config["lora_alpha"] / divisor == pytest.approx(float(q[0]), rel=1e-12)
         with safe_open(out / "adapter_model.safetensors", "pt") as fh:  # B written unscaled
             b = fh.get_tensor("base_model.model.model.layers.0.mlp.up_proj.lora_B.weight")
-        layer = ml.adapter_layers(model)["model.layers.0.mlp.up_proj"]
+        layer = adapter_layers(model)["model.layers.0.mlp.up_proj"]
         assert torch.equal(b, layer.lora_B[:, :r].detach())
         close(peft_logits("llama", out, input_ids)[0], logits(model, input_ids, r))
 
@@ -134,7 +135,7 @@ def test_exported_files_hold_exactly_the_sliced_factors(tmp_path):
         "adapter_config.json",
         "adapter_model.safetensors",
     ]
-    layers = ml.adapter_layers(model)
+    layers = adapter_layers(model)
     with safe_open(tmp_path / "adapter_model.safetensors", "pt") as fh:
         assert fh.metadata()["format"] == "pt"
         keys = set(fh.keys())
@@ -215,7 +216,7 @@ def test_bad_ranks_and_folders_fail_cleanly(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(mlx, "atomic_write_text", crash)
+    monkeypatch.setattr("matryoshka_lora.export.peft.atomic_write_text", crash)
     with pytest.raises(OSError, match="disk full"):
         mlx.export_peft(model, 2, out, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "out"]  # no temp siblings
@@ -257,21 +258,21 @@ def test_save_merged_reloads_with_transformers(tmp_path, input_ids, arch):
     after = model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert ml.get_rank(model) == 2
-    assert not any(layer.merged for layer in ml.adapter_layers(model).values())
+    assert get_rank(model) == 2
+    assert not any(layer.merged for layer in adapter_layers(model).values())
 
 
 def test_save_merged_keeps_bf16_model_bitwise_and_refuses_merged(tmp_path):
     model = make_tiny_llama(dtype=torch.bfloat16)
     ml.attach(model, ml.NestedLoraConfig(r=4, target_modules=LLAMA_TARGETS))
     with torch.no_grad():
-        for layer in ml.adapter_layers(model).values():
+        for layer in adapter_layers(model).values():
             layer.lora_B.normal_()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     mlx.save_merged(model, 4, tmp_path / "m")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
-    layer = ml.adapter_layers(model)["model.layers.0.self_attn.q_proj"]
+    layer = adapter_layers(model)["model.layers.0.self_attn.q_proj"]
     want = (layer.base_layer.weight.float() + layer.delta_weight(4)).bfloat16()
     assert torch.equal(reloaded.model.layers[0].self_attn.q_proj.weight, want)
     ml.merge(model, 4)
@@ -310,7 +311,7 @@ def test_import_peft_created_lora_matches_peft(tmp_path, input_ids, arch, use_rs
     with torch.no_grad():
         want = peft_model(input_ids).logits
     model = mlx.import_peft(make(), tmp_path, train_ranks=(1, 2, 4))
-    config = ml.get_config(model)
+    config = get_config(model)
     assert (config.r, config.method, config.alpha) == (4, "lora", 6.0)
     assert config.scaling == ("sqrt" if use_rslora else "rank")
     assert config.train_ranks == (1, 2, 4)
@@ -326,7 +327,7 @@ def test_import_own_export_round_trip(tmp_path, input_ids):
     paper = trained(scaling="sqrt")
     mlx.export_peft(paper, 8, tmp_path / "alpha", scale_encoding="alpha")
     fresh = mlx.import_peft(make_tiny_llama(), tmp_path / "alpha")
-    assert ml.get_config(fresh).scaling == "sqrt"  # rsLoRA
+    assert get_config(fresh).scaling == "sqrt"  # rsLoRA
     for r in (2, 8):  # the paper's rank-r adapters are the truncated LoRA's
         close(logits(fresh, input_ids, r), logits(paper, input_ids, r))
 
@@ -338,7 +339,7 @@ def test_import_refuses_pickles_and_other_adapters(tmp_path):
     fresh = make_tiny_llama()
     with pytest.raises(ValueError, match="pickle"):
         mlx.import_peft(fresh, tmp_path / "a")
-    assert not ml.adapter_layers(fresh)
+    assert not adapter_layers(fresh)
     config_path = tmp_path / "a" / "adapter_config.json"
     config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "peft_type": "IA3"}))
     with pytest.raises(ValueError, match="only PEFT LoRA"):
@@ -353,15 +354,15 @@ def test_import_refuses_pickles_and_other_adapters(tmp_path):
     gpt2 = make_tiny_gpt2()
     with pytest.raises(ValueError):
         mlx.import_peft(gpt2, tmp_path / "b")
-    assert not ml.adapter_layers(gpt2)
+    assert not adapter_layers(gpt2)
 
 
 def test_save_merged_per_module_ranks_and_tied_weights(tmp_path, input_ids):
     model = trained()
-    ranks = {n: (2 if "mlp" in n else 8) for n in ml.adapter_layers(model)}
+    ranks = {n: (2 if "mlp" in n else 8) for n in adapter_layers(model)}
     mlx.save_merged(model, ranks, tmp_path / "mixed")
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "mixed").eval()
-    for n, layer in ml.adapter_layers(model).items():
+    for n, layer in adapter_layers(model).items():
         layer.set_rank(ranks[n])
     with torch.no_grad():
         close(plain(input_ids).logits, model(input_ids).logits)
@@ -380,6 +381,6 @@ def test_export_dtype_and_import_into_wrong_model_class(tmp_path, input_ids):
     body = make_tiny_llama().model  # LlamaModel: module paths lack the "model." prefix
     with pytest.raises(ValueError, match="not in LlamaModel"):
         mlx.import_peft(body, tmp_path / "bf16")
-    assert not ml.adapter_layers(body)
+    assert not adapter_layers(body)
     assert mlx.task_type_of(body) is None and mlx.task_type_of(model) == "CAUSAL_LM"
     assert mlx.task_type_of(make_tiny_gpt2()) == "CAUSAL_LM"

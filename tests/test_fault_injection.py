@@ -22,6 +22,7 @@ from save_worker import make_adapted
 
 import matryoshka_lora as ml
 from matryoshka_lora import io as mlio
+from matryoshka_lora.model import adapter_state_dict
 from matryoshka_lora.train import list_checkpoints
 
 HERE = Path(__file__).parent
@@ -33,7 +34,7 @@ def adapter_version(folder: Path) -> int:
     """Load the adapter in ``folder`` (verified) and return the version v it is filled with."""
     model = make_adapted()
     ml.load_adapter(model, folder)
-    values = {float(v) for p in ml.adapter_state_dict(model).values() for v in p.detach().unique()}
+    values = {float(v) for p in adapter_state_dict(model).values() for v in p.detach().unique()}
     assert len(values) == 1, f"a mix of two saves: {sorted(values)[:4]}"
     return int(values.pop())
 

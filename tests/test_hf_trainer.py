@@ -9,6 +9,7 @@ from ddp_worker import fixed_length_dataset
 from transformers import TrainerCallback, TrainingArguments
 
 import matryoshka_lora as ml
+from matryoshka_lora.model import adapter_layers, adapter_state_dict
 from matryoshka_lora.sampling import RankSampler
 from matryoshka_lora.train import PaddingCollator
 from matryoshka_lora.train.hf_trainer import NestedLoraTrainer
@@ -45,7 +46,7 @@ def make_trainer(tmp_path, name, method="matryoshka", callbacks=None, **kw):
 
 
 def adapter(model):
-    return {k: v.detach().clone() for k, v in ml.adapter_state_dict(model).items()}
+    return {k: v.detach().clone() for k, v in adapter_state_dict(model).items()}
 
 
 class CrashAt(TrainerCallback):
@@ -85,14 +86,14 @@ def test_adapter_only_checkpoints_and_exact_resume(tmp_path):
 def test_dylora_ranks_drawn_per_micro_batch(tmp_path):
     model, trainer = make_trainer(tmp_path, "dyl", method="dylora")
     seen = []
-    for layer in list(ml.adapter_layers(model).values())[:1]:
+    for layer in list(adapter_layers(model).values())[:1]:
         layer.register_forward_pre_hook(lambda m, args: seen.append(m.sampled_rank))
     trainer.train()
     sampler = RankSampler(8, (1, 2, 4, 8), seed=7)
     expected = [sampler.rank_for(step, micro) for step in range(6) for micro in range(2)]
     assert [b for _, _, b in trainer.sampled_ranks] == expected
     assert seen == expected  # the layers really ran at those ranks
-    assert all(layer.sampled_rank is None for layer in ml.adapter_layers(model).values())
+    assert all(layer.sampled_rank is None for layer in adapter_layers(model).values())
     with pytest.raises(
         ValueError, match="applies to method 'dylora' or to an adapter with prefix_sampling"
     ):
@@ -136,7 +137,7 @@ def test_trainer_bf16_and_compile(tmp_path, extra):
     assert all(torch.isfinite(v).all() for v in after.values())
     reloaded = make_tiny_llama()
     ml.load_adapter(reloaded, tmp_path / "opt" / "checkpoint-6")  # compiled model saved plain keys
-    for key, value in ml.adapter_state_dict(reloaded).items():
+    for key, value in adapter_state_dict(reloaded).items():
         torch.testing.assert_close(value, after[key])
 
 

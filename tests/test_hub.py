@@ -18,6 +18,7 @@ from matryoshka_lora import cli
 from matryoshka_lora import export as mlx
 from matryoshka_lora.eval import SweepResult
 from matryoshka_lora.hub import hub_base_model, push_to_hub
+from matryoshka_lora.model import adapter_layers
 
 RANKS = (2, 8)
 
@@ -35,7 +36,7 @@ def trained(**config):
     ml.attach(model, ml.NestedLoraConfig(r=8, target_modules=LLAMA_TARGETS, **config))
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
-        for layer in ml.adapter_layers(model).values():
+        for layer in adapter_layers(model).values():
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1)
     return model
 
@@ -80,7 +81,7 @@ def test_single_rank_export_has_a_hub_model_card(tmp_path):
 
 def test_per_module_rank_export_card_states_the_ranks(tmp_path):
     model = trained()
-    ranks = {n: (2 if "mlp" in n else 4) for n in ml.adapter_layers(model)}
+    ranks = {n: (2 if "mlp" in n else 4) for n in adapter_layers(model)}
     card = ModelCard.load(mlx.export_peft(model, ranks, tmp_path / "mixed") / "README.md")
     meta = card.data.to_dict()["matryoshka_lora"]
     assert meta["rank"] is None and meta["module_ranks"] == {"min": 2, "max": 4}

@@ -12,6 +12,7 @@ from safetensors import safe_open
 import matryoshka_lora as ml
 from matryoshka_lora import io as mlio
 from matryoshka_lora.cli import main as cli_main
+from matryoshka_lora.model import adapter_layers, adapter_state_dict, get_config
 
 
 def trained_llama(**config):
@@ -19,7 +20,7 @@ def trained_llama(**config):
     ml.attach(model, ml.NestedLoraConfig(**{"r": 8, "target_modules": LLAMA_TARGETS, **config}))
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
-        for layer in ml.adapter_layers(model).values():
+        for layer in adapter_layers(model).values():
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.05)
     return model
 
@@ -47,7 +48,7 @@ def test_round_trip_identical_at_every_rank(tmp_path, input_ids, inference_scale
     want, got = all_rank_logits(model, input_ids), all_rank_logits(fresh, input_ids)
     for r in want:
         torch.testing.assert_close(got[r], want[r], atol=0, rtol=0)
-    assert ml.get_config(fresh) == ml.get_config(model)
+    assert get_config(fresh) == get_config(model)
 
 
 def test_saved_files_hold_adapter_only_and_full_config(tmp_path):
@@ -71,7 +72,7 @@ def test_saved_files_hold_adapter_only_and_full_config(tmp_path):
         assert fh.metadata()["format"] == "matryoshka-lora"
         assert fh.get_tensor("model.layers.0.self_attn.q_proj.lora_A").shape == (8, 32)
         assert fh.get_tensor("model.layers.0.mlp.down_proj.lora_B").shape == (32, 8)
-    assert keys == set(ml.adapter_state_dict(model))
+    assert keys == set(adapter_state_dict(model))
     assert len(keys) == 2 * 7 * 2  # nothing from the base model
 
 
@@ -97,7 +98,7 @@ def test_load_into_another_architecture_fails_cleanly(tmp_path):
         ml.AdapterCheckpointError, match="does not fit this model.*matched no module"
     ):
         ml.load_adapter(gpt2, tmp_path)
-    assert not ml.adapter_layers(gpt2)
+    assert not adapter_layers(gpt2)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     wider = LlamaForCausalLM(
@@ -112,7 +113,7 @@ def test_load_into_another_architecture_fails_cleanly(tmp_path):
     )
     with pytest.raises(ml.AdapterCheckpointError, match="shape mismatches"):
         ml.load_adapter(wider, tmp_path)
-    assert not ml.adapter_layers(wider)  # nothing half-loaded
+    assert not adapter_layers(wider)  # nothing half-loaded
     deeper = LlamaForCausalLM(
         LlamaConfig(
             vocab_size=97,
@@ -131,7 +132,7 @@ def test_gpt2_round_trip(tmp_path, input_ids):
     model = make_tiny_gpt2()
     ml.attach(model, ml.NestedLoraConfig(r=4, target_modules=GPT2_TARGETS, method="dylora"))
     with torch.no_grad():
-        for layer in ml.adapter_layers(model).values():
+        for layer in adapter_layers(model).values():
             layer.lora_B.normal_()
     ml.save_adapter(model, tmp_path)
     fresh = make_tiny_gpt2()
@@ -177,7 +178,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch, inpu
     ml.save_adapter(model, tmp_path)
     want = all_rank_logits(model, input_ids)
     with torch.no_grad():
-        for layer in ml.adapter_layers(model).values():
+        for layer in adapter_layers(model).values():
             layer.lora_B.mul_(3)
 
     def crash(*args, **kwargs):

@@ -13,6 +13,8 @@ from test_io import all_rank_logits, trained_llama
 import matryoshka_lora as ml
 from matryoshka_lora import io as mlio
 from matryoshka_lora.cli import main as cli_main
+from matryoshka_lora.io import read_adapter_config
+from matryoshka_lora.model import adapter_layers, get_config, set_inference_scale
 
 # each edit makes a valid config that is not the one the weights were trained with
 TAMPERED = {
@@ -44,7 +46,7 @@ def edit_config(folder, changes):
 def test_tampered_field_is_refused_naming_it_and_both_values(tmp_path, field, capsys):
     model = trained_llama()
     ml.save_adapter(model, tmp_path)
-    saved = ml.get_config(model).to_dict()
+    saved = get_config(model).to_dict()
     edit_config(tmp_path, TAMPERED[field])
     ml.NestedLoraConfig.from_dict(  # the edited config is valid on its own
         {**saved, **{k: tuple(v) if isinstance(v, list) else v for k, v in TAMPERED[field].items()}}
@@ -56,7 +58,7 @@ def test_tampered_field_is_refused_naming_it_and_both_values(tmp_path, field, ca
         with pytest.raises(ml.AdapterCheckpointError, match=pattern.replace("[", r"\[")):
             ml.load_adapter(make_tiny_llama(), tmp_path)
         with pytest.raises(ml.AdapterCheckpointError, match=pattern.replace("[", r"\[")):
-            ml.read_adapter_config(tmp_path)
+            read_adapter_config(tmp_path)
     assert cli_main(["info", str(tmp_path)]) == 2  # info refuses it the same way
     err = capsys.readouterr().err
     assert field in err and "does not match the config recorded with its weights" in err
@@ -76,11 +78,11 @@ def test_editable_fields_load_and_take_effect(tmp_path, input_ids, changes):
     edit_config(tmp_path, changes)
     loaded = make_tiny_llama()
     ml.load_adapter(loaded, tmp_path)
-    config = ml.get_config(loaded)
+    config = get_config(loaded)
     for key, value in changes.items():
         assert getattr(config, key) == (tuple(value) if isinstance(value, list) else value)
     if "inference_scale" in changes:
-        ml.set_inference_scale(model, "paper")
+        set_inference_scale(model, "paper")
     want, got = all_rank_logits(model, input_ids), all_rank_logits(loaded, input_ids)
     for rank, logits in want.items():
         torch.testing.assert_close(got[rank], logits, atol=0, rtol=0)
@@ -101,7 +103,7 @@ def test_save_interrupted_between_weights_and_config_loads_the_previous_adapter(
     previous weights still linked under their second name."""
     old, new = trained_llama(), trained_llama(scaling="rank")
     with torch.no_grad():
-        for layer in ml.adapter_layers(new).values():
+        for layer in adapter_layers(new).values():
             layer.lora_B.mul_(-2)
     ml.save_adapter(old, tmp_path / "old")
     ml.save_adapter(new, tmp_path / "new")

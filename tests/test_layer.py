@@ -10,7 +10,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from transformers.pytorch_utils import Conv1D
 
-from matryoshka_lora import NestedLoraConfig, NestedLoraLinear, matryoshka_p, rank_scale
+from matryoshka_lora import NestedLoraConfig
+from matryoshka_lora.layer import NestedLoraLinear
+from matryoshka_lora.nesting import matryoshka_p, rank_scale
 
 IN, OUT, R = 24, 20, 8
 S = (1, 2, 4, 8)

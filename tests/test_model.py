@@ -7,12 +7,25 @@ import torch
 from conftest import GPT2_TARGETS, LLAMA_TARGETS, make_tiny_gpt2, make_tiny_llama
 
 import matryoshka_lora as ml
+from matryoshka_lora.model import (
+    adapter_layers,
+    adapter_state_dict,
+    adapters_disabled,
+    get_config,
+    get_rank,
+    merge_and_detach,
+    mixed_ranks,
+    parameter_summary,
+    reconfigure,
+    set_example_ranks,
+    set_sampled_rank,
+)
 
 
 def randomise_b(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for layer in ml.adapter_layers(model).values():
+        for layer in adapter_layers(model).values():
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.05)
 
 
@@ -24,13 +37,13 @@ def logits(model, ids):
 def test_attach_all_paper_projections_llama(tiny_llama, input_ids):
     before = logits(tiny_llama, input_ids)
     ml.attach(tiny_llama, ml.NestedLoraConfig(r=8, target_modules=LLAMA_TARGETS))
-    layers = ml.adapter_layers(tiny_llama)
+    layers = adapter_layers(tiny_llama)
     assert len(layers) == 2 * 7
     assert {n.rsplit(".", 1)[-1] for n in layers} == set(LLAMA_TARGETS)
     torch.testing.assert_close(logits(tiny_llama, input_ids), before, atol=0, rtol=0)  # B = 0
     trainable = {n for n, p in tiny_llama.named_parameters() if p.requires_grad}
     assert trainable == {f"{n}.{k}" for n in layers for k in ("lora_A", "lora_B")}
-    summary = ml.parameter_summary(tiny_llama)
+    summary = parameter_summary(tiny_llama)
     expected_adapter = sum(8 * (m.in_features + m.out_features) for m in layers.values())
     assert summary.adapter == summary.trainable == expected_adapter
     assert summary.adapter_per_rank[1] * 8 == summary.adapter_per_rank[8] == expected_adapter
@@ -39,7 +52,7 @@ def test_attach_all_paper_projections_llama(tiny_llama, input_ids):
 
 def test_attach_regex_and_conv1d(tiny_gpt2):
     ml.attach(tiny_gpt2, ml.NestedLoraConfig(r=4, target_modules=r".*\.attn\.c_attn"))
-    layers = ml.adapter_layers(tiny_gpt2)
+    layers = adapter_layers(tiny_gpt2)
     assert sorted(layers) == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
     assert all(
         m.fan_in_fan_out and (m.in_features, m.out_features) == (32, 96) for m in layers.values()
@@ -51,7 +64,7 @@ def test_attach_errors(tiny_llama):
         ml.attach(tiny_llama, ml.NestedLoraConfig(target_modules=["query"]))
     with pytest.raises(TypeError, match="cannot be wrapped.*Embedding"):
         ml.attach(tiny_llama, ml.NestedLoraConfig(target_modules=["embed_tokens", "q_proj"]))
-    assert not ml.adapter_layers(tiny_llama)  # nothing half-attached
+    assert not adapter_layers(tiny_llama)  # nothing half-attached
     assert all(p.requires_grad for p in tiny_llama.parameters())
     ml.attach(tiny_llama, ml.NestedLoraConfig(r=4, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="already has nested-LoRA adapters"):
@@ -92,24 +105,24 @@ def test_rank_switching_merge_and_unmerge(make, targets, inference_scale, input_
     )
     randomise_b(model)
     base_weights = {
-        n: m.base_layer.weight.detach().clone() for n, m in ml.adapter_layers(model).items()
+        n: m.base_layer.weight.detach().clone() for n, m in adapter_layers(model).items()
     }
     full = logits(model, input_ids)
     per_rank = {}
     for r in (1, 2, 4, 8):
         with ml.at_rank(model, r):
-            assert ml.get_rank(model) == r
+            assert get_rank(model) == r
             per_rank[r] = logits(model, input_ids)
-        assert ml.get_rank(model) is None
+        assert get_rank(model) is None
     assert not torch.allclose(per_rank[1], per_rank[8])
     torch.testing.assert_close(logits(model, input_ids), full)
     for r, want in per_rank.items():
         ml.merge(model, r)
         torch.testing.assert_close(logits(model, input_ids), want, atol=1e-4, rtol=1e-4)
-        with ml.adapters_disabled(model):  # base weights now carry the update
+        with adapters_disabled(model):  # base weights now carry the update
             torch.testing.assert_close(logits(model, input_ids), want, atol=1e-4, rtol=1e-4)
         ml.unmerge(model)
-        for n, m in ml.adapter_layers(model).items():
+        for n, m in adapter_layers(model).items():
             torch.testing.assert_close(m.base_layer.weight, base_weights[n], atol=1e-6, rtol=0)
     torch.testing.assert_close(logits(model, input_ids), full, atol=1e-5, rtol=1e-5)
 
@@ -119,8 +132,8 @@ def test_merge_and_detach_gives_plain_model(tiny_llama, input_ids):
     randomise_b(tiny_llama)
     with ml.at_rank(tiny_llama, 4):
         want = logits(tiny_llama, input_ids)
-    ml.merge_and_detach(tiny_llama, 4)
-    assert not ml.adapter_layers(tiny_llama)
+    merge_and_detach(tiny_llama, 4)
+    assert not adapter_layers(tiny_llama)
     assert type(tiny_llama.model.layers[0].self_attn.q_proj) is torch.nn.Linear
     torch.testing.assert_close(logits(tiny_llama, input_ids), want, atol=1e-4, rtol=1e-4)
 
@@ -137,14 +150,14 @@ def test_adapters_disabled_is_base_model(tiny_llama, input_ids):
     ml.attach(tiny_llama, ml.NestedLoraConfig(r=4, target_modules=LLAMA_TARGETS))
     randomise_b(tiny_llama)
     assert not torch.allclose(logits(tiny_llama, input_ids), before)
-    with ml.adapters_disabled(tiny_llama):
+    with adapters_disabled(tiny_llama):
         torch.testing.assert_close(logits(tiny_llama, input_ids), before, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("method", ["matryoshka", "lora", "dylora", "matryoshka_exact"])
 def test_one_step_changes_only_adapter_parameters(method, tiny_llama, input_ids):
     ml.attach(tiny_llama, ml.NestedLoraConfig(r=4, method=method, target_modules=LLAMA_TARGETS))
-    ml.set_sampled_rank(tiny_llama, 2)
+    set_sampled_rank(tiny_llama, 2)
     before = {n: p.detach().clone() for n, p in tiny_llama.named_parameters()}
     # no weight decay: decay would move the unsampled DyLoRA components too
     opt = torch.optim.AdamW(
@@ -156,11 +169,11 @@ def test_one_step_changes_only_adapter_parameters(method, tiny_llama, input_ids)
         opt.step()
         opt.zero_grad()
     changed = {n for n, p in tiny_llama.named_parameters() if not torch.equal(p, before[n])}
-    adapter = set(ml.adapter_state_dict(tiny_llama))
+    adapter = set(adapter_state_dict(tiny_llama))
     assert changed <= adapter
     assert any(n.endswith("lora_A") for n in changed) and any(n.endswith("lora_B") for n in changed)
     if method == "dylora":  # b = 2: components 3..4 untouched
-        for name, layer in ml.adapter_layers(tiny_llama).items():
+        for name, layer in adapter_layers(tiny_llama).items():
             assert torch.equal(layer.lora_A[2:], before[f"{name}.lora_A"][2:])
 
 
@@ -178,7 +191,7 @@ def test_tiny_models_train_a_few_steps(make, targets, method):
     sampler = torch.Generator().manual_seed(1)
     for _ in range(12):
         if method == "dylora":  # (a Matryoshka adapter would then train only the prefix)
-            ml.set_sampled_rank(
+            set_sampled_rank(
                 model, int(torch.tensor([1, 2, 4, 8])[torch.randint(4, (1,), generator=sampler)])
             )
         loss = model(ids, labels=ids).loss
@@ -186,7 +199,7 @@ def test_tiny_models_train_a_few_steps(make, targets, method):
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
-    ml.set_sampled_rank(model, None)
+    set_sampled_rank(model, None)
     model.eval()
     with torch.no_grad():
         final = model(ids, labels=ids).loss.item()
@@ -199,13 +212,13 @@ def test_reconfigure_reinterprets_factors(tiny_llama, input_ids):
     layer = tiny_llama.model.layers[0].self_attn.q_proj
     x = torch.randn(2, 32)
     ml.set_rank(tiny_llama, 2)
-    config = ml.reconfigure(tiny_llama, method="lora", scaling="none", alpha=1.0)
-    assert config.method == "lora" and ml.get_config(tiny_llama) == config
+    config = reconfigure(tiny_llama, method="lora", scaling="none", alpha=1.0)
+    assert config.method == "lora" and get_config(tiny_llama) == config
     assert layer.active_rank == 2  # rank kept, scales recomputed
     want = layer.base_layer(x) + x @ layer.lora_A[:2].T @ layer.lora_B[:, :2].T
     torch.testing.assert_close(layer(x), want)
     with pytest.raises(ValueError, match="cannot change \\['r'\\]"):
-        ml.reconfigure(tiny_llama, r=8)
+        reconfigure(tiny_llama, r=8)
 
 
 @pytest.mark.parametrize("inference_scale", ["paper", "trained"])
@@ -218,15 +231,15 @@ def test_mixed_rank_batch_matches_per_rank_batches(inference_scale):
     randomise_b(model)
     ids = torch.randint(0, 97, (5, 10), generator=torch.Generator().manual_seed(3))
     ranks = [1, 8, 2, 4, 1]
-    with ml.mixed_ranks(model, ranks):
+    with mixed_ranks(model, ranks):
         mixed = logits(model, ids)
     for i, r in enumerate(ranks):
         with ml.at_rank(model, r):
             alone = logits(model, ids)[i]
         torch.testing.assert_close(mixed[i], alone, atol=1e-5, rtol=1e-5)
-    assert all(layer.example_scales is None for layer in ml.adapter_layers(model).values())
+    assert all(layer.example_scales is None for layer in adapter_layers(model).values())
     with pytest.raises(ValueError, match="example ranks must be in 1..8"):
-        ml.set_example_ranks(model, [0, 9])
+        set_example_ranks(model, [0, 9])
     with pytest.raises(ValueError, match="batch has 5 examples but 2 example ranks"):
-        with ml.mixed_ranks(model, [1, 2]):
+        with mixed_ranks(model, [1, 2]):
             logits(model, ids)

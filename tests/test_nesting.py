@@ -7,15 +7,15 @@ import math
 import pytest
 import torch
 
-from matryoshka_lora import (
-    NestedLoraConfig,
+from matryoshka_lora import NestedLoraConfig
+from matryoshka_lora.nesting import (
     dylora_p,
     inference_p,
     lora_p,
     matryoshka_p,
+    powers_of_two_ranks,
     rank_scale,
 )
-from matryoshka_lora.nesting import powers_of_two_ranks
 
 GOLDEN_R8 = {
     "sqrt": [2.56066, 1.56066, 0.85355, 0.85355, 0.35355, 0.35355, 0.35355, 0.35355],

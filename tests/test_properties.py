@@ -21,8 +21,10 @@ from peft import PeftModel
 from torch import nn
 
 import matryoshka_lora as ml
-from matryoshka_lora import NestedLoraConfig, NestedLoraLinear
+from matryoshka_lora import NestedLoraConfig
 from matryoshka_lora import export as mlx
+from matryoshka_lora.layer import NestedLoraLinear
+from matryoshka_lora.model import adapter_layers, adapter_state_dict, get_config
 
 settings.register_profile(
     "default", deadline=None, suppress_health_check=[HealthCheck.too_slow], max_examples=200
@@ -156,7 +158,7 @@ def trained_tiny(config: NestedLoraConfig, seed: int) -> nn.Module:
     model = ml.attach(make_tiny_llama(), config.replace(adapter_dtype="float32"))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for layer in ml.adapter_layers(model).values():
+        for layer in adapter_layers(model).values():
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1)
     return model
 
@@ -185,9 +187,9 @@ def test_save_then_load_is_exact(config, seed):
     with tempfile.TemporaryDirectory() as tmp:
         ml.save_adapter(model, tmp)
         loaded = ml.load_adapter(make_tiny_llama(), tmp)
-    assert ml.get_config(loaded) == ml.get_config(model)
-    want = ml.adapter_state_dict(model)
-    for key, value in ml.adapter_state_dict(loaded).items():
+    assert get_config(loaded) == get_config(model)
+    want = adapter_state_dict(model)
+    for key, value in adapter_state_dict(loaded).items():
         assert torch.equal(value, want[key]), key
     with torch.no_grad():
         for rank in sorted({None, 1, config.r}, key=lambda r: r or 0):

@@ -26,6 +26,7 @@ from transformers import (
 import matryoshka_lora as ml
 from matryoshka_lora import export as mlx
 from matryoshka_lora.eval import rank_sweep
+from matryoshka_lora.model import adapter_layers, adapter_state_dict
 from matryoshka_lora.quantized import QuantizedNestedLoraLinear, dequantized_weight
 from matryoshka_lora.train import PaddingCollator
 from matryoshka_lora.train.hf_trainer import NestedLoraTrainer
@@ -111,7 +112,7 @@ def logits(model, ids, rank=None, train=False):
 def test_quantized_train_sweep_export_loads_in_vanilla_peft(tmp_path, base_dir, kind):
     model = load_quantized(base_dir, kind)
     ml.attach(model, ml.NestedLoraConfig(r=8, target_modules=LLAMA_TARGETS))
-    layers = ml.adapter_layers(model)
+    layers = adapter_layers(model)
     assert all(isinstance(layer, QuantizedNestedLoraLinear) for layer in layers.values())
     frozen = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
     assert frozen == []  # only the adapter trains; the quantized weights stay frozen
@@ -167,13 +168,13 @@ def test_merge_requantizes_like_peft_and_unmerge_is_exact(base_dir, kind):
     ml.attach(model, ml.NestedLoraConfig(r=8, target_modules=LLAMA_TARGETS))
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
-        for layer in ml.adapter_layers(model).values():
+        for layer in adapter_layers(model).values():
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1)
     ids = torch.randint(0, 97, (2, 12), generator=g)
     # training-mode forwards throughout: an eval-mode forward would switch bitsandbytes to its
     # CPU inference layout, whose bf16 statistics round D(Q(W)) differently from a fresh load
     unmerged = logits(model, ids, 4, train=True)
-    layer = ml.adapter_layers(model)["model.layers.0.mlp.down_proj"]
+    layer = adapter_layers(model)["model.layers.0.mlp.down_proj"]
     want = dequantized_weight(layer.base_layer) + layer.delta_weight(4)
 
     ml.merge(model, 4)
@@ -226,14 +227,14 @@ def test_peft_qlora_reference_and_our_step_train_the_same_way(base_dir):
         LoraConfig(r=4, lora_alpha=4, target_modules=LLAMA_TARGETS),
     )
     with torch.no_grad():  # copy PEFT's init into ours (B = 0 in both)
-        for name, layer in ml.adapter_layers(ours).items():
+        for name, layer in adapter_layers(ours).items():
             peft_layer = peft_model.base_model.model.get_submodule(name)
             layer.lora_A.copy_(peft_layer.lora_A["default"].weight)
     batch = PaddingCollator(0)(fixed_length_dataset(n=4))
     ours.train(), peft_model.train()
     ours(**batch).loss.backward()
     peft_model(**batch).loss.backward()
-    for name, layer in ml.adapter_layers(ours).items():
+    for name, layer in adapter_layers(ours).items():
         peft_layer = peft_model.base_model.model.get_submodule(name)
         torch.testing.assert_close(layer.lora_B.grad, peft_layer.lora_B["default"].weight.grad)
 
@@ -292,12 +293,12 @@ def test_peft_kbit_recipe_and_gradient_checkpointing_train(tmp_path, base_dir):
     model = prepare_model_for_kbit_training(load_quantized(base_dir, "4bit"))
     ml.attach(model, ml.NestedLoraConfig(r=4, target_modules=LLAMA_TARGETS))
     assert model.is_activation_checkpointing
-    before = {n: p.detach().clone() for n, p in ml.adapter_state_dict(model).items()}
+    before = {n: p.detach().clone() for n, p in adapter_state_dict(model).items()}
     NestedLoraTrainer(
         model=model,
         args=training_args(tmp_path, gradient_checkpointing=True, max_steps=2),
         train_dataset=fixed_length_dataset(n=8),
         data_collator=PaddingCollator(0),
     ).train()
-    after = ml.adapter_state_dict(model)
+    after = adapter_state_dict(model)
     assert any(not torch.equal(after[n], before[n]) for n in before)

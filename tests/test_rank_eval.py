@@ -15,6 +15,7 @@ from transformers import TrainerCallback, TrainingArguments
 
 import matryoshka_lora as ml
 from matryoshka_lora.eval import RankCurve, rank_sweep, teacher_forced_metric_fn
+from matryoshka_lora.model import adapter_layers, adapter_state_dict, get_config
 from matryoshka_lora.train import PaddingCollator, TrainConfig, train_adapter
 from matryoshka_lora.train.hf_trainer import NestedLoraTrainer
 from matryoshka_lora.train.rank_eval import format_rank_curve, rank_eval_metrics
@@ -44,7 +45,7 @@ def post_hoc(adapter_dir, batches):
     """An independent sweep: the saved adapter on a fresh model, every metric at every rank."""
     model = make_tiny_llama()
     ml.load_adapter(model, adapter_dir)
-    scale = ml.get_config(model).inference_scale
+    scale = get_config(model).inference_scale
     sweep = rank_sweep(
         model,
         teacher_forced_metric_fn(batches, metric=None),
@@ -121,8 +122,8 @@ def test_loop_logs_rank_curve_equal_to_post_hoc_sweep_and_resumes(tmp_path):
         eval_dataset=eval_data(),
     )
     assert again.resumed_from == 4 and [e["step"] for e in again.evals] == [8]
-    want = ml.adapter_state_dict(model)
-    for key, value in ml.adapter_state_dict(resumed).items():
+    want = adapter_state_dict(model)
+    for key, value in adapter_state_dict(resumed).items():
         assert torch.equal(value, want[key]), key
     assert again.evals[0] == result.evals[1]
 
@@ -200,7 +201,7 @@ def test_trainer_logs_rank_curve_equal_to_post_hoc_sweep(tmp_path):
 def test_rank_eval_sums_shards_over_processes():
     model = fresh()
     with torch.no_grad():
-        for layer in ml.adapter_layers(model).values():
+        for layer in adapter_layers(model).values():
             layer.lora_B.normal_(0, 0.3, generator=torch.Generator().manual_seed(3))
     data = eval_data()
     shard_a, shard_b = [COLLATE(data[:2])], [COLLATE(data[2:])]

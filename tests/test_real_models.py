@@ -7,6 +7,7 @@ import torch
 
 import matryoshka_lora as ml
 from matryoshka_lora.assets import SMOLLM2_HUB_ID, load_causal_lm, minilm_dir
+from matryoshka_lora.model import adapter_layers, get_config
 
 pytestmark = pytest.mark.slow
 
@@ -28,9 +29,9 @@ def test_smollm2_all_paper_projections(smollm2, tmp_path):
         base_logits = model(**batch).logits
     ml.attach(model, ml.NestedLoraConfig(r=8))
     try:
-        layers = ml.adapter_layers(model)
+        layers = adapter_layers(model)
         assert len(layers) == 30 * 7
-        assert ml.get_config(model).base_model_name_or_path == SMOLLM2_HUB_ID
+        assert get_config(model).base_model_name_or_path == SMOLLM2_HUB_ID
         with torch.no_grad():
             torch.testing.assert_close(model(**batch).logits, base_logits, atol=0, rtol=0)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -64,7 +65,7 @@ def test_minilm_classifier_attach():
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=3).eval()
     ml.attach(model, ml.NestedLoraConfig(r=4, target_modules=["query", "value"]))
-    assert len(ml.adapter_layers(model)) == 6 * 2
+    assert len(adapter_layers(model)) == 6 * 2
     batch = tokenizer(["great drug", "terrible side effects"], return_tensors="pt", padding=True)
     with ml.at_rank(model, 1), torch.no_grad():
         assert model(**batch).logits.shape == (2, 3)

@@ -14,7 +14,9 @@ from conftest import LLAMA_TARGETS, make_tiny_llama
 from torch import nn
 
 import matryoshka_lora as ml
-from matryoshka_lora import NestedLoraConfig, NestedLoraLinear
+from matryoshka_lora import NestedLoraConfig
+from matryoshka_lora.layer import NestedLoraLinear
+from matryoshka_lora.model import adapter_layers, get_config, get_rank, set_sampled_rank
 from matryoshka_lora.nesting import inference_p, training_p
 
 IN, OUT, R = 12, 10, 8
@@ -42,9 +44,9 @@ def outputs(model: nn.Module, x: torch.Tensor, sampled: bool) -> dict:
         with ml.at_rank(model, r):
             result[r] = model(x)
     if sampled:
-        ml.set_sampled_rank(model, 2)
+        set_sampled_rank(model, 2)
         result["sampled"] = model(x)
-        ml.set_sampled_rank(model, None)
+        set_sampled_rank(model, None)
     return {k: (v.logits if hasattr(v, "logits") else v).detach() for k, v in result.items()}
 
 
@@ -78,7 +80,7 @@ def test_meta_device_init_then_state_dict_load_equals_the_original(name):
     for key, value in want.items():
         torch.testing.assert_close(got[key], value, atol=0, rtol=0, msg=f"{name} at {key}")
     torch.testing.assert_close(got_at_2, want[2], atol=0, rtol=0)
-    for layer in ml.adapter_layers(model).values():
+    for layer in adapter_layers(model).values():
         torch.testing.assert_close(layer.train_p, expected_p(config, torch.float32))
 
 
@@ -127,11 +129,11 @@ def test_deepcopy_is_independent_and_equal():
     for key, value in outputs(model, x, False).items():
         torch.testing.assert_close(outputs(twin, x, False)[key], value, atol=0, rtol=0)
     ml.set_rank(twin, 1)
-    assert ml.get_rank(model) is None  # the copy's rank state is its own
+    assert get_rank(model) is None  # the copy's rank state is its own
     with torch.no_grad():
-        next(iter(ml.adapter_layers(twin).values())).lora_B.add_(1.0)
+        next(iter(adapter_layers(twin).values())).lora_B.add_(1.0)
     assert not torch.equal(twin(x).logits, model(x).logits)
-    assert ml.get_config(twin) == ml.get_config(model)
+    assert get_config(twin) == get_config(model)
 
 
 def test_torch_compile_model_at_every_rank_equals_eager():

@@ -30,6 +30,7 @@ from peft import PeftModel
 
 import matryoshka_lora as ml
 from matryoshka_lora import export as mlx
+from matryoshka_lora.model import adapter_layers
 from matryoshka_lora.serving import (
     VLLM_MAX_LORA_RANKS,
     check_vllm,
@@ -43,13 +44,13 @@ def trained(**config):
     ml.attach(model, ml.NestedLoraConfig(r=8, target_modules=LLAMA_TARGETS, **config))
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for layer in ml.adapter_layers(model).values():
+        for layer in adapter_layers(model).values():
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1)
     return model
 
 
 def mixed_ranks(model) -> dict[str, int]:
-    return {n: (2 if "mlp" in n else 8) for n in ml.adapter_layers(model)}
+    return {n: (2 if "mlp" in n else 8) for n in adapter_layers(model)}
 
 
 def test_max_lora_rank_is_the_smallest_allowed_size():
@@ -181,7 +182,7 @@ def test_vllms_own_reader_accepts_our_exports_with_scale_one(tmp_path, input_ids
     model = trained()
     mlx.export_peft(model, None, tmp_path / "multi", ranks=[2, 8])
     mixed = mlx.export_peft(model, mixed_ranks(model), tmp_path / "mixed")
-    layers = list(ml.adapter_layers(model))
+    layers = list(adapter_layers(model))
     for folder in (tmp_path / "multi" / "rank-2", tmp_path / "multi" / "rank-8", mixed):
         helper = PEFTHelper.from_local_dir(str(folder), max_position_embeddings=None)
         ours = check_vllm(folder)

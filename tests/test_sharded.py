@@ -20,6 +20,8 @@ from sharded_worker import RESUMED, VARIANTS
 import matryoshka_lora as ml
 from matryoshka_lora.eval.svd import svd_rebase_
 from matryoshka_lora.export import export_peft, save_merged
+from matryoshka_lora.io import read_adapter_config
+from matryoshka_lora.model import adapter_state_dict
 from matryoshka_lora.nesting import inference_p, training_p
 
 pytestmark = pytest.mark.slow
@@ -94,12 +96,12 @@ def test_sharded_save_writes_the_full_adapter_once(runs, variant):
     gathered = load_file(folder / "rank0.safetensors")
     assert set(saved) == set(gathered)
     for key, value in gathered.items():
-        assert saved[key].shape == value.shape == ml.adapter_state_dict(_fresh(variant))[key].shape
+        assert saved[key].shape == value.shape == adapter_state_dict(_fresh(variant))[key].shape
         assert torch.equal(saved[key], value), key
     model = _fresh(variant)
     ml.load_adapter(model, folder / "run" / "adapter")  # verified load: checksum, config, shapes
     one = load_file(runs["one"] / variant / "run" / "adapter" / "adapter.safetensors")
-    for key, value in ml.adapter_state_dict(model).items():
+    for key, value in adapter_state_dict(model).items():
         torch.testing.assert_close(value.detach(), one[key], atol=_atol(variant), rtol=1e-4)
 
 
@@ -147,10 +149,10 @@ def test_sharded_svd_rebase_equals_rebasing_the_saved_adapter(runs):
     model = _fresh("prefix_loss")
     ml.load_adapter(model, folder / "run" / "adapter")
     svd_rebase_(model)
-    config, _ = ml.read_adapter_config(folder / "svd")
+    config, _ = read_adapter_config(folder / "svd")
     assert (config.method, config.scaling) == ("lora", "none")
     got = load_file(folder / "svd" / "adapter.safetensors")
-    want = ml.adapter_state_dict(model)
+    want = adapter_state_dict(model)
     assert set(got) == set(want)
     for key, value in want.items():
         torch.testing.assert_close(got[key], value.detach(), atol=1e-6, rtol=1e-5)

@@ -15,6 +15,7 @@ from ddp_worker import fixed_length_dataset, varied_length_dataset
 from safetensors.torch import load_file
 
 import matryoshka_lora as ml
+from matryoshka_lora.model import adapter_state_dict
 from matryoshka_lora.train import (
     NonFiniteLossError,
     PaddingCollator,
@@ -39,7 +40,7 @@ def fresh(method="matryoshka", dropout=0.0, **config):
 
 
 def adapter(model):
-    return {k: v.detach().clone() for k, v in ml.adapter_state_dict(model).items()}
+    return {k: v.detach().clone() for k, v in adapter_state_dict(model).items()}
 
 
 def cfg(tmp_path, name, **kw):

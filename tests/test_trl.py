@@ -10,6 +10,7 @@ from transformers import TrainerCallback
 
 import matryoshka_lora as ml
 from matryoshka_lora.eval import rank_sweep, teacher_forced_metric_fn
+from matryoshka_lora.model import adapter_layers, get_config
 from matryoshka_lora.sampling import RankSampler
 from matryoshka_lora.train.objective import prefix_loss_ranks_for
 
@@ -104,7 +105,7 @@ def test_sft_trainer_prefix_loss_checkpoints_and_bit_identical_resume(tmp_path):
 def test_sft_trainer_runs_the_prefix_loss_and_counts_tokens_once(tmp_path):
     model, trainer = make_sft(tmp_path, "obj", max_steps=3, gradient_checkpointing=False)
     ranks_seen, tokens = [], []
-    first = next(iter(ml.adapter_layers(model).values()))
+    first = next(iter(adapter_layers(model).values()))
     first.register_forward_pre_hook(
         lambda m, args: ranks_seen.append(m.active_rank) if m.training else None
     )
@@ -117,7 +118,7 @@ def test_sft_trainer_runs_the_prefix_loss_and_counts_tokens_once(tmp_path):
     trainer.training_step = counting_step
     trainer.train()
     # each micro-batch runs the ranks drawn for it, one forward each, ending with R
-    config = ml.get_config(model)
+    config = get_config(model)
     expected = [
         r
         for step in range(3)
@@ -147,7 +148,7 @@ def test_sft_trainer_dylora_draws_per_micro_batch(tmp_path):
     expected = [sampler.rank_for(step, micro) for step in range(3) for micro in range(2)]
     assert [b for _, _, b in trainer.sampled_ranks] == expected
     assert expected[-1] != 8  # so an evaluation at the last drawn b would differ
-    assert all(layer.sampled_rank is None for layer in ml.adapter_layers(model).values())
+    assert all(layer.sampled_rank is None for layer in adapter_layers(model).values())
     # the mid-training evaluation ran the full adapter, not the last micro-batch's b
     logged = next(e for e in trainer.state.log_history if "eval_loss" in e)
     assert logged["eval_loss"] == pytest.approx(logged["eval_loss_r8"], rel=1e-5)
@@ -175,7 +176,7 @@ def test_sft_trainer_logs_rank_curve_equal_to_post_hoc_sweep(tmp_path):
     evals = [(step, entry) for step, entry in logs if "eval_aurac" in entry]
     assert [step for step, _ in evals] == [3, 6]
     step, logged = evals[0]
-    ranks = ml.get_config(model).eval_ranks
+    ranks = get_config(model).eval_ranks
 
     # an independent sweep of checkpoint-3 on the same eval batches
     reloaded = make_tiny_llama()

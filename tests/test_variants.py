@@ -13,6 +13,7 @@ from transformers import TrainingArguments
 
 import matryoshka_lora as ml
 from matryoshka_lora.layer import NestedLoraLinear
+from matryoshka_lora.model import adapter_layers, get_config, get_rank
 from matryoshka_lora.nesting import matryoshka_p, rank_scale
 from matryoshka_lora.sampling import RankSampler, prefix_loss_ranks
 from matryoshka_lora.train import PaddingCollator, TrainConfig, train_adapter
@@ -142,7 +143,7 @@ def test_loop_with_prefix_sampling_trains_sampled_prefixes(tmp_path):
     logged = (tmp_path / "training_log.jsonl").read_text().splitlines()
     ranks = {json.loads(line)["rank"] for line in logged}
     assert None in ranks and ranks - {None}  # both full steps and sampled prefixes
-    assert all(layer.sampled_rank is None for layer in ml.adapter_layers(model).values())
+    assert all(layer.sampled_rank is None for layer in adapter_layers(model).values())
 
 
 # ----------------------------------------------------------------------------- prefix loss
@@ -153,7 +154,7 @@ def trained_tiny(method="matryoshka", **config):
     )
     torch.manual_seed(2)
     with torch.no_grad():
-        for layer in ml.adapter_layers(model).values():
+        for layer in adapter_layers(model).values():
             layer.lora_B.normal_(std=0.05)
     return model
 
@@ -165,7 +166,7 @@ def batch_of(n=4):
 @pytest.mark.parametrize("method", ["matryoshka", "lora"])
 def test_prefix_loss_is_the_mean_of_deployed_rank_losses_with_matching_gradient(method):
     model = trained_tiny(method, prefix_loss=True)
-    config = ml.get_config(model)
+    config = get_config(model)
     batch = batch_of()
     expected, grads = 0.0, None
     for r in config.train_ranks:
@@ -183,13 +184,13 @@ def test_prefix_loss_is_the_mean_of_deployed_rank_losses_with_matching_gradient(
     for name, param in model.named_parameters():
         if param.grad is not None:
             torch.testing.assert_close(param.grad, grads[name], rtol=1e-5, atol=1e-7)
-    assert ml.get_rank(model) is None  # back at the full training function
+    assert get_rank(model) is None  # back at the full training function
 
 
 def test_loop_and_trainer_use_the_prefix_loss(tmp_path):
     data = fixed_length_dataset(n=4)
     model = trained_tiny(prefix_loss=True, prefix_loss_sample=0)
-    config = ml.get_config(model)
+    config = get_config(model)
     batch = COLLATE(data)
     with torch.no_grad():
         expected = prefix_loss(model, config, lambda: model(**batch).loss).item()
@@ -275,7 +276,7 @@ def test_sampled_prefix_loss_averages_the_full_rank_and_the_drawn_ranks(tmp_path
     data = fixed_length_dataset(n=4)
     batch = COLLATE(data)
     model = trained_tiny(prefix_loss=True, prefix_loss_sample=1)
-    config = ml.get_config(model)
+    config = get_config(model)
     ranks = prefix_loss_ranks_for(config, seed=7, step=0, micro_step=0)
     assert len(ranks) == 2 and ranks[-1] == 8
     with torch.no_grad():
@@ -312,7 +313,7 @@ def test_trainer_compute_loss_outside_training_step_uses_the_first_draw(tmp_path
     """A direct compute_loss call (e.g. from a subclass) draws the ranks of step 0, micro-batch 0."""
     batch = batch_of()
     model = trained_tiny()  # the default: the sampled prefix loss
-    ranks = prefix_loss_ranks_for(ml.get_config(model), seed=7, step=0, micro_step=0)
+    ranks = prefix_loss_ranks_for(get_config(model), seed=7, step=0, micro_step=0)
     with torch.no_grad():
         expected = 0.0
         for r in ranks:
@@ -337,7 +338,7 @@ def test_prefix_loss_gradients_survive_gradient_checkpointing(reentrant):
         if checkpointing:
             model.activation_checkpointing_enable({"use_reentrant": reentrant})
             model.enable_input_require_grads()
-        loss = prefix_loss(model, ml.get_config(model), lambda model=model: model(**batch).loss)
+        loss = prefix_loss(model, get_config(model), lambda model=model: model(**batch).loss)
         loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and grads[0]
@@ -348,7 +349,7 @@ def test_prefix_loss_gradients_survive_gradient_checkpointing(reentrant):
 def test_training_loss_follows_the_adapters_objective():
     batch = batch_of()
     model = trained_tiny()  # the default: R and one drawn rank
-    ranks = prefix_loss_ranks_for(ml.get_config(model), seed=3, step=5, micro_step=1)
+    ranks = prefix_loss_ranks_for(get_config(model), seed=3, step=5, micro_step=1)
     with torch.no_grad():
         expected = 0.0
         for r in ranks:

@@ -2,79 +2,48 @@
 
 One layer implements LoRA, DyLoRA and MatryoshkaLoRA (a fixed diagonal P
 between the LoRA factors); see ``docs/method.md`` for the specification.
+
+The top level holds what a user reaches for first: configure and attach an
+adapter, choose its rank, train it, save and load it, sweep it over ranks, and
+deploy it (PEFT export / import, merged save). Everything else lives in its own
+module: the maths in :mod:`matryoshka_lora.nesting`, model helpers (e.g.
+``adapter_layers``, ``get_config``, ``get_rank``) in :mod:`matryoshka_lora.model`,
+the layer in :mod:`matryoshka_lora.layer`, training and evaluation in
+:mod:`matryoshka_lora.train` and :mod:`matryoshka_lora.eval`, per-module budgets
+in :mod:`matryoshka_lora.budget`.
 """
 
+from . import nesting
 from ._version import __version__
 from .config import PRESETS, NestedLoraConfig
-from .io import AdapterCheckpointError, load_adapter, read_adapter_config, save_adapter
-from .layer import NestedAdapter, NestedLoraLinear
-from .model import (
-    adapter_layers,
-    adapter_state_dict,
-    adapters_disabled,
-    at_rank,
-    attach,
-    detach,
-    get_config,
-    get_rank,
-    merge,
-    merge_and_detach,
-    mixed_ranks,
-    parameter_summary,
-    print_trainable_parameters,
-    reconfigure,
-    set_example_ranks,
-    set_inference_scale,
-    set_rank,
-    set_sampled_rank,
-    unmerge,
-)
-from .nesting import (
-    dylora_p,
-    inference_p,
-    lora_p,
-    matryoshka_p,
-    powers_of_two_ranks,
-    rank_scale,
-    training_p,
-)
+from .eval import aurac, rank_sweep
+from .export import export_peft, import_peft, save_merged
+from .io import AdapterCheckpointError, load_adapter, save_adapter
+from .model import at_rank, attach, detach, merge, print_trainable_parameters, set_rank, unmerge
+from .train.loop import TrainConfig, train_adapter
 from .train.objective import training_loss
 
 __all__ = [
     "__version__",
     "AdapterCheckpointError",
-    "NestedAdapter",
     "NestedLoraConfig",
     "PRESETS",
-    "NestedLoraLinear",
-    "adapter_layers",
-    "adapter_state_dict",
-    "adapters_disabled",
+    "TrainConfig",
     "at_rank",
     "attach",
+    "aurac",
     "detach",
-    "dylora_p",
-    "get_config",
-    "get_rank",
-    "inference_p",
+    "export_peft",
+    "import_peft",
     "load_adapter",
-    "lora_p",
-    "matryoshka_p",
     "merge",
-    "merge_and_detach",
-    "mixed_ranks",
-    "parameter_summary",
-    "powers_of_two_ranks",
+    "nesting",
     "print_trainable_parameters",
-    "rank_scale",
-    "read_adapter_config",
-    "reconfigure",
+    "rank_sweep",
     "save_adapter",
-    "set_example_ranks",
-    "set_inference_scale",
+    "save_merged",
     "set_rank",
-    "set_sampled_rank",
+    "train_adapter",
     "training_loss",
-    "training_p",
     "unmerge",
 ]

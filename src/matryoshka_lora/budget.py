@@ -29,6 +29,10 @@ parameter that still fits the budget (:func:`greedy_allocate`).
 
 :func:`uniform_allocation` gives the uniform-rank baseline with the same or a
 smaller parameter count, and :func:`compare_with_uniform` measures both.
+
+A choice is deployed with :func:`matryoshka_lora.export.export_peft` (``rank=
+allocation.ranks``: a PEFT LoRA with ``rank_pattern`` / ``alpha_pattern``) or
+:func:`matryoshka_lora.export.save_merged`.
 """
 
 from __future__ import annotations
@@ -36,18 +40,15 @@ from __future__ import annotations
 import heapq
 import math
 import numbers
-import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .export import export_peft
 from .model import require_adapters
 from .nesting import check_rank, check_rank_list
 
@@ -465,7 +466,7 @@ def allocate_by_loss(
     return _allocation(model, chosen, budget, "loss:joint", loss, evaluations=evaluations)
 
 
-# ---------------------------------------------------------------------------- apply / compare / export
+# ---------------------------------------------------------------------------- apply / compare
 def apply_allocation(model: nn.Module, allocation: RankAllocation | Mapping[str, int]) -> None:
     """Deploy each module at its allocated rank (``layer.set_rank`` per module)."""
     ranks = allocation.ranks if isinstance(allocation, RankAllocation) else dict(allocation)
@@ -544,20 +545,3 @@ def compare_with_uniform(
             "loss": evaluate_allocation(model, uniform, loss_fn=fn),
         },
     }
-
-
-def export_allocation(
-    model: nn.Module,
-    allocation: RankAllocation | Mapping[str, int],
-    out_dir: str | os.PathLike,
-    scale_encoding: str = "baked",
-    overwrite: bool = False,
-) -> Path:
-    """Export the per-module ranks as a PEFT LoRA with ``rank_pattern`` / ``alpha_pattern``.
-
-    ``baked`` (default) folds every scale into B and gives each module
-    ``alpha = rank`` (global ``lora_alpha = r``), so loaders that ignore
-    ``alpha_pattern`` still apply the right scale 1; ``alpha`` keeps B unscaled.
-    """
-    ranks = allocation.ranks if isinstance(allocation, RankAllocation) else dict(allocation)
-    return export_peft(model, ranks, out_dir, scale_encoding=scale_encoding, overwrite=overwrite)

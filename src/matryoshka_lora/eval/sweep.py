@@ -3,7 +3,7 @@
 For each inference scale ``m`` (``paper``: s(r) on every component, P dropped;
 ``trained``: the trained weights p[:r]; ``docs/method.md`` §6) and each eval
 rank ``r``, the model's adapters are switched to the rank-r adapter with
-:func:`~matryoshka_lora.set_inference_scale` and :func:`~matryoshka_lora.set_rank`
+:func:`~matryoshka_lora.model.set_inference_scale` and :func:`~matryoshka_lora.set_rank`
 and ``metric_fn(model)`` is called. The loaded model is reused: nothing is
 copied or reloaded, only the rank state of each layer changes.
 

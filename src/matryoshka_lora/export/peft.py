@@ -1,4 +1,4 @@
-"""Deployment: PEFT LoRA export/import and merged-model save.
+"""PEFT LoRA export at any rank, and import of a PEFT LoRA folder.
 
 The rank-r adapter of a nested layer is an ordinary LoRA of rank r with a
 per-component scale ``q`` (``docs/method.md`` §6)::
@@ -7,7 +7,11 @@ per-component scale ``q`` (``docs/method.md`` §6)::
 
 so it can be written as a standard PEFT LoRA folder (``adapter_config.json`` +
 ``adapter_model.safetensors``) that vanilla ``peft.PeftModel.from_pretrained``
-(and loaders that read the PEFT format, such as vLLM) load as-is.
+(and loaders that read the PEFT format, such as vLLM) load as-is. The config is
+a ``peft.LoraConfig`` serialised as PEFT serialises it, and folders are read
+back with PEFT's own loaders (``LoraConfig.from_pretrained``,
+``peft.utils.load_peft_weights``); PEFT is imported only when a folder is
+written or read, so importing this module stays light.
 
 Scale encodings of the export:
 
@@ -35,19 +39,21 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
-from ._version import __version__
-from .config import FLOAT_DTYPES, NestedLoraConfig
-from .io import atomic_save_safetensors, atomic_write_text, staged_directory
-from .model import adapter_layers, attach, detach, get_config, require_adapters
-from .nesting import check_rank
-from .quantized import check_not_quantized
+from .._version import __version__
+from ..config import FLOAT_DTYPES, NestedLoraConfig
+from ..hub import CARD_NAME, adapter_card, collection_card
+from ..io import atomic_save_safetensors, atomic_write_text, staged_directory
+from ..model import adapter_layers, attach, detach, get_config, require_adapters
+from .ranks import RankSpec, resolve_module_ranks
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -57,44 +63,7 @@ SCALE_ENCODINGS: tuple[str, ...] = ("baked", "alpha")
 RANK_FOLDER = "rank-{rank}"
 
 
-RankSpec = int | str | Mapping[str, int]
-
-
 # ---------------------------------------------------------------------------- helpers
-def resolve_module_ranks(model: nn.Module, rank: RankSpec) -> dict[str, int]:
-    """Per-module ranks from ``rank``: an int (every module), ``"active"`` (each
-    layer's current ``active_rank``) or a mapping ``module path -> rank`` that
-    names every adapted module exactly once."""
-    layers = require_adapters(model)
-    if isinstance(rank, str):
-        if rank != "active":
-            raise ValueError(
-                f"rank must be an int, 'active' or a dict module -> rank, got {rank!r}"
-            )
-        unset = [n for n, layer in layers.items() if layer.active_rank is None]
-        if unset:
-            raise ValueError(
-                f"rank='active' needs every adapter at a rank, but {len(unset)} are at the full "
-                f"training function (e.g. {unset[:2]}): call set_rank first"
-            )
-        return {n: layer.active_rank for n, layer in layers.items()}
-    if isinstance(rank, Mapping):
-        missing = sorted(set(layers) - set(rank))
-        unknown = sorted(set(rank) - set(layers))
-        if missing or unknown:
-            raise ValueError(
-                "per-module ranks must name every adapted module exactly: "
-                f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''}, "
-                f"unknown {unknown[:3]}{' ...' if len(unknown) > 3 else ''}"
-            )
-        return {
-            n: check_rank(rank[n], layer.max_rank, f"rank of {n}") for n, layer in layers.items()
-        }
-    max_rank = min(layer.max_rank for layer in layers.values())
-    check_rank(rank, max_rank)
-    return dict.fromkeys(layers, rank)
-
-
 def task_type_of(model: nn.Module) -> str | None:
     """PEFT's task type: ``CAUSAL_LM`` or ``SEQ_2_SEQ_LM`` for transformers' causal and
     seq2seq LM classes, else None (PEFT then loads with the generic ``PeftModel``)."""
@@ -231,6 +200,47 @@ def _module_tensors(
     return _copy(a, out_dtype), _copy(b, out_dtype)
 
 
+def _lora_config(
+    model: nn.Module, ranks: Mapping[str, int], alphas: Mapping[str, float], rslora: bool
+) -> LoraConfig:
+    """The ``peft.LoraConfig`` of an export with these per-module ranks and alphas.
+
+    The global ``r`` is the largest rank and ``lora_alpha`` the alpha of a module at
+    that rank; every module that differs is named in ``rank_pattern`` /
+    ``alpha_pattern``.
+    """
+    from peft import LoraConfig
+
+    layers = adapter_layers(model)
+    adapted = list(layers)
+    config = get_config(model)
+    default_r = max(ranks.values())
+    default_alpha = next(alphas[n] for n in adapted if ranks[n] == default_r)
+    return LoraConfig(
+        task_type=task_type_of(model),
+        base_model_name_or_path=config.base_model_name_or_path,
+        inference_mode=True,
+        r=default_r,
+        lora_alpha=default_alpha,
+        use_rslora=rslora,
+        target_modules=_peft_targets(model, adapted),
+        rank_pattern={_pattern_key(n, adapted): ranks[n] for n in adapted if ranks[n] != default_r},
+        alpha_pattern={
+            _pattern_key(n, adapted): alphas[n] for n in adapted if alphas[n] != default_alpha
+        },
+        fan_in_fan_out=any(layer.fan_in_fan_out for layer in layers.values()),
+        lora_dropout=config.dropout,
+    )
+
+
+def _config_json(lora_config: LoraConfig) -> dict[str, Any]:
+    """The ``adapter_config.json`` payload of ``lora_config``: ``to_dict()`` with sets as
+    lists, as ``LoraConfig.save_pretrained`` writes it; the sets are sorted so the
+    file is the same on every run."""
+    raw = lora_config.to_dict()
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in raw.items()}
+
+
 def _build_export(
     model: nn.Module,
     rank: RankSpec,
@@ -256,43 +266,12 @@ def _build_export(
             a, b = _module_tensors(layer, ranks[name], q, scale_encoding, dtype)
             tensors[f"{PEFT_KEY_PREFIX}{name}.lora_A.weight"] = a
             tensors[f"{PEFT_KEY_PREFIX}{name}.lora_B.weight"] = b
-    adapted = list(layers)
-    default_r = max(ranks.values())
-    if scale_encoding == "baked":
-        default_alpha: float = default_r
-    else:
-        default_alpha = next(alphas[n] for n in adapted if ranks[n] == default_r)
-    rank_pattern = {_pattern_key(n, adapted): ranks[n] for n in adapted if ranks[n] != default_r}
-    alpha_pattern = {
-        _pattern_key(n, adapted): alphas[n] for n in adapted if alphas[n] != default_alpha
-    }
-    peft_config = {
-        "peft_type": "LORA",
-        "task_type": task_type_of(model),
-        "base_model_name_or_path": config.base_model_name_or_path,
-        "revision": None,
-        "r": default_r,
-        "lora_alpha": default_alpha,
-        "use_rslora": rslora,
-        "target_modules": _peft_targets(model, adapted),
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern,
-        "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
-        "lora_dropout": config.dropout,
-        "bias": "none",
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "modules_to_save": None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "use_dora": False,
-        "lora_bias": False,
-    }
+    peft_config = _config_json(_lora_config(model, ranks, alphas, rslora))
     uniform = len(set(ranks.values())) == 1
     provenance = {
         "library": "matryoshka-lora",
         "library_version": __version__,
-        "rank": default_r if uniform else None,
+        "rank": peft_config["r"] if uniform else None,
         "module_ranks": None if uniform else ranks,
         "scale_encoding": scale_encoding,
         "source_config": config.to_dict(),
@@ -309,11 +288,6 @@ def peft_state_dict(
 ) -> dict[str, torch.Tensor]:
     """The PEFT-keyed tensors of the rank-``rank`` adapter (CPU copies sliced to r)."""
     return _build_export(model, rank, scale_encoding, dtype)[1]
-
-
-def peft_config_dict(model: nn.Module, rank: RankSpec, scale_encoding: str = "baked") -> dict:
-    """The ``adapter_config.json`` content an export at ``rank`` would write."""
-    return _build_export(model, rank, scale_encoding, with_tensors=False)[0]
 
 
 def quantization_of(model: nn.Module) -> dict[str, Any] | None:
@@ -342,10 +316,10 @@ def _write_peft_folder(
     peft_config, tensors, metadata = _build_export(model, rank, scale_encoding, dtype)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(tensors, folder / PEFT_WEIGHTS_NAME, metadata=metadata)
-    atomic_write_text(folder / PEFT_CONFIG_NAME, json.dumps(peft_config, indent=2) + "\n")
+    atomic_write_text(
+        folder / PEFT_CONFIG_NAME, json.dumps(peft_config, indent=2, sort_keys=True) + "\n"
+    )
     if card is not None:
-        from .hub import CARD_NAME, adapter_card
-
         ranks = resolve_module_ranks(model, rank)
         uniform = len(set(ranks.values())) == 1
         text = adapter_card(
@@ -423,8 +397,6 @@ def export_peft(
                 for r in ranks
             ]
             if card is not None:
-                from .hub import CARD_NAME, collection_card
-
                 root = collection_card(
                     configs[0],
                     get_config(model),
@@ -438,44 +410,57 @@ def export_peft(
 
 
 # ---------------------------------------------------------------------------- PEFT import
-def _peft_pattern_value(pattern: Mapping[str, Any], name: str, default: Any) -> Any:
-    """PEFT's lookup: the first pattern key matching ``name`` as a dotted suffix."""
-    for key, value in pattern.items():
-        if _pattern_matches(key, name):
-            return value
-    return default
+_UNSUPPORTED_FLAGS = (("use_dora", "DoRA"), ("lora_bias", "a LoRA bias"), ("use_qalora", "QALoRA"))
 
 
-def read_peft_lora(
-    peft_dir: str | os.PathLike,
-) -> tuple[dict[str, Any], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """Read a PEFT LoRA folder: its config and ``module path -> (A, B)``.
+def _read_peft_config(peft_dir: str | os.PathLike) -> LoraConfig:
+    """The ``peft.LoraConfig`` of a local PEFT LoRA folder, read by PEFT.
 
-    Only safetensors weights are read: a pickled ``adapter_model.bin`` is refused.
+    Refuses, before anything is loaded, a folder without ``adapter_config.json``
+    (PEFT would look it up on the Hub), another adapter type and the LoRA
+    features a nested adapter cannot hold (DoRA, LoRA bias, QALoRA, saved full
+    modules).
     """
+    from peft import LoraConfig, PeftType
+
     folder = Path(peft_dir)
     config_path = folder / PEFT_CONFIG_NAME
     if not config_path.is_file():
         raise ValueError(f"{config_path} not found: {folder} is not a PEFT adapter folder")
     try:
-        peft_config = json.loads(config_path.read_text(encoding="utf-8"))
+        raw = LoraConfig.from_json_file(str(config_path))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{config_path} is not valid JSON: {err}") from err
-    if not isinstance(peft_config, dict) or peft_config.get("peft_type") != "LORA":
-        kind = peft_config.get("peft_type") if isinstance(peft_config, dict) else None
+    kind = raw.get("peft_type") if isinstance(raw, dict) else None
+    if kind != PeftType.LORA:
         raise ValueError(f"{folder} holds a {kind!r} adapter; only PEFT LoRA (peft_type 'LORA')")
-    for flag, what in (
-        ("use_dora", "DoRA"),
-        ("lora_bias", "a LoRA bias"),
-        ("use_qalora", "QALoRA"),
-    ):
-        if peft_config.get(flag):
+    try:
+        lora_config = LoraConfig.from_pretrained(str(folder))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{config_path} is not a LoRA config PEFT can read: {err}") from err
+    for flag, what in _UNSUPPORTED_FLAGS:
+        if getattr(lora_config, flag, False):
             raise ValueError(f"{folder} uses {what} ({flag}=true), which nested LoRA cannot hold")
-    if peft_config.get("modules_to_save"):
+    if lora_config.modules_to_save:
         raise ValueError(
-            f"{folder} also trains full modules (modules_to_save={peft_config['modules_to_save']}),"
+            f"{folder} also trains full modules (modules_to_save={lora_config.modules_to_save}),"
             " which nested LoRA cannot hold"
         )
+    return lora_config
+
+
+def read_peft_lora(
+    peft_dir: str | os.PathLike,
+) -> tuple[LoraConfig, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Read a PEFT LoRA folder: its ``LoraConfig`` and ``module path -> (A, B)``.
+
+    Only safetensors weights are read (``peft.utils.load_peft_weights``, on the
+    CPU): a pickled ``adapter_model.bin`` is refused.
+    """
+    from peft.utils import load_peft_weights
+
+    lora_config = _read_peft_config(peft_dir)
+    folder = Path(peft_dir)
     weights = folder / PEFT_WEIGHTS_NAME
     if not weights.is_file():
         if (folder / PEFT_PICKLE_NAME).is_file():
@@ -487,7 +472,7 @@ def read_peft_lora(
             )
         raise ValueError(f"{weights} not found: the PEFT adapter folder is incomplete")
     try:
-        raw = load_file(weights)
+        raw = load_peft_weights(str(folder), device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{weights} could not be read as safetensors ({err})") from err
     factors: dict[str, dict[str, torch.Tensor]] = {}
@@ -515,7 +500,20 @@ def read_peft_lora(
             raise ValueError(
                 f"{name}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not LoRA factors"
             )
-    return peft_config, pairs
+    return lora_config, pairs
+
+
+def _module_rank_and_alpha(lora_config: LoraConfig, name: str) -> tuple[int, float]:
+    """(r, lora_alpha) PEFT gives module ``name``: its ``rank_pattern`` / ``alpha_pattern``
+    entry (PEFT's ``get_pattern_key``), else the global value."""
+    from peft.utils.other import get_pattern_key
+
+    rank_key = get_pattern_key(lora_config.rank_pattern.keys(), name)
+    alpha_key = get_pattern_key(lora_config.alpha_pattern.keys(), name)
+    return (
+        int(lora_config.rank_pattern.get(rank_key, lora_config.r)),
+        float(lora_config.alpha_pattern.get(alpha_key, lora_config.lora_alpha)),
+    )
 
 
 def import_peft(
@@ -541,19 +539,14 @@ def import_peft(
     if adapter_layers(model):
         raise ValueError("the model already has nested-LoRA adapters: detach(model) first")
     peft_config, pairs = read_peft_lora(peft_dir)
-    rslora = bool(peft_config.get("use_rslora", False))
-    default_r = int(peft_config.get("r", 8))
-    default_alpha = float(peft_config.get("lora_alpha", 8))
-    rank_pattern = peft_config.get("rank_pattern") or {}
-    alpha_pattern = peft_config.get("alpha_pattern") or {}
+    rslora = bool(peft_config.use_rslora)
     ranks, alphas, scales = {}, {}, {}
     for name, (a, _) in pairs.items():
-        r = int(_peft_pattern_value(rank_pattern, name, default_r))
+        r, alpha = _module_rank_and_alpha(peft_config, name)
         if a.shape[0] != r:
             raise ValueError(
                 f"{name}: lora_A has {a.shape[0]} rows but the PEFT config gives rank {r}"
             )
-        alpha = float(_peft_pattern_value(alpha_pattern, name, default_alpha))
         ranks[name], alphas[name] = r, alpha
         scales[name] = alpha / math.sqrt(r) if rslora else alpha / r
     modules = sorted(pairs)
@@ -565,8 +558,8 @@ def import_peft(
             f"{absent[:3]}): the adapter was made for another model or model class"
         )
     names = [n for n in named if n]
-    targets = peft_config.get("target_modules")
-    if isinstance(targets, list | tuple) and targets:
+    targets = peft_config.target_modules
+    if isinstance(targets, set | list | tuple) and targets:
         targets = sorted(targets)
     if not (isinstance(targets, str | list) and targets) or targets == "all-linear":
         targets = modules
@@ -583,14 +576,14 @@ def import_peft(
     else:
         max_rank = max(ranks.values())
         fields = {"method": "lora", "scaling": "none", "alpha": 1.0}
-    base_name = peft_config.get("base_model_name_or_path") or getattr(
+    base_name = peft_config.base_model_name_or_path or getattr(
         getattr(model, "config", None), "_name_or_path", None
     )
     try:
         config = NestedLoraConfig(
             r=max_rank,
             target_modules=targets,
-            dropout=float(peft_config.get("lora_dropout", 0.0) or 0.0),
+            dropout=float(peft_config.lora_dropout or 0.0),
             base_model_name_or_path=base_name or None,
             **fields,
         ).replace(**config_overrides)
@@ -628,94 +621,3 @@ def import_peft(
         detach(model)
         raise
     return model
-
-
-# ---------------------------------------------------------------------------- merged save
-def _check_mergeable(model: nn.Module, rank: RankSpec) -> tuple[dict[str, nn.Module], dict]:
-    layers = require_adapters(model)
-    check_not_quantized(layers, "a merged save")
-    merged = [n for n, layer in layers.items() if layer.merged]
-    if merged:
-        raise RuntimeError(
-            f"{len(merged)} adapters are merged into their base weights already: call "
-            "unmerge(model) first"
-        )
-    return layers, resolve_module_ranks(model, rank)
-
-
-def merged_state_dict(
-    model: nn.Module, rank: RankSpec, device: torch.device | str | None = "cpu"
-) -> dict[str, torch.Tensor]:
-    """The plain model's state dict with the rank-``rank`` update folded into each weight.
-
-    Adapter tensors are dropped and ``<module>.base_layer.*`` keys renamed to
-    ``<module>.*``. Only the adapted weights are new tensors, computed one layer
-    at a time as ``W + delta`` in fp32 (one rounding to W's dtype) and moved
-    to ``device`` (None: W's device); everything else is the model's own
-    tensors (no copy). The model itself is not modified.
-    """
-    layers, ranks = _check_mergeable(model, rank)
-    state = model.state_dict(keep_vars=True)
-    adapted_weights = {f"{n}.base_layer.weight" for n in layers}
-    for name, layer in layers.items():
-        ptr = layer.base_layer.weight.data_ptr()
-        shared = [k for k, v in state.items() if k not in adapted_weights and v.data_ptr() == ptr]
-        if shared:
-            raise ValueError(
-                f"the weight of {name} is shared with {shared[:2]} (tied weights): merging into it "
-                "would change the tied module too; untie the weights or do not adapt this module"
-            )
-    state = {k: v.detach() for k, v in state.items()}
-    plain: dict[str, torch.Tensor] = {}
-    inner = {f"{n}.": n for n in layers}
-    for key, value in state.items():
-        owner = next((n for prefix, n in inner.items() if key.startswith(prefix)), None)
-        if owner is None:
-            plain[key] = value
-            continue
-        rest = key[len(owner) + 1 :]
-        if rest.startswith("base_layer."):
-            plain[f"{owner}.{rest[len('base_layer.') :]}"] = value
-    with torch.no_grad():
-        for name, layer in layers.items():
-            weight = layer.base_layer.weight
-            delta = layer.delta_weight(ranks[name])
-            if layer.fan_in_fan_out:
-                delta = delta.T
-            new = (weight.detach().to(delta.dtype) + delta.to(weight.device)).to(weight.dtype)
-            plain[f"{name}.weight"] = new if device is None else new.to(device)
-            del delta
-    return plain
-
-
-def save_merged(
-    model: nn.Module,
-    rank: RankSpec,
-    out_dir: str | os.PathLike,
-    overwrite: bool = False,
-    tokenizer: Any = None,
-    max_shard_size: int | str = "5GB",
-) -> Path:
-    """Save a plain transformers model with the rank-``rank`` update merged into its weights.
-
-    The folder loads with ``AutoModelForCausalLM.from_pretrained`` (no adapter
-    code needed); the tokenizer is saved beside it if given. ``rank`` is an int,
-    ``"active"`` or a dict module -> rank (per-module budgets).
-
-    The in-memory model is left bitwise unchanged: instead of merge -> save ->
-    unmerge (whose subtraction is not exact in bf16/fp16) the merged weights
-    are computed one layer at a time into new tensors on the CPU (see
-    :func:`merged_state_dict`); unadapted tensors are passed to
-    ``save_pretrained`` without copying. Peak accelerator memory is one layer's
-    update; host memory holds the merged copies of the adapted weights, which
-    serialisation would materialise anyway.
-    """
-    if not hasattr(model, "save_pretrained"):
-        raise TypeError(f"{type(model).__name__} has no save_pretrained: not a transformers model")
-    _check_mergeable(model, rank)  # cheap checks first, then the folder, then the work
-    with staged_directory(out_dir, overwrite) as tmp:
-        state = merged_state_dict(model, rank)
-        model.save_pretrained(tmp, state_dict=state, max_shard_size=max_shard_size)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    return Path(out_dir)
