@@ -40,6 +40,27 @@ VARIANT_KINDS: dict[str, dict[str, Any]] = {
     # the prefix loss over R and one rank drawn from S minus {R} per micro-batch:
     # 2 forwards instead of |S| (the library default)
     "mat_prefix1": {"method": "matryoshka", "prefix_loss": True, "prefix_loss_sample": 1},
+    # cheaper forms of the default: the prefix loss on every second micro-batch (1.5
+    # forwards), and one forward with each example at its own drawn rank
+    "mat_prefix1_every2": {
+        "method": "matryoshka",
+        "prefix_loss": True,
+        "prefix_loss_sample": 1,
+        "prefix_loss_every": 2,
+    },
+    "mat_mixed": {
+        "method": "matryoshka",
+        "prefix_loss": True,
+        "prefix_loss_sample": 0,
+        "prefix_loss_mode": "mixed",
+    },
+    # the authors' objective with the factors re-based on the SVD of the update every
+    # 25 steps, so that prefixes follow its singular directions
+    "mat_rebase": {
+        "method": "matryoshka",
+        "prefix_loss": False,
+        "train": {"svd_rebase_every": 25},
+    },
 }
 RESEARCH_ROWS: tuple[str, ...] = (  # every deployment of every variant
     "lora_trunc_paper",
@@ -73,6 +94,9 @@ LEARNING_RATES: dict[str, list[float]] = {
     "mat_sampled": [2e-3, 8e-3, 1.6e-2],
     "mat_prefix": [4e-3, 8e-3],
     "mat_prefix1": [8e-3],
+    "mat_prefix1_every2": [8e-3],
+    "mat_mixed": [8e-3],
+    "mat_rebase": [8e-3],
 }
 
 

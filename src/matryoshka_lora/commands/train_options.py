@@ -165,6 +165,8 @@ GROUPS: dict[str, tuple[Option, ...]] = {
         option(ADAPTER, "prefix_sampling", type=probability),
         option(ADAPTER, "prefix_loss"),
         option(ADAPTER, "prefix_loss_sample", metavar="K"),
+        option(ADAPTER, "prefix_loss_mode"),
+        option(ADAPTER, "prefix_loss_every", type=positive_int, metavar="K"),
         option(ADAPTER, "dylora_update", default=None),  # None: not given (dylora only)
     ),
     "DyLoRA rank sampler (method dylora only)": (
@@ -181,6 +183,7 @@ GROUPS: dict[str, tuple[Option, ...]] = {
         option(TRAIN, "gradient_accumulation_steps", dest="grad_accum", type=positive_int),
         option(TRAIN, "max_grad_norm", type=non_negative_float),
         option(TRAIN, "seed"),
+        option(TRAIN, "svd_rebase_every", type=non_negative_int, metavar="K"),
     ),
     "output": (
         option(TRAIN, "output_dir"),

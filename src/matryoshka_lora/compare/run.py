@@ -165,6 +165,7 @@ def run_one(
                 seed=key.seed,
                 progress=progress,
                 autocast_dtype=spec.autocast_dtype,
+                **spec.train_settings(key.kind),
             ),
             collate,
             resume=False,

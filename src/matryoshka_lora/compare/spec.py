@@ -2,7 +2,8 @@
 
 A *kind* is a training method: the adapter-config fields that define it, plus an
 optional ``steps_factor`` (its budget as a multiple of the spec's steps, for
-equal-compute baselines). A *row* of the result table is a kind and a
+equal-compute baselines) and ``train`` (fields of
+:class:`~matryoshka_lora.train.loop.TrainConfig`, e.g. ``svd_rebase_every``). A *row* of the result table is a kind and a
 deployment:
 
 * ``paper``: the rank-r prefix with s(r) on every component (P dropped);
@@ -36,6 +37,8 @@ CORE_KINDS: dict[str, dict[str, Any]] = {
     # the authors' objective (the full adapter's loss alone)
     "matryoshka": {"method": "matryoshka", "prefix_loss": False},
 }
+# keys of a kind that are not adapter-config fields
+RUN_SETTINGS: tuple[str, ...] = ("steps_factor", "train")
 DEPLOYMENTS: tuple[str, ...] = ("paper", "trained", "svd", "select")
 # For ``select``: the prefix deployment and the SVD deployment it chooses between.
 SELECT_FROM: dict[str, tuple[str, str]] = {
@@ -168,7 +171,11 @@ class ComparisonSpec:
 
     def adapter_settings(self, kind: str) -> dict[str, Any]:
         """The adapter-config fields of a kind."""
-        return {k: v for k, v in self.all_kinds[kind].items() if k != "steps_factor"}
+        return {k: v for k, v in self.all_kinds[kind].items() if k not in RUN_SETTINGS}
+
+    def train_settings(self, kind: str) -> dict[str, Any]:
+        """The training-loop fields of a kind (``TrainConfig`` overrides)."""
+        return dict(self.all_kinds[kind].get("train", {}))
 
     def steps_factor(self, kind: str) -> int:
         return int(self.all_kinds[kind].get("steps_factor", 1))
