@@ -16,11 +16,18 @@ import argparse
 import sys
 import time
 
-import common as C
 import torch
+from cli_args import DTYPES, add_common_args, result_key, setup_runtime, title_suffix
+from flops import adapter_flop_fraction
+from machine import finish_meta, run_meta
+from models import MODEL_DESCRIPTIONS, SEVEN_TARGETS, build_variant, load_base, variant
+from profiling import profile_compare
+from report import fmt_ms, header_lines, log, md_table, publish
+from timing import interleaved_timing, paired_ratio, summarize
+from workload import make_batch
 
-import matryoshka_lora as ml
-from matryoshka_lora.model import get_config
+from matryoshka_lora import set_rank
+from matryoshka_lora.model import get_config, merge, unmerge
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="ours,peft,base",
         help="ours / peft at the first rank, base",
     )
-    C.add_common_args(p, repeats=7, warmup=1)
+    add_common_args(p, repeats=7, warmup=1)
     args = p.parse_args(argv)
     if args.smoke:
         args.models, args.batch, args.seq = "tiny", 1, 16
@@ -61,13 +68,13 @@ def forward_fn(model: torch.nn.Module, ids: torch.Tensor):
 
 
 def run_model(args: argparse.Namespace, model_name: str, device: torch.device) -> dict:
-    dtype = C.DTYPES[args.dtype]
+    dtype = DTYPES[args.dtype]
     R = args.max_rank
-    C.log(f"[{model_name}] loading")
-    base = C.load_base(model_name, dtype, device, args.seed)
-    ids = C.make_batch(base, args.batch, args.seq, device, args.seed)
-    targets = C.SEVEN_TARGETS
-    per_layer = C.adapter_flop_fraction(base, targets, 1.0)
+    log(f"[{model_name}] loading")
+    base = load_base(model_name, dtype, device, args.seed)
+    ids = make_batch(base, args.batch, args.seq, device, args.seed)
+    targets = SEVEN_TARGETS
+    per_layer = adapter_flop_fraction(base, targets, 1.0)
 
     fns: dict[str, object] = {}
     info: dict[str, dict] = {}
@@ -76,23 +83,23 @@ def run_model(args: argparse.Namespace, model_name: str, device: torch.device) -
         fns[name] = forward_fn(model, ids)
         info[name] = {"spec": spec, "rank": rank}
 
-    base_spec = C.variant("frozen base (no adapter)", "base")
-    add(base_spec["name"], base_spec, C.build_variant(base, base_spec, targets), 0)
+    base_spec = variant("frozen base (no adapter)", "base")
+    add(base_spec["name"], base_spec, build_variant(base, base_spec, targets), 0)
 
-    ours_spec = C.variant("ours", "nested", method="matryoshka", r=R)
-    ours = C.build_variant(base, ours_spec, targets, random_b=True)
+    ours_spec = variant("ours", "nested", method="matryoshka", r=R)
+    ours = build_variant(base, ours_spec, targets, random_b=True)
     for r in args.rank_list:
         # a separate module tree per rank (weights shared) so each keeps its rank set
-        spec = C.variant(f"ours at_rank {r} (unmerged)", "nested", method="matryoshka", r=R, rank=r)
-        add(spec["name"], spec, C.build_variant(base, spec, targets, random_b=True), r)
-        pspec = C.variant(f"PEFT LoRA r={r} (unmerged)", "peft", r=r)
+        spec = variant(f"ours at_rank {r} (unmerged)", "nested", method="matryoshka", r=R, rank=r)
+        add(spec["name"], spec, build_variant(base, spec, targets, random_b=True), r)
+        pspec = variant(f"PEFT LoRA r={r} (unmerged)", "peft", r=r)
         add(
             pspec["name"],
             pspec,
-            C.build_variant(base, pspec, targets, random_b=True),
+            build_variant(base, pspec, targets, random_b=True),
             r,
         )
-    mspec = C.variant(
+    mspec = variant(
         f"ours merged at {args.merge_rank}",
         "nested",
         method="matryoshka",
@@ -100,7 +107,7 @@ def run_model(args: argparse.Namespace, model_name: str, device: torch.device) -
         rank=args.merge_rank,
         merged=True,
     )
-    merged = C.build_variant(base, mspec, targets, random_b=True)
+    merged = build_variant(base, mspec, targets, random_b=True)
     add(mspec["name"], mspec, merged, 0)
 
     # merged vs unmerged agree (same random B): a sanity check, not a timing
@@ -118,21 +125,21 @@ def run_model(args: argparse.Namespace, model_name: str, device: torch.device) -
         def sweep_unmerged():
             with torch.inference_mode():
                 for r in eval_ranks:
-                    ml.set_rank(ours, r)
+                    set_rank(ours, r)
                     ours(input_ids=ids, use_cache=False)
-            ml.set_rank(ours, None)
+            set_rank(ours, None)
 
         # merging writes into the base weights: the merge sweep gets its own copy of them
-        sweep_spec = C.variant("sweep", "nested", method="matryoshka", r=R, own_weights=True)
-        sweep_model = C.build_variant(base, sweep_spec, targets, random_b=True)
+        sweep_spec = variant("sweep", "nested", method="matryoshka", r=R, own_weights=True)
+        sweep_model = build_variant(base, sweep_spec, targets, random_b=True)
         sweep_model.eval()
 
         def sweep_merged():
             with torch.inference_mode():
                 for r in eval_ranks:
-                    ml.merge(sweep_model, r)
+                    merge(sweep_model, r)
                     sweep_model(input_ids=ids, use_cache=False)
-                    ml.unmerge(sweep_model)
+                    unmerge(sweep_model)
 
         n = len(eval_ranks)
         for name, fn in (
@@ -143,8 +150,8 @@ def run_model(args: argparse.Namespace, model_name: str, device: torch.device) -
             info[name] = {"spec": {"kind": "sweep"}, "rank": None, "forwards": n}
             sweep_names.append(name)
 
-    C.log(f"[{model_name}] timing {len(fns)} configurations, interleaved")
-    times = C.interleaved_timing(fns, args.repeats, args.warmup, device, log=C.log)
+    log(f"[{model_name}] timing {len(fns)} configurations, interleaved")
+    times = interleaved_timing(fns, args.repeats, args.warmup, log=log)
 
     profile = None
     if args.profile:
@@ -155,8 +162,8 @@ def run_model(args: argparse.Namespace, model_name: str, device: torch.device) -
             "base": base_spec["name"],
         }
         chosen = [wanted[k] for k in args.profile_configs.split(",") if k in wanted]
-        C.log(f"[{model_name}] profiling {', '.join(chosen)}")
-        profile = C.profile_compare(
+        log(f"[{model_name}] profiling {', '.join(chosen)}")
+        profile = profile_compare(
             {n: fns[n] for n in chosen}, device, args.profile_rows, args.profile_rounds
         )
 
@@ -167,9 +174,9 @@ def run_model(args: argparse.Namespace, model_name: str, device: torch.device) -
         row = {
             "name": name,
             "spec": info[name]["spec"],
-            "time": C.summarize(t),
+            "time": summarize(t),
             "times_s": t,
-            "x_base": C.paired_ratio(t, base_t),
+            "x_base": paired_ratio(t, base_t),
         }
         rank = info[name]["rank"]
         if rank:
@@ -177,7 +184,7 @@ def run_model(args: argparse.Namespace, model_name: str, device: torch.device) -
         if info[name].get("forwards"):
             row["forwards"] = info[name]["forwards"]
             row["x_n_base_forwards"] = row["time"]["median_s"] / (
-                info[name]["forwards"] * C.summarize(base_t)["median_s"]
+                info[name]["forwards"] * summarize(base_t)["median_s"]
             )
         for r in args.rank_list:
             ours_name, peft_name = (
@@ -185,11 +192,11 @@ def run_model(args: argparse.Namespace, model_name: str, device: torch.device) -
                 f"PEFT LoRA r={r} (unmerged)",
             )
             if name == ours_name:
-                row["x_peft_same_rank"] = C.paired_ratio(t, times[peft_name])
+                row["x_peft_same_rank"] = paired_ratio(t, times[peft_name])
         rows.append(row)
     return {
         "model": model_name,
-        "description": C.MODEL_DESCRIPTIONS[model_name],
+        "description": MODEL_DESCRIPTIONS[model_name],
         "tokens": args.batch * args.seq,
         "eval_ranks": list(eval_ranks),
         "check": check,
@@ -210,8 +217,8 @@ def markdown(result: dict, args: argparse.Namespace) -> str:
         table.append(
             [
                 r["name"],
-                C.fmt_ms(t["median_s"]),
-                f"{C.fmt_ms(t['p25_s'])}-{C.fmt_ms(t['p75_s'])}",
+                fmt_ms(t["median_s"]),
+                f"{fmt_ms(t['p25_s'])}-{fmt_ms(t['p75_s'])}",
                 f"{r['x_base']['median']:.3f}",
                 "" if xp is None else f"{xp['median']:.3f} [{xp['p25']:.3f}, {xp['p75']:.3f}]",
                 f"{100 * r['flop_fraction_mean']:+.1f}%" if r.get("flop_fraction_mean") else "",
@@ -223,7 +230,7 @@ def markdown(result: dict, args: argparse.Namespace) -> str:
         f"**{result['description']}**; forward of {result['tokens']} tokens "
         f"(no grad, no KV cache); eval ranks for the sweeps {result['eval_ranks']}.",
         "",
-        C.md_table(
+        md_table(
             [
                 "config",
                 "median ms",
@@ -254,36 +261,25 @@ def markdown(result: dict, args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = C.setup_runtime(args)
+    device = setup_runtime(args)
     start = time.perf_counter()
-    meta = {
-        "script": "inference",
-        "command": C.command_line(),
-        "date": C.now_iso(),
-        "machine": C.machine_info(device),
-        "versions": C.versions(),
-        "settings": (
-            f"R={args.max_rank} (matryoshka, paper inference scale), ranks {args.rank_list}, "
-            f"merge rank {args.merge_rank}, targets q,k,v,o,gate,up,down, batch {args.batch} x "
-            f"{args.seq} tokens, base {args.dtype}, adapters fp32, {args.warmup} warmup + "
-            f"{args.repeats} timed rounds"
-        ),
-    }
+    settings = (
+        f"R={args.max_rank} (matryoshka, paper inference scale), ranks {args.rank_list}, "
+        f"merge rank {args.merge_rank}, targets q,k,v,o,gate,up,down, batch {args.batch} x "
+        f"{args.seq} tokens, base {args.dtype}, adapters fp32, {args.warmup} warmup + "
+        f"{args.repeats} timed rounds"
+    )
+    meta = run_meta("inference", device, settings)
     results = [run_model(args, m, device) for m in args.models.split(",")]
-    meta["wall_s"] = time.perf_counter() - start
-    meta["machine"]["load_average_at_end"] = C.load_average()
-    title = f"### Inference ({C.title_suffix(args)})"
+    finish_meta(meta, start)
+    title = f"### Inference ({title_suffix(args)})"
     body = "\n".join(
-        [title, "", *C.header_lines(meta)]
-        + [f"- Load average at end: {meta['machine']['load_average_at_end']}", ""]
-        + ["\n\n".join(markdown(r, args) for r in results)]
+        [title, "", *header_lines(meta), ""] + ["\n\n".join(markdown(r, args) for r in results)]
     )
     print(body)
     if args.write:
-        key = C.result_key("inference", args)
-        path = C.write_json(args.results_dir, key, {"meta": meta, "results": results})
-        C.replace_subsection(args.benchmarks_file, key, body)
-        C.log(f"wrote {path} and the {key} block of {args.benchmarks_file}")
+        key = result_key("inference", args)
+        publish(args, key, body, {"meta": meta, "results": results})
     return 0
 
 

@@ -3,7 +3,7 @@
 For each distinct (in, out) shape of the adapted projections of a model, times (round-robin,
 many rounds, in one process) the frozen linear alone (input requires grad, as inside a
 network), our matryoshka layer, PEFT's LoRA layer, the candidate addmm forward (see
-common._addmm_forward), and the adapter's two matmuls alone. A layer takes milliseconds, so
+models.addmm_forward), and the adapter's two matmuls alone. A layer takes milliseconds, so
 hundreds of paired rounds fit in a minute: much tighter than whole-model timings on a noisy
 machine. Compare the overhead over the frozen linear with the training FLOP fraction
 1.5 r(in+out)/(in*out) (frozen: forward + input gradient; adapter: forward + input gradient
@@ -19,12 +19,16 @@ import argparse
 import sys
 import time
 
-import common as C
 import torch
 import torch.nn.functional as F
+from cli_args import DTYPES, add_common_args, result_key, setup_runtime, title_suffix
+from machine import finish_meta, run_meta
+from models import patch_addmm_forward
+from report import fmt_ms, header_lines, log, md_table, publish
+from timing import interleaved_timing, paired_ratio, summarize
 from torch import nn
 
-import matryoshka_lora as ml
+from matryoshka_lora import NestedLoraConfig
 from matryoshka_lora.layer import NestedLoraLinear
 
 SHAPES = {
@@ -42,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=128, help="the layer sees batch x seq tokens")
-    C.add_common_args(p, repeats=60, warmup=5)
+    add_common_args(p, repeats=60, warmup=5)
     args = p.parse_args(argv)
     if args.smoke:
         args.model, args.batch, args.seq, args.rank = "tiny", 1, 16, 4
@@ -68,14 +72,14 @@ class _Holder(nn.Module):
 def layer_fns(i: int, o: int, args, device) -> dict:
     from peft import LoraConfig, get_peft_model
 
-    dtype = C.DTYPES[args.dtype]
+    dtype = DTYPES[args.dtype]
     torch.manual_seed(0)
     x = torch.randn(args.tokens, i, dtype=dtype, device=device, requires_grad=True)
     base = _frozen_linear(i, o, dtype, device)
-    config = ml.NestedLoraConfig(r=args.rank, target_modules=["q_proj"])
+    config = NestedLoraConfig(r=args.rank, target_modules=["q_proj"])
     ours = NestedLoraLinear(_frozen_linear(i, o, dtype, device), config)
     candidate = NestedLoraLinear(_frozen_linear(i, o, dtype, device), config)
-    candidate.forward = C._addmm_forward.__get__(candidate)
+    patch_addmm_forward(candidate)
     peft = get_peft_model(
         _Holder(_frozen_linear(i, o, dtype, device)),
         LoraConfig(r=args.rank, target_modules=["q_proj"]),
@@ -113,25 +117,19 @@ def layer_fns(i: int, o: int, args, device) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = C.setup_runtime(args)
+    device = setup_runtime(args)
     start = time.perf_counter()
-    meta = {
-        "script": "layer",
-        "command": C.command_line(),
-        "date": C.now_iso(),
-        "machine": C.machine_info(device),
-        "versions": C.versions(),
-        "settings": (
-            f"{args.model} shapes, R={args.rank}, {args.tokens} tokens, base {args.dtype}, "
-            f"adapters fp32, forward + backward of one layer, {args.warmup} warmup + "
-            f"{args.repeats} timed rounds"
-        ),
-    }
+    settings = (
+        f"{args.model} shapes, R={args.rank}, {args.tokens} tokens, base {args.dtype}, "
+        f"adapters fp32, forward + backward of one layer, {args.warmup} warmup + "
+        f"{args.repeats} timed rounds"
+    )
+    meta = run_meta("layer", device, settings)
     rows = []
     for label, i, o, count in SHAPES[args.model]:
-        C.log(f"[{label}] {i} -> {o}")
+        log(f"[{label}] {i} -> {o}")
         fns = layer_fns(i, o, args, device)
-        times = C.interleaved_timing(fns, args.repeats, args.warmup, device, log=None)
+        times = interleaved_timing(fns, args.repeats, args.warmup, log=None)
         base_t = times["frozen linear"]
         row = {
             "layers": label,
@@ -140,13 +138,12 @@ def main(argv: list[str] | None = None) -> int:
             "count": count,
             "flop_fraction": args.rank * (i + o) / (i * o),
             "times_s": times,
-            "median_s": {k: C.summarize(v)["median_s"] for k, v in times.items()},
-            "x_frozen": {k: C.paired_ratio(v, base_t) for k, v in times.items()},
-            "ours_x_peft": C.paired_ratio(times["ours (matryoshka)"], times["PEFT LoRA"]),
+            "median_s": {k: summarize(v)["median_s"] for k, v in times.items()},
+            "x_frozen": {k: paired_ratio(v, base_t) for k, v in times.items()},
+            "ours_x_peft": paired_ratio(times["ours (matryoshka)"], times["PEFT LoRA"]),
         }
         rows.append(row)
-    meta["wall_s"] = time.perf_counter() - start
-    meta["machine"]["load_average_at_end"] = C.load_average()
+    finish_meta(meta, start)
 
     def share(row, key):
         return f"{100 * row['x_frozen'][key]['median']:.1f}%"
@@ -162,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             [
                 f"{row['layers']} ({row['in']}→{row['out']}, ×{row['count']})",
                 f"{1.5 * 100 * row['flop_fraction']:.1f}%",
-                C.fmt_ms(row["median_s"]["frozen linear"]),
+                fmt_ms(row["median_s"]["frozen linear"]),
                 share(row, "adapter matmuls alone"),
                 over(row, "ours (matryoshka)"),
                 over(row, "PEFT LoRA"),
@@ -179,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         [
             "**all adapted layers** (sum of medians × count)",
             f"{1.5 * 100 * flops_adapter / flops_base:.1f}%",
-            C.fmt_ms(tot["frozen linear"]),
+            fmt_ms(tot["frozen linear"]),
             f"{100 * tot['adapter matmuls alone'] / tot['frozen linear']:.1f}%",
             pct("ours (matryoshka)"),
             pct("PEFT LoRA"),
@@ -197,25 +194,22 @@ def main(argv: list[str] | None = None) -> int:
         "ours, addmm candidate",
         "ours × PEFT paired [IQR]",
     ]
-    title = f"### One adapted layer ({C.title_suffix(args)})"
+    title = f"### One adapted layer ({title_suffix(args)})"
     body = "\n".join(
-        [title, "", *C.header_lines(meta)]
-        + [f"- Load average at end: {meta['machine']['load_average_at_end']}", ""]
+        [title, "", *header_lines(meta), ""]
         + [
             "Forward + backward of one layer. 'adapter matmuls alone': the two adapter "
             "matmuls with their backward (no base layer, no add), as a share of the frozen "
             "linear's time; the next three columns: time over the frozen linear (paired "
             "medians). The last row sums medians x layer count over the model.",
             "",
-            C.md_table(headers, table),
+            md_table(headers, table),
         ]
     )
     print(body)
     if args.write:
-        key = C.result_key("layer", args)
-        path = C.write_json(args.results_dir, key, {"meta": meta, "results": rows})
-        C.replace_subsection(args.benchmarks_file, key, body)
-        C.log(f"wrote {path} and the {key} block of {args.benchmarks_file}")
+        key = result_key("layer", args)
+        publish(args, key, body, {"meta": meta, "results": rows})
     return 0
 
 

@@ -4,7 +4,7 @@ The base is saved once and loaded by transformers with a ``BitsAndBytesConfig``
 (NF4 4-bit with fp32 compute by default; ``--quant 8bit`` for LLM.int8), once per
 configuration. One step = zero grads, forward with the LM loss, backward, AdamW
 step (the layer's cost: one forward, whatever the adapter's objective). All
-configurations are timed round-robin in one process (``common.interleaved_timing``),
+configurations are timed round-robin in one process (``timing.interleaved_timing``),
 so the ratios to PEFT's QLoRA compare steps taken seconds apart; peak memory is
 measured per configuration in a fresh process (CPU: RSS high-water mark; CUDA:
 ``max_memory_allocated``), see ``bench/README.md``.
@@ -26,15 +26,30 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import common as C
 import torch
+from cli_args import add_common_args, command_line, result_key, setup_runtime, title_suffix
+from machine import machine_info, versions
+from memory import measure_memory_here
+from memory_worker import reply, run_fresh
+from models import MODEL_DESCRIPTIONS, SEVEN_TARGETS, load_base
+from report import (
+    fmt_mib,
+    fmt_ms,
+    fmt_ratio,
+    header_lines,
+    log,
+    md_table,
+    now_iso,
+    publish,
+)
+from timing import interleaved_timing, paired_ratio, summarize
+from workload import make_batch, make_train_step
+
+from matryoshka_lora import NestedLoraConfig, attach
 
 CONFIGS = ("matryoshka", "lora", "peft_qlora", "matryoshka_fp32", "peft_fp32")
 LABELS = {
@@ -57,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {CONFIGS}")
     p.add_argument("--memory-steps", type=int, default=2)
     p.add_argument("--worker", help=argparse.SUPPRESS)  # memory worker: a JSON spec
-    C.add_common_args(p, repeats=7, warmup=2)
+    add_common_args(p, repeats=7, warmup=2)
     args = p.parse_args(argv)
     if args.smoke:
         args.models, args.batch, args.seq, args.rank = "tiny", 1, 16, 4
@@ -82,7 +97,7 @@ def quant_config(kind: str):
 
 def save_base(model_name: str, seed: int, folder: Path) -> Path:
     """The fp32 base written once, so every configuration loads the same weights."""
-    base = C.load_base(model_name, torch.float32, torch.device("cpu"), seed)
+    base = load_base(model_name, torch.float32, torch.device("cpu"), seed)
     base.save_pretrained(folder)
     del base
     gc.collect()
@@ -108,12 +123,10 @@ def build(config: str, base_dir: str, quant: str, rank: int, device: torch.devic
     if config.startswith("peft"):
         from peft import LoraConfig, get_peft_model
 
-        lora = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=C.SEVEN_TARGETS)
+        lora = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=SEVEN_TARGETS)
         return get_peft_model(model, lora)
-    import matryoshka_lora as ml
-
     method = "lora" if config == "lora" else "matryoshka"
-    ml.attach(model, ml.NestedLoraConfig(r=rank, method=method, target_modules=C.SEVEN_TARGETS))
+    attach(model, NestedLoraConfig(r=rank, method=method, target_modules=SEVEN_TARGETS))
     return model
 
 
@@ -121,44 +134,34 @@ def memory_worker(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
     model = build(spec["config"], spec["base_dir"], spec["quant"], spec["rank"], device)
-    ids = C.make_batch(model, spec["batch"], spec["seq"], device, spec["seed"])
-    step = C.make_train_step(model, {"kind": "adapter", "name": spec["config"]}, ids)
-    return C.measure_memory_here(model, step, device, spec["steps"])
+    ids = make_batch(model, spec["batch"], spec["seq"], device, spec["seed"])
+    step = make_train_step(model, {"kind": "adapter", "name": spec["config"]}, ids)
+    return measure_memory_here(model, step, device, spec["steps"])
 
 
 def memory_in_subprocess(spec: dict) -> dict:
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    env.setdefault("OMP_NUM_THREADS", str(spec["threads"]))
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        timeout=1800,
-        env=env,
-    )
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
-    raise RuntimeError(f"memory worker {spec['config']} failed:\n{proc.stderr[-3000:]}")
+    """:func:`memory_worker` for ``spec``, in a fresh process (this script with ``--worker``)."""
+    argv = [str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    return run_fresh(argv, spec["config"], spec["threads"], timeout=1800)
 
 
 def run_model(args: argparse.Namespace, model_name: str, device: torch.device) -> dict:
     names = args.configs.split(",")
     with tempfile.TemporaryDirectory(prefix="qlora-bench-") as tmp:
         base_dir = str(save_base(model_name, args.seed, Path(tmp) / "base"))
-        C.log(f"[{model_name}] building {len(names)} configurations ({args.quant})")
+        log(f"[{model_name}] building {len(names)} configurations ({args.quant})")
         models = {n: build(n, base_dir, args.quant, args.rank, device) for n in names}
-        ids = C.make_batch(models[names[0]], args.batch, args.seq, device, args.seed)
+        ids = make_batch(models[names[0]], args.batch, args.seq, device, args.seed)
         steps = {
-            n: C.make_train_step(m, {"kind": "adapter", "name": n}, ids) for n, m in models.items()
+            n: make_train_step(m, {"kind": "adapter", "name": n}, ids) for n, m in models.items()
         }
-        C.log(f"[{model_name}] timing, interleaved")
-        times = C.interleaved_timing(steps, args.repeats, args.warmup, device, log=C.log)
+        log(f"[{model_name}] timing, interleaved")
+        times = interleaved_timing(steps, args.repeats, args.warmup, log=log)
         del models, steps
         gc.collect()
         memory = {}
         for n in names:
-            C.log(f"[{model_name}] memory of {n} (fresh process)")
+            log(f"[{model_name}] memory of {n} (fresh process)")
             memory[n] = memory_in_subprocess(
                 {
                     "config": n,
@@ -175,10 +178,10 @@ def run_model(args: argparse.Namespace, model_name: str, device: torch.device) -
             )
     return {
         "model": model_name,
-        "description": C.MODEL_DESCRIPTIONS.get(model_name, model_name),
+        "description": MODEL_DESCRIPTIONS.get(model_name, model_name),
         "times_s": times,
-        "summary": {n: C.summarize(t) for n, t in times.items()},
-        "paired_vs_peft_qlora": {n: C.paired_ratio(t, times[REFERENCE]) for n, t in times.items()},
+        "summary": {n: summarize(t) for n, t in times.items()},
+        "paired_vs_peft_qlora": {n: paired_ratio(t, times[REFERENCE]) for n, t in times.items()},
         "memory": memory,
     }
 
@@ -193,15 +196,15 @@ def table(result: dict) -> str:
         rows.append(
             [
                 LABELS[name],
-                C.fmt_ms(s["median_s"]),
-                f"{C.fmt_ms(s['p25_s'])}-{C.fmt_ms(s['p75_s'])}",
-                C.fmt_ratio(s["median_s"] / ref),
-                f"{C.fmt_ratio(paired['median'])} [{C.fmt_ratio(paired['p25'])}, "
-                f"{C.fmt_ratio(paired['p75'])}]",
-                C.fmt_mib(mem["peak"]),
-                C.fmt_mib(mem["delta"]),
-                C.fmt_mib(mem["tensor_peak"]),
-                C.fmt_ratio(mem["tensor_peak"] / max(ref_mem["tensor_peak"], 1)),
+                fmt_ms(s["median_s"]),
+                f"{fmt_ms(s['p25_s'])}-{fmt_ms(s['p75_s'])}",
+                fmt_ratio(s["median_s"] / ref),
+                f"{fmt_ratio(paired['median'])} [{fmt_ratio(paired['p25'])}, "
+                f"{fmt_ratio(paired['p75'])}]",
+                fmt_mib(mem["peak"]),
+                fmt_mib(mem["delta"]),
+                fmt_mib(mem["tensor_peak"]),
+                fmt_ratio(mem["tensor_peak"] / max(ref_mem["tensor_peak"], 1)),
             ]
         )
     headers = [
@@ -215,25 +218,25 @@ def table(result: dict) -> str:
         "step tensor peak MiB",
         "tensor peak × PEFT QLoRA",
     ]
-    return C.md_table(headers, rows)
+    return md_table(headers, rows)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
-        print("RESULT " + json.dumps(memory_worker(json.loads(args.worker))), flush=True)
+        reply(memory_worker(json.loads(args.worker)))
         return
-    device = C.setup_runtime(args)
+    device = setup_runtime(args)
     import bitsandbytes
 
     start = time.time()
     results = [run_model(args, m, device) for m in args.models.split(",")]
     meta = {
-        "command": C.command_line(),
-        "date": C.now_iso(),
+        "command": command_line(),
+        "date": now_iso(),
         "wall_s": time.time() - start,
-        "machine": C.machine_info(device),
-        "versions": {**C.versions(), "bitsandbytes": bitsandbytes.__version__},
+        "machine": machine_info(device),
+        "versions": {**versions(), "bitsandbytes": bitsandbytes.__version__},
         "settings": (
             f"base quantized {args.quant} ({'NF4, fp32 compute' if args.quant == '4bit' else 'LLM.int8'}), "
             f"R = {args.rank} on the seven projections, batch {args.batch} x {args.seq} tokens, "
@@ -241,17 +244,15 @@ def main(argv: list[str] | None = None) -> None:
             f"memory over {args.memory_steps} steps in a fresh process"
         ),
     }
-    lines = [f"### QLoRA training step ({C.title_suffix(args)}, {args.quant} base)", ""]
-    lines += C.header_lines(meta)
+    lines = [f"### QLoRA training step ({title_suffix(args)}, {args.quant} base)", ""]
+    lines += header_lines(meta)
     for result in results:
         lines += ["", f"**{result['description']}**", "", table(result)]
     text = "\n".join(lines)
     print(text)
     if args.write:
-        key = C.result_key(f"qlora_step_{args.quant}", args)
-        C.replace_subsection(args.benchmarks_file, key, text)
-        C.write_json(args.results_dir, key, {"meta": meta, "results": results})
-        C.log(f"wrote {args.benchmarks_file} and {args.results_dir / (key + '.json')}")
+        key = result_key(f"qlora_step_{args.quant}", args)
+        publish(args, key, text, {"meta": meta, "results": results})
 
 
 if __name__ == "__main__":

@@ -18,7 +18,23 @@ import gc
 import sys
 import time
 
-import common as C
+from cli_args import DTYPES, add_common_args, result_key, setup_runtime, title_suffix
+from flops import adapter_flop_fraction
+from machine import finish_meta, run_meta
+from memory import measure_memory_here
+from memory_worker import memory_in_subprocess
+from models import MODEL_DESCRIPTIONS, SEVEN_TARGETS, build_variant, load_base, variant
+from report import (
+    fmt_mib,
+    fmt_ms,
+    fmt_ratio,
+    header_lines,
+    log,
+    md_table,
+    publish,
+)
+from timing import interleaved_timing, paired_ratio, summarize
+from workload import make_batch, make_train_step
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="peak memory per configuration in a fresh process, in this process, or not at all",
     )
     p.add_argument("--memory-steps", type=int, default=3)
-    C.add_common_args(p, repeats=5, warmup=2)
+    add_common_args(p, repeats=5, warmup=2)
     args = p.parse_args(argv)
     if args.smoke:
         args.model, args.ranks, args.batch, args.seq = "tiny", "4,8", 1, 16
@@ -47,48 +63,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = C.setup_runtime(args)
+    device = setup_runtime(args)
     start = time.perf_counter()
-    meta = {
-        "script": "scaling",
-        "command": C.command_line(),
-        "date": C.now_iso(),
-        "machine": C.machine_info(device),
-        "versions": C.versions(),
-        "settings": (
-            f"model {args.model}, R in {args.rank_list}, targets q,k,v,o,gate,up,down, batch "
-            f"{args.batch} x {args.seq} tokens, base {args.dtype}, adapters fp32, AdamW, "
-            f"{args.warmup} warmup + {args.repeats} timed rounds"
-        ),
-    }
-    dtype = C.DTYPES[args.dtype]
-    targets = C.SEVEN_TARGETS
-    C.log(f"[{args.model}] loading")
-    base = C.load_base(args.model, dtype, device, args.seed)
-    ids = C.make_batch(base, args.batch, args.seq, device, args.seed)
-    per_layer = C.adapter_flop_fraction(base, targets, 1.0)
+    settings = (
+        f"model {args.model}, R in {args.rank_list}, targets q,k,v,o,gate,up,down, batch "
+        f"{args.batch} x {args.seq} tokens, base {args.dtype}, adapters fp32, AdamW, "
+        f"{args.warmup} warmup + {args.repeats} timed rounds"
+    )
+    meta = run_meta("scaling", device, settings)
+    dtype = DTYPES[args.dtype]
+    targets = SEVEN_TARGETS
+    log(f"[{args.model}] loading")
+    base = load_base(args.model, dtype, device, args.seed)
+    ids = make_batch(base, args.batch, args.seq, device, args.seed)
+    per_layer = adapter_flop_fraction(base, targets, 1.0)
 
-    specs = [C.variant("frozen base", "base")]
+    specs = [variant("frozen base", "base")]
     for r in args.rank_list:
-        specs.append(C.variant(f"matryoshka R={r}", "nested", method="matryoshka", r=r))
-        specs.append(C.variant(f"PEFT LoRA r={r}", "peft", r=r))
-    models = {s["name"]: C.build_variant(base, s, targets) for s in specs}
-    steps = {s["name"]: C.make_train_step(models[s["name"]], s, ids) for s in specs}
-    C.log(f"[{args.model}] timing {len(specs)} configurations, interleaved")
-    times = C.interleaved_timing(steps, args.repeats, args.warmup, device, log=C.log)
+        specs.append(variant(f"matryoshka R={r}", "nested", method="matryoshka", r=r))
+        specs.append(variant(f"PEFT LoRA r={r}", "peft", r=r))
+    models = {s["name"]: build_variant(base, s, targets) for s in specs}
+    steps = {s["name"]: make_train_step(models[s["name"]], s, ids) for s in specs}
+    log(f"[{args.model}] timing {len(specs)} configurations, interleaved")
+    times = interleaved_timing(steps, args.repeats, args.warmup, log=log)
 
     memory: dict[str, dict] = {}
     if args.memory == "inprocess":
         for s in specs:
-            memory[s["name"]] = C.measure_memory_here(
+            memory[s["name"]] = measure_memory_here(
                 models[s["name"]], steps[s["name"]], device, args.memory_steps
             )
     del models, steps, base
     gc.collect()
     if args.memory == "subprocess":
         for s in specs:
-            C.log(f"[{args.model}] memory of {s['name']} (fresh process)")
-            memory[s["name"]] = C.memory_in_subprocess(
+            log(f"[{args.model}] memory of {s['name']} (fresh process)")
+            memory[s["name"]] = memory_in_subprocess(
                 {
                     "model": args.model,
                     "variant": s,
@@ -104,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     base_t = times["frozen base"]
-    base_med = C.summarize(base_t)["median_s"]
+    base_med = summarize(base_t)["median_s"]
     rows = []
     for r in args.rank_list:
         m, p = f"matryoshka R={r}", f"PEFT LoRA r={r}"
@@ -112,9 +122,9 @@ def main(argv: list[str] | None = None) -> int:
             "R": r,
             "flop_fraction_mean": r * per_layer["mean"],
             "flop_fraction_weighted": r * per_layer["weighted"],
-            "matryoshka": {"time": C.summarize(times[m]), "times_s": times[m]},
-            "peft": {"time": C.summarize(times[p]), "times_s": times[p]},
-            "x_peft_paired": C.paired_ratio(times[m], times[p]),
+            "matryoshka": {"time": summarize(times[m]), "times_s": times[m]},
+            "peft": {"time": summarize(times[p]), "times_s": times[p]},
+            "x_peft_paired": paired_ratio(times[m], times[p]),
         }
         for key, name in (("matryoshka", m), ("peft", p)):
             row[key]["overhead_vs_base"] = row[key]["time"]["median_s"] / base_med - 1
@@ -127,17 +137,16 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
     result = {
         "model": args.model,
-        "description": C.MODEL_DESCRIPTIONS[args.model],
+        "description": MODEL_DESCRIPTIONS[args.model],
         "tokens_per_step": args.batch * args.seq,
         "base": {
-            "time": C.summarize(base_t),
+            "time": summarize(base_t),
             "times_s": base_t,
             "memory": memory.get("frozen base"),
         },
         "rows": rows,
     }
-    meta["wall_s"] = time.perf_counter() - start
-    meta["machine"]["load_average_at_end"] = C.load_average()
+    finish_meta(meta, start)
 
     table = []
     for row in rows:
@@ -145,21 +154,20 @@ def main(argv: list[str] | None = None) -> int:
         xp = row["x_peft_paired"]
         cells = [
             row["R"],
-            C.fmt_ms(mt["time"]["median_s"]),
-            C.fmt_ms(pt["time"]["median_s"]),
+            fmt_ms(mt["time"]["median_s"]),
+            fmt_ms(pt["time"]["median_s"]),
             f"{xp['median']:.3f} [{xp['p25']:.3f}, {xp['p75']:.3f}]",
             f"{100 * mt['overhead_vs_base']:+.1f}% / {100 * pt['overhead_vs_base']:+.1f}%",
             f"{100 * row['flop_fraction_mean']:.1f}% / {100 * row['flop_fraction_weighted']:.1f}%",
         ]
         if memory:
             cells += [
-                f"{C.fmt_mib(mt['memory']['delta'])} / {C.fmt_mib(pt['memory']['delta'])}",
-                C.fmt_ratio(row["mem_x_peft_delta"]),
-                f"{C.fmt_mib(mt['memory']['tensor_peak'])} / "
-                f"{C.fmt_mib(pt['memory']['tensor_peak'])}",
-                C.fmt_ratio(row["mem_x_peft_tensor_peak"]),
-                f"{C.fmt_mib(mt['memory']['saved_activations'])} / "
-                f"{C.fmt_mib(pt['memory']['saved_activations'])}",
+                f"{fmt_mib(mt['memory']['delta'])} / {fmt_mib(pt['memory']['delta'])}",
+                fmt_ratio(row["mem_x_peft_delta"]),
+                f"{fmt_mib(mt['memory']['tensor_peak'])} / {fmt_mib(pt['memory']['tensor_peak'])}",
+                fmt_ratio(row["mem_x_peft_tensor_peak"]),
+                f"{fmt_mib(mt['memory']['saved_activations'])} / "
+                f"{fmt_mib(pt['memory']['saved_activations'])}",
             ]
         table.append(cells)
     headers = [
@@ -178,31 +186,28 @@ def main(argv: list[str] | None = None) -> int:
             "× PEFT (tensor peak)",
             "saved for backward MiB (ours / PEFT)",
         ]
-    base_line = f"Frozen base: {C.fmt_ms(base_med)} ms/step"
+    base_line = f"Frozen base: {fmt_ms(base_med)} ms/step"
     if memory.get("frozen base"):
         bm = memory["frozen base"]
         base_line += (
-            f", peak {C.fmt_mib(bm['peak'])} MiB ({bm['kind']}), "
-            f"{C.fmt_mib(bm['delta'])} MiB over the model"
+            f", peak {fmt_mib(bm['peak'])} MiB ({bm['kind']}), "
+            f"{fmt_mib(bm['delta'])} MiB over the model"
         )
-    title = f"### Rank scaling ({C.title_suffix(args)})"
+    title = f"### Rank scaling ({title_suffix(args)})"
     body = "\n".join(
-        [title, "", *C.header_lines(meta)]
-        + [f"- Load average at end: {meta['machine']['load_average_at_end']}", ""]
+        [title, "", *header_lines(meta), ""]
         + [
             f"**{result['description']}**; {result['tokens_per_step']} tokens per step. "
             + base_line
             + ".",
             "",
-            C.md_table(headers, table),
+            md_table(headers, table),
         ]
     )
     print(body)
     if args.write:
-        key = C.result_key("scaling", args)
-        path = C.write_json(args.results_dir, key, {"meta": meta, "results": [result]})
-        C.replace_subsection(args.benchmarks_file, key, body)
-        C.log(f"wrote {path} and the {key} block of {args.benchmarks_file}")
+        key = result_key("scaling", args)
+        publish(args, key, body, {"meta": meta, "results": [result]})
     return 0
 
 

@@ -27,11 +27,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from report import RESULTS_DIR
 
 from matryoshka_lora.config import LLAMA_PROJECTIONS
+from matryoshka_lora.io import atomic_write_text
 
 warnings.filterwarnings("ignore")
-BENCH_DIR = Path(__file__).resolve().parent
 TARGETS = list(LLAMA_PROJECTIONS)
 MODEL = dict(
     vocab_size=1000,
@@ -208,7 +209,7 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    out = BENCH_DIR / "results" / "sharding_memory_cpu_float32.json"
+    out = RESULTS_DIR / "sharding_memory_cpu_float32.json"
     raw = out.with_suffix(".tmp.json")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
@@ -221,7 +222,7 @@ def main() -> None:
     if args.write:
         payload = {"command": " ".join(sys.argv), "model": MODEL, "R": args.rank}
         payload["per_process"] = per_process
-        out.write_text(json.dumps(payload, indent=2) + "\n")
+        atomic_write_text(out, json.dumps(payload, indent=2) + "\n")
 
 
 if __name__ == "__main__":

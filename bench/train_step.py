@@ -20,8 +20,32 @@ import gc
 import sys
 import time
 
-import common as C
 import torch
+from cli_args import DTYPES, add_common_args, result_key, setup_runtime, title_suffix
+from flops import adapter_flop_fraction, count_flops
+from machine import finish_meta, run_meta
+from memory import measure_memory_here
+from memory_worker import memory_in_subprocess
+from models import (
+    MODEL_DESCRIPTIONS,
+    SEVEN_TARGETS,
+    build_variant,
+    effective_rank,
+    load_base,
+    variant,
+)
+from profiling import profile_compare
+from report import (
+    fmt_mib,
+    fmt_ms,
+    fmt_ratio,
+    header_lines,
+    log,
+    md_table,
+    publish,
+)
+from timing import interleaved_timing, paired_ratio, summarize
+from workload import make_batch, make_train_step
 
 ALL_CONFIGS = (
     "matryoshka",
@@ -38,17 +62,17 @@ DEFAULT_CONFIGS = ALL_CONFIGS[:-1]  # the addmm candidate is measured by layer.p
 
 def variants(rank: int, names: list[str]) -> list[dict]:
     table = {
-        "matryoshka": C.variant("matryoshka", "nested", method="matryoshka", r=rank),
-        "lora": C.variant("lora", "nested", method="lora", r=rank),
-        "dylora_bR": C.variant(f"dylora b={rank}", "nested", method="dylora", r=rank, b=rank),
-        "dylora_b1": C.variant("dylora b=1", "nested", method="dylora", r=rank, b=1),
-        "matryoshka_exact": C.variant(
+        "matryoshka": variant("matryoshka", "nested", method="matryoshka", r=rank),
+        "lora": variant("lora", "nested", method="lora", r=rank),
+        "dylora_bR": variant(f"dylora b={rank}", "nested", method="dylora", r=rank, b=rank),
+        "dylora_b1": variant("dylora b=1", "nested", method="dylora", r=rank, b=1),
+        "matryoshka_exact": variant(
             "matryoshka_exact", "nested", method="matryoshka_exact", r=rank
         ),
-        "peft_lora": C.variant("PEFT LoRA", "peft", r=rank),
-        "base": C.variant("frozen base (no adapter)", "base"),
-        # a proposed layer.py change, patched into this model instance only (see common.py)
-        "matryoshka_addmm": C.variant(
+        "peft_lora": variant("PEFT LoRA", "peft", r=rank),
+        "base": variant("frozen base (no adapter)", "base"),
+        # a proposed layer.py change, patched into this model instance only (see models.addmm_forward)
+        "matryoshka_addmm": variant(
             "matryoshka, proposed addmm forward",
             "nested",
             method="matryoshka",
@@ -79,7 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--memory-steps", type=int, default=2, help="training steps per memory run")
     p.add_argument("--profile-configs", default="matryoshka,peft_lora,base")
-    C.add_common_args(p, repeats=7, warmup=2)
+    add_common_args(p, repeats=7, warmup=2)
     args = p.parse_args(argv)
     if args.smoke:
         args.models, args.batch, args.seq, args.rank = "tiny", 1, 16, 4
@@ -93,30 +117,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_model(args: argparse.Namespace, model_name: str, device: torch.device) -> dict:
-    dtype = C.DTYPES[args.dtype]
+    dtype = DTYPES[args.dtype]
     names = args.configs.split(",")
     specs = variants(args.rank, names)
-    C.log(f"[{model_name}] loading")
-    base = C.load_base(model_name, dtype, device, args.seed)
-    ids = C.make_batch(base, args.batch, args.seq, device, args.seed)
-    targets = C.SEVEN_TARGETS
-    per_layer = C.adapter_flop_fraction(base, targets, 1.0)
+    log(f"[{model_name}] loading")
+    base = load_base(model_name, dtype, device, args.seed)
+    ids = make_batch(base, args.batch, args.seq, device, args.seed)
+    targets = SEVEN_TARGETS
+    per_layer = adapter_flop_fraction(base, targets, 1.0)
 
-    models = {s["name"]: C.build_variant(base, s, targets) for s in specs}
-    steps = {s["name"]: C.make_train_step(models[s["name"]], s, ids) for s in specs}
-    C.log(f"[{model_name}] timing {len(specs)} configurations, interleaved")
-    times = C.interleaved_timing(steps, args.repeats, args.warmup, device, log=C.log)
+    models = {s["name"]: build_variant(base, s, targets) for s in specs}
+    steps = {s["name"]: make_train_step(models[s["name"]], s, ids) for s in specs}
+    log(f"[{model_name}] timing {len(specs)} configurations, interleaved")
+    times = interleaved_timing(steps, args.repeats, args.warmup, log=log)
 
-    C.log(f"[{model_name}] counting FLOPs")
-    flops = {name: C.count_flops(fn) for name, fn in steps.items()}
+    log(f"[{model_name}] counting FLOPs")
+    flops = {name: count_flops(fn) for name, fn in steps.items()}
 
     profile = None
     if args.profile:
         chosen = [
             specs[names.index(k)]["name"] for k in args.profile_configs.split(",") if k in names
         ]
-        C.log(f"[{model_name}] profiling {', '.join(chosen)}")
-        profile = C.profile_compare(
+        log(f"[{model_name}] profiling {', '.join(chosen)}")
+        profile = profile_compare(
             {n: steps[n] for n in chosen},
             device,
             args.profile_rows,
@@ -126,15 +150,15 @@ def run_model(args: argparse.Namespace, model_name: str, device: torch.device) -
     memory: dict[str, dict] = {}
     if args.memory == "inprocess":
         for s in specs:
-            memory[s["name"]] = C.measure_memory_here(
+            memory[s["name"]] = measure_memory_here(
                 models[s["name"]], steps[s["name"]], device, args.memory_steps
             )
     del models, steps, base
     gc.collect()
     if args.memory == "subprocess":
         for s in specs:
-            C.log(f"[{model_name}] memory of {s['name']} (fresh process)")
-            memory[s["name"]] = C.memory_in_subprocess(
+            log(f"[{model_name}] memory of {s['name']} (fresh process)")
+            memory[s["name"]] = memory_in_subprocess(
                 {
                     "model": model_name,
                     "variant": s,
@@ -156,18 +180,18 @@ def run_model(args: argparse.Namespace, model_name: str, device: torch.device) -
             {
                 "name": name,
                 "spec": s,
-                "time": C.summarize(times[name]),
+                "time": summarize(times[name]),
                 "times_s": times[name],
                 "flops": flops[name],
-                "effective_rank": C.effective_rank(s),
-                "flop_fraction_mean": C.effective_rank(s) * per_layer["mean"],
-                "flop_fraction_weighted": C.effective_rank(s) * per_layer["weighted"],
+                "effective_rank": effective_rank(s),
+                "flop_fraction_mean": effective_rank(s) * per_layer["mean"],
+                "flop_fraction_weighted": effective_rank(s) * per_layer["weighted"],
                 "memory": memory.get(name),
             }
         )
     return {
         "model": model_name,
-        "description": C.MODEL_DESCRIPTIONS[model_name],
+        "description": MODEL_DESCRIPTIONS[model_name],
         "tokens_per_step": args.batch * args.seq,
         "adapted_layers": per_layer["layers"],
         "rows": rows,
@@ -186,12 +210,10 @@ def add_ratios(result: dict) -> None:
         t = r["time"]["median_s"]
         if peft:
             r["x_peft"] = t / peft["time"]["median_s"]
-            r["x_peft_paired"] = C.paired_ratio(r["times_s"], peft["times_s"])
+            r["x_peft_paired"] = paired_ratio(r["times_s"], peft["times_s"])
         if base:
             r["overhead_vs_base"] = t / base["time"]["median_s"] - 1
-            r["overhead_vs_base_paired"] = (
-                C.paired_ratio(r["times_s"], base["times_s"])["median"] - 1
-            )
+            r["overhead_vs_base_paired"] = paired_ratio(r["times_s"], base["times_s"])["median"] - 1
             r["flop_overhead_counted"] = r["flops"] / base["flops"] - 1 if base["flops"] else None
         mem, pmem = r["memory"], (peft or {}).get("memory")
         if mem and pmem:
@@ -213,9 +235,9 @@ def markdown(result: dict, args: argparse.Namespace) -> str:
         time_rows.append(
             [
                 r["name"],
-                C.fmt_ms(t["median_s"]),
-                f"{C.fmt_ms(t['p25_s'])}-{C.fmt_ms(t['p75_s'])}",
-                C.fmt_ratio(r.get("x_peft")),
+                fmt_ms(t["median_s"]),
+                f"{fmt_ms(t['p25_s'])}-{fmt_ms(t['p75_s'])}",
+                fmt_ratio(r.get("x_peft")),
                 "n/a"
                 if paired is None
                 else f"{paired['median']:.3f} [{paired['p25']:.3f}, {paired['p75']:.3f}]",
@@ -228,7 +250,7 @@ def markdown(result: dict, args: argparse.Namespace) -> str:
         f"**{result['description']}**; {result['adapted_layers']} adapted layers, "
         f"{result['tokens_per_step']} tokens per step.",
         "",
-        C.md_table(
+        md_table(
             [
                 "config",
                 "median ms/step",
@@ -251,14 +273,14 @@ def markdown(result: dict, args: argparse.Namespace) -> str:
             mem_rows.append(
                 [
                     r["name"],
-                    C.fmt_mib(m["peak"]),
-                    C.fmt_mib(m["delta"]),
-                    C.fmt_ratio(r.get("mem_x_peft_delta")),
-                    C.fmt_ratio(r.get("mem_x_peft_peak")),
-                    C.fmt_mib(m.get("tensor_peak")),
-                    C.fmt_ratio(r.get("mem_x_peft_tensor_peak")),
-                    C.fmt_mib(m["saved_activations"]),
-                    C.fmt_ratio(r.get("mem_x_peft_saved")),
+                    fmt_mib(m["peak"]),
+                    fmt_mib(m["delta"]),
+                    fmt_ratio(r.get("mem_x_peft_delta")),
+                    fmt_ratio(r.get("mem_x_peft_peak")),
+                    fmt_mib(m.get("tensor_peak")),
+                    fmt_ratio(r.get("mem_x_peft_tensor_peak")),
+                    fmt_mib(m["saved_activations"]),
+                    fmt_ratio(r.get("mem_x_peft_saved")),
                 ]
             )
         kind = rows[0]["memory"]["kind"] if rows[0]["memory"] else ""
@@ -271,7 +293,7 @@ def markdown(result: dict, args: argparse.Namespace) -> str:
             "one step allocates, counted op by op (allocator-independent, deterministic); "
             "'saved for backward' = distinct tensors autograd saves, weights excluded:",
             "",
-            C.md_table(
+            md_table(
                 [
                     "config",
                     "peak MiB",
@@ -299,41 +321,29 @@ def markdown(result: dict, args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = C.setup_runtime(args)
+    device = setup_runtime(args)
     start = time.perf_counter()
-    meta = {
-        "script": "train_step",
-        "command": C.command_line(),
-        "date": C.now_iso(),
-        "machine": C.machine_info(device),
-        "versions": C.versions(),
-        "settings": (
-            f"R={args.rank}, targets q,k,v,o,gate,up,down, batch {args.batch} x {args.seq} tokens, "
-            f"base {args.dtype}, adapters fp32 (both libraries' default), AdamW, "
-            f"{args.warmup} warmup + {args.repeats} timed rounds, seed {args.seed}"
-        ),
-    }
+    settings = (
+        f"R={args.rank}, targets q,k,v,o,gate,up,down, batch {args.batch} x {args.seq} tokens, "
+        f"base {args.dtype}, adapters fp32 (both libraries' default), AdamW, "
+        f"{args.warmup} warmup + {args.repeats} timed rounds, seed {args.seed}"
+    )
+    meta = run_meta("train_step", device, settings)
     results = []
     for model_name in args.models.split(","):
         result = run_model(args, model_name, device)
         add_ratios(result)
         results.append(result)
         gc.collect()
-    meta["wall_s"] = time.perf_counter() - start
-    meta["machine"]["load_average_at_end"] = C.load_average()
-    title = f"### Training step ({C.title_suffix(args)})"
+    finish_meta(meta, start)
+    title = f"### Training step ({title_suffix(args)})"
     body = "\n".join(
-        [title, "", *C.header_lines(meta)]
-        + [f"- Load average at end: {meta['machine']['load_average_at_end']}"]
-        + [""]
-        + ["\n\n".join(markdown(r, args) for r in results)]
+        [title, "", *header_lines(meta), ""] + ["\n\n".join(markdown(r, args) for r in results)]
     )
     print(body)
     if args.write:
-        key = C.result_key("train_step", args)
-        path = C.write_json(args.results_dir, key, {"meta": meta, "results": results})
-        C.replace_subsection(args.benchmarks_file, key, body)
-        C.log(f"wrote {path} and the {key} block of {args.benchmarks_file}")
+        key = result_key("train_step", args)
+        publish(args, key, body, {"meta": meta, "results": results})
     return 0
 
 

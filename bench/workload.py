@@ -1,0 +1,53 @@
+"""The work a training-step benchmark times and measures: a token batch and one optimizer step."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def make_batch(model: nn.Module, batch: int, seq: int, device: torch.device, seed: int):
+    """``batch x seq`` token ids drawn uniformly from the model's vocabulary (seeded)."""
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
+
+
+def make_train_step(model: nn.Module, spec: dict[str, Any], ids: torch.Tensor) -> Callable:
+    """One training step: zero grads, forward with loss, backward, AdamW step.
+
+    The frozen base (``kind == "base"``) has nothing to train: it feeds
+    ``inputs_embeds`` that require grad so that the backward pass runs through
+    every layer (the floor an adapter cannot beat), and has no optimizer step.
+    """
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if spec["kind"] == "base":
+        if params:
+            raise RuntimeError("the frozen base has trainable parameters")
+        with torch.no_grad():
+            embeds = model.get_input_embeddings()(ids)
+        embeds.requires_grad_(True)
+
+        def step() -> float:
+            embeds.grad = None
+            out = model(inputs_embeds=embeds, labels=ids, use_cache=False)
+            out.loss.backward()
+            return 0.0
+
+        return step
+    if not params:
+        raise RuntimeError(f"{spec['name']}: no trainable parameters")
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step() -> float:
+        opt.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, labels=ids, use_cache=False)
+        out.loss.backward()
+        opt.step()
+        return 0.0
+
+    return step
