@@ -159,3 +159,38 @@ def test_rank_specific_envelope_grid(tmp_path):
         ("lora_r", 2, 1e-3),
         ("lora_r", 2, 3e-2),
     ]
+
+
+def test_equal_compute_lora_trains_twice_the_steps_and_sweeps_only_what_rows_read(tmp_path):
+    rows = ("lora_svd", "lora_svd_2x", "matryoshka_trained")
+    rates = {"lora": [1e-3], "lora_2x": [1e-3], "matryoshka": [1e-3]}
+    spec = tiny_spec(write_dataset(tmp_path / "data"), seeds=(0,), rows=rows, learning_rates=rates)
+    assert spec.deployments("lora") == ("svd",)
+    assert spec.deployments("matryoshka") == ("trained",)
+    runner = ComparisonRunner(spec, tmp_path / "out", progress=False)
+    runner.run(make_tiny_llama(), make_char_tokenizer())
+    lora = runner.records[RunKey("lora", 4, 1e-3, 0).name]
+    doubled = runner.records[RunKey("lora_2x", 4, 1e-3, 0).name]
+    assert len(lora["losses"]) == spec.steps and len(doubled["losses"]) == 2 * spec.steps
+    # the first steps see the same data and start from the same init (same seed)
+    assert doubled["losses"][0] == pytest.approx(lora["losses"][0])
+    assert set(lora["curves"]["test"]) == {"svd"}
+    assert set(runner.records[RunKey("matryoshka", 4, 1e-3, 0).name]["curves"]["test"]) == {
+        "trained"
+    }
+    assert runner.table().n_runs("lora_svd_2x") == 1
+
+
+def test_kinds_add_training_methods_with_loop_settings():
+    spec = tiny_spec(
+        rows=("mine_trained",),
+        kinds={"mine": {"method": "matryoshka", "prefix_loss": False, "train": {"seed": 7}}},
+        learning_rates={"mine": [1e-3]},
+    )
+    assert spec.source("mine_trained") == ("mine", "trained")
+    assert spec.adapter_settings("mine") == {"method": "matryoshka", "prefix_loss": False}
+    assert spec.train_settings("mine") == {"seed": 7}
+    with pytest.raises(ValueError, match="core kinds"):
+        tiny_spec(kinds={"lora": {"method": "lora"}})
+    with pytest.raises(ValueError, match="unknown comparison rows"):
+        tiny_spec(rows=("mine_trained",))

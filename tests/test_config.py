@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from matryoshka_lora import NestedLoraConfig
 
@@ -46,3 +47,17 @@ def test_config_json_round_trip():
 def test_unknown_config_key_suggests_the_close_one():
     with pytest.raises(ValueError, match=r"did you mean 'scaling' for 'scalling'"):
         NestedLoraConfig.from_dict({"r": 4, "scalling": "sqrt"})
+
+
+def test_deployed_scales_are_the_nesting_formula_for_the_config():
+    from matryoshka_lora.nesting import inference_p
+
+    config = NestedLoraConfig(r=8, method="matryoshka", scaling="rank", alpha=2.0)
+    for scale in ("paper", "trained"):
+        for rank in (1, 3, 8):
+            expected = inference_p(
+                "matryoshka", rank, 8, config.train_ranks, "rank", 2.0, "none", scale
+            )
+            assert torch.equal(config.deployed_scales(rank, scale), expected)
+    # the default is the config's own inference scale (trained for matryoshka)
+    assert torch.equal(config.deployed_scales(4), config.deployed_scales(4, "trained"))
