@@ -16,10 +16,9 @@ import argparse
 import json
 
 import torch
-
-from matryoshka_lora.assets import load_causal_lm, load_sequence_classifier
 from research import RESEARCH_ROWS, complete_records, research_spec, write_report
 
+from matryoshka_lora.assets import load_causal_lm, load_sequence_classifier
 from matryoshka_lora.compare import METHOD_ROWS, ComparisonRunner
 
 

@@ -146,9 +146,7 @@ def complete_records(
         return 0
     splits, collate = splits_for(spec, tokenizer), collator_for(spec, tokenizer)
     for record in tqdm(todo, desc="add SVD deployments"):
-        completed = add_svd_curves(
-            model, record, spec, splits, collate, runner.output_dir / "runs"
-        )
+        completed = add_svd_curves(model, record, spec, splits, collate, runner.output_dir / "runs")
         with open(runner.log_path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(completed) + "\n")
         runner.records[completed["name"]] = completed
@@ -156,7 +154,9 @@ def complete_records(
 
 
 # ----------------------------------------------------------------------------- the report
-def paired_lines(runner: ComparisonRunner, table: Comparison, reference: str = "lora_svd") -> list[str]:
+def paired_lines(
+    runner: ComparisonRunner, table: Comparison, reference: str = "lora_svd"
+) -> list[str]:
     """Markdown: each row minus ``reference``, seed by seed (the same seed trains on the
     same data order, so the pairing removes the data-order noise both share)."""
     if reference not in table.methods or table.n_runs(reference) < 2:

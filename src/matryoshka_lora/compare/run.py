@@ -96,7 +96,9 @@ def _reset_head(model: nn.Module, seed: int) -> None:
     make_head_trainable(model)
 
 
-def eval_batches(dataset: SFTDataset, collate, batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
+def eval_batches(
+    dataset: SFTDataset, collate, batch_size: int = 8
+) -> list[dict[str, torch.Tensor]]:
     """Evaluation batches of examples of similar length (sorted by length, longest first),
     so that little padding is computed; the metrics are sums, so the order is free."""
     order = sorted(range(len(dataset)), key=lambda j: -len(dataset[j]["input_ids"]))
