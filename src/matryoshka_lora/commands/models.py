@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from .errors import CLIError, one_line
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]  # auto: as stored in the checkpoint
+DTYPES: tuple[str, ...] = get_args(Dtype)
 
 
 def resolve_device(spec: str):
