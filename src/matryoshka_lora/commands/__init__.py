@@ -9,9 +9,9 @@ Heavy imports (transformers, datasets, lm-eval, matplotlib) happen inside
 * :mod:`.evaluate`: rank sweep of a saved adapter (``eval``).
 * :mod:`.export`: PEFT LoRA folder or merged model at chosen ranks.
 * :mod:`.info`: a saved adapter's config and parameter counts.
-* :mod:`._common`: the shared pieces in one import (help formatter, re-exports of
-  :mod:`.errors`, :mod:`.option_types`, :mod:`.config_files`, :mod:`.models`,
-  :mod:`.inputs`).
+* :mod:`._common`: the shared pieces in one import (help formatter, the sub-command
+  parser, re-exports of :mod:`.errors`, :mod:`.config_files`, :mod:`.models`,
+  :mod:`.inputs`); :mod:`.option_types`: the value types of options.
 * :mod:`.option_spec`: an option declared once, as a dataclass field (help in
   ``metadata``, choices as ``Literal``); :mod:`.options`: the parser, config-file
   values and their precedence generated from such options.

@@ -1,10 +1,11 @@
 """Shared pieces of the sub-commands, importable from one place.
 
 Each piece lives in a module of its own: :mod:`.errors` (the error type, one-line
-messages), :mod:`.option_types` (value types of options), :mod:`.config_files`
-(reading and writing config files), :mod:`.models` (devices, model loading),
-:mod:`.inputs` (adapter folders, ranks, dataset records). This module re-exports
-them and holds the help formatter and the options every sub-command has.
+messages), :mod:`.config_files` (reading and writing config files), :mod:`.models`
+(devices, model loading), :mod:`.inputs` (adapter folders, ranks, dataset
+records). This module re-exports them and holds the help formatter and the
+options every sub-command has. Option value types are imported from
+:mod:`.option_types` itself, next to the option declarations that use them.
 """
 
 from __future__ import annotations
@@ -23,17 +24,6 @@ from .config_files import (
 from .errors import CLIError, one_line, option_name, reject_options
 from .inputs import base_model_name, check_ranks, load_records_checked, locate_adapter
 from .models import DTYPES, load_model, model_source, resolve_device, torch_dtype
-from .option_types import (
-    choice_list,
-    fewshot_spec,
-    name_list,
-    non_negative_float,
-    non_negative_int,
-    positive_float,
-    positive_int,
-    probability,
-    rank_list,
-)
 
 __all__ = [
     "DTYPES",
@@ -43,23 +33,14 @@ __all__ = [
     "add_command",
     "base_model_name",
     "check_ranks",
-    "choice_list",
     "dump_config",
-    "fewshot_spec",
     "is_main_process",
     "load_model",
     "load_records_checked",
     "locate_adapter",
     "model_source",
-    "name_list",
-    "non_negative_float",
-    "non_negative_int",
     "one_line",
     "option_name",
-    "positive_float",
-    "positive_int",
-    "probability",
-    "rank_list",
     "read_config_file",
     "reject_options",
     "resolve_device",

@@ -28,9 +28,9 @@ from ._common import (
     load_model,
     locate_adapter,
     model_source,
-    rank_list,
     resolve_device,
 )
+from .option_types import rank_list
 
 EXPORT_FORMATS = ("peft", "merged")
 SCALE_ENCODINGS = ("baked", "alpha")  # matryoshka_lora.export.SCALE_ENCODINGS
