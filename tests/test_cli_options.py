@@ -127,3 +127,42 @@ def test_parsing_without_flags_gives_no_option_attributes():
     parser = cli._subparsers(cli.build_parser())["train"]
     namespace = parser.parse_args(["--r", "4"])
     assert opts.given_values(namespace, train_options.OPTIONS) == {"r": 4}
+
+
+def parse_eval(tmp_path, file_text: str | None, *flags: str):
+    argv = ["eval", "some-adapter"]
+    if file_text is not None:
+        path = tmp_path / "e.yaml"
+        path.write_text(file_text)
+        argv += ["--config", str(path)]
+    return cli.parse_args([*argv, *flags])
+
+
+def test_eval_flag_beats_config_file_beats_default(tmp_path):
+    args = parse_eval(tmp_path, None)
+    assert (args.batch_size, args.inference_scales, args.metric) == (8, ["paper", "trained"], None)
+    assert args.adapter == "some-adapter" and args.split is None  # None: the evaluator's default
+    file = (
+        "batch-size: 4\ninference-scales: [paper]\nsplit: validation\nmetric: [loss, perplexity]\n"
+    )
+    args = parse_eval(tmp_path, file)
+    assert (args.batch_size, args.inference_scales, args.split) == (4, ["paper"], "validation")
+    assert args.metric == ["loss", "perplexity"]
+    args = parse_eval(tmp_path, file, "--batch-size", "2", "--inference-scales", "svd")
+    assert (args.batch_size, args.inference_scales, args.split) == (2, ["svd"], "validation")
+    # a repeatable option given on the command line replaces the file's list
+    args = parse_eval(tmp_path, file, "--metric", "exact_match", "--metric", "loss")
+    assert args.metric == ["exact_match", "loss"]
+    assert parse_eval(tmp_path, "metric: loss\n").metric == ["loss"]  # one value: a list of one
+
+
+def test_eval_options_are_the_fields_of_eval_options():
+    from matryoshka_lora.commands import eval_options
+
+    by_dest = {o.dest: o for o in eval_options.OPTIONS}
+    assert {f.name for f in dataclasses.fields(eval_options.EvalOptions)} == set(by_dest)
+    assert by_dest["metric"].kind == opts.REPEAT and by_dest["include_base"].kind == opts.FLAG
+    assert by_dest["evaluator"].choices == eval_options.EVALUATORS
+    parser = cli._subparsers(cli.build_parser())["eval"]
+    namespace = parser.parse_args(["a", "--metric", "x", "--metric", "y"])
+    assert opts.given_values(namespace, eval_options.OPTIONS) == {"metric": ["x", "y"]}

@@ -93,36 +93,54 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_causal_lm(name_or_path: str = "smollm2", dtype: torch.dtype = torch.float32):
-    """Load a causal LM and its tokenizer (packaged alias, hub id or local folder)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_pretrained(
+    name_or_path: str,
+    task: str = "causal-lm",
+    *,
+    num_labels: int | None = None,
+    dtype: torch.dtype | str = torch.float32,
+    source: str | None = None,
+):
+    """Load ``(model, tokenizer)``: a causal LM (``task="causal-lm"``) or, for
+    ``"seq-cls"``, an encoder or decoder with a fresh ``num_labels``-way classifier head.
 
-    path = resolve_model_path(name_or_path)
+    ``name_or_path`` is a packaged alias, a hub id or a local folder; ``source``
+    is where its files are when the caller has resolved it already (default:
+    :func:`resolve_model_path`). An alias keeps its hub id as the model's
+    ``name_or_path``, which saved adapters record. The tokenizer gets EOS as its
+    pad token if it has none, and a classifier the tokenizer's pad id (it needs
+    one to find each row's last token).
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    path = resolve_model_path(name_or_path) if source is None else source
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model: nn.Module = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model: nn.Module
+    if task == "seq-cls":
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, dtype=dtype
+        )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     if name_or_path.lower() in ALIASES:
         model.config._name_or_path = ALIASES[name_or_path.lower()]
-    if tokenizer.pad_token is None:
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
+    if task == "seq-cls" and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def load_causal_lm(name_or_path: str = "smollm2", dtype: torch.dtype = torch.float32):
+    """Load a causal LM and its tokenizer (packaged alias, hub id or local folder)."""
+    return load_pretrained(name_or_path, dtype=dtype)
 
 
 def load_sequence_classifier(
     name_or_path: str = "minilm", num_labels: int = 2, dtype: torch.dtype = torch.float32
 ):
     """Load an encoder with a fresh classification head, and its tokenizer."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    path = resolve_model_path(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model: nn.Module = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=num_labels, dtype=dtype
-    )
-    if name_or_path.lower() in ALIASES:
-        model.config._name_or_path = ALIASES[name_or_path.lower()]
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return load_pretrained(name_or_path, "seq-cls", num_labels=num_labels, dtype=dtype)
 
 
 DRUG_REVIEW_LABELS = ("negative", "neutral", "positive")

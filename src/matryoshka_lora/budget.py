@@ -49,6 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .batches import model_device, to_device
 from .model import require_adapters
 from .nesting import check_rank, check_rank_list
 
@@ -317,14 +318,12 @@ def make_loss_fn(batches: Iterable[Any]) -> LossFn:
         raise ValueError("the calibration set is empty: give at least one batch")
 
     def loss_fn(model: nn.Module) -> float:
-        device = next(model.parameters()).device
+        device = model_device(model)
         total = 0.0
         for batch in batches:
             if isinstance(batch, torch.Tensor):
                 batch = {"input_ids": batch}
-            batch = {
-                k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
-            }
+            batch = to_device(batch, device)
             if "labels" not in batch:
                 labels = batch["input_ids"].clone()
                 if "attention_mask" in batch:

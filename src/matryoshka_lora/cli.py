@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 from ._version import __version__
 from .commands import evaluate, export, info, train
-from .commands._common import HelpFormatter, config_file_defaults, one_line
+from .commands._common import HelpFormatter, one_line
 
 PROG = "matryoshka-lora"
 COMMANDS = (train, evaluate, export, info)
@@ -53,6 +53,7 @@ def build_parser() -> ArgumentParser:
         help="show full tracebacks on errors (also accepted after the command name)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.commands = sub.choices  # name -> sub-command parser, for the tests and tools
     for command in COMMANDS:
         command.add_parser(sub)
     try:
@@ -65,58 +66,23 @@ def build_parser() -> ArgumentParser:
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return dict(action.choices)
-    return {}
-
-
-def _explicit_dests(argv: list[str], command: str) -> set[str]:
-    """The dests of the options given on the command line (not defaults)."""
-    parser = build_parser()
-    sub = _subparsers(parser)[command]
-    for action in sub._actions:
-        if action.option_strings:
-            action.default = argparse.SUPPRESS
-    names = {a.dest for a in sub._actions}
-    return {k for k in vars(parser.parse_args(argv)) if k in names}
+    """The sub-command parsers of :func:`build_parser`'s parser, by name."""
+    return getattr(parser, "commands", {})
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse ``argv`` and merge a ``--preset`` and a ``--config`` file:
     defaults < preset < file < command line.
 
-    A command that declares its options on dataclasses (``train``) sets a
-    ``resolve`` default that merges the sources itself (:mod:`.commands.options`);
-    for the others the config file's values become the parser's defaults.
-    Raises :class:`CLIError` for a bad config file (unknown key, bad value).
+    A command whose options may come from a config file sets a ``resolve``
+    default that merges the sources (its options are declared on dataclasses,
+    :mod:`.commands.options`). Raises :class:`CLIError` for a bad config file
+    (unknown key, bad value).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     resolve = getattr(args, "resolve", None)
-    if resolve is not None:
-        return resolve(args)
-    path = getattr(args, "config", None)
-    if not path:
-        return args
-    command = args.command
-    defaults = config_file_defaults(_subparsers(parser)[command], command, path)
-    explicit = _explicit_dests(argv, command)
-    parser = build_parser()
-    sub = _subparsers(parser)[command]
-    for (
-        action
-    ) in sub._actions:  # a repeatable option given on the command line replaces the file's list
-        if isinstance(action, argparse._AppendAction) and action.dest in explicit:
-            defaults.pop(action.dest, None)
-    for group in sub._mutually_exclusive_groups:
-        dests = {a.dest for a in group._group_actions}
-        if dests & explicit:  # an option given on the command line replaces its rivals
-            for dest in dests - explicit:
-                defaults.pop(dest, None)
-    sub.set_defaults(**defaults)
-    return parser.parse_args(argv)
+    return resolve(args) if resolve is not None else args
 
 
 def _wants_debug(argv: list[str]) -> bool:

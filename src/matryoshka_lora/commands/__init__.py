@@ -9,15 +9,19 @@ Heavy imports (transformers, datasets, lm-eval, matplotlib) happen inside
 * :mod:`.evaluate`: rank sweep of a saved adapter (``eval``).
 * :mod:`.export`: PEFT LoRA folder or merged model at chosen ranks.
 * :mod:`.info`: a saved adapter's config and parameter counts.
-* :mod:`._common`: the shared pieces in one import (help formatter, re-exports of
-  :mod:`.errors`, :mod:`.option_types`, :mod:`.config_files`, :mod:`.models`,
-  :mod:`.inputs`).
-* :mod:`.options`: command-line options generated from dataclass fields (help in
-  ``metadata``, choices as ``Literal``), config-file values and their precedence.
+* :mod:`._common`: the shared pieces in one import (help formatter, the sub-command
+  parser, re-exports of :mod:`.errors`, :mod:`.config_files`, :mod:`.models`,
+  :mod:`.inputs`); :mod:`.option_types`: the value types of options.
+* :mod:`.option_spec`: an option declared once, as a dataclass field (help in
+  ``metadata``, choices as ``Literal``); :mod:`.options`: the parser, config-file
+  values and their precedence generated from such options.
 * :mod:`.train_options`: ``train``'s options (``NestedLoraConfig``, ``TrainConfig``
   and the CLI-only :class:`~.train_options.RunOptions`); :mod:`.train_outputs`: its
   output folder.
+* :mod:`.eval_options`: ``eval``'s options (:class:`~.eval_options.EvalOptions`);
+  :mod:`.eval_inputs`: its records and metric functions.
 
-A command may set a ``resolve`` default (``train`` does) that turns the parsed
-namespace into the final one; ``cli.parse_args`` calls it.
+A command whose options may come from a config file (``train``, ``eval``) sets a
+``resolve`` default that turns the parsed namespace into the final one;
+``cli.parse_args`` calls it.
 """

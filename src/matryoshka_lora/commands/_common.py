@@ -1,73 +1,46 @@
 """Shared pieces of the sub-commands, importable from one place.
 
 Each piece lives in a module of its own: :mod:`.errors` (the error type, one-line
-messages), :mod:`.option_types` (value types of options), :mod:`.config_files`
-(reading and writing config files), :mod:`.models` (devices, model loading),
-:mod:`.inputs` (adapter folders, ranks, dataset records). This module re-exports
-them and holds the help formatter.
+messages), :mod:`.config_files` (reading and writing config files), :mod:`.models`
+(devices, model loading), :mod:`.inputs` (adapter folders, ranks, dataset
+records). This module re-exports them and holds the help formatter and the
+options every sub-command has. Option value types are imported from
+:mod:`.option_types` itself, next to the option declarations that use them.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+from typing import Any
 
 from .config_files import (
-    RESERVED_DESTS,
     RESOLVED_CONFIG_STEM,
-    config_file_defaults,
-    config_option_map,
-    convert_config_value,
     dump_config,
-    options_dict,
     read_config_file,
     to_plain,
     write_resolved_config,
 )
 from .errors import CLIError, one_line, option_name, reject_options
 from .inputs import base_model_name, check_ranks, load_records_checked, locate_adapter
-from .models import load_model, model_source, resolve_device, torch_dtype
-from .option_types import (
-    choice_list,
-    fewshot_spec,
-    name_list,
-    non_negative_float,
-    non_negative_int,
-    positive_float,
-    positive_int,
-    probability,
-    rank_list,
-)
+from .models import DTYPES, load_model, model_source, resolve_device, torch_dtype
 
 __all__ = [
     "DTYPES",
-    "RESERVED_DESTS",
     "RESOLVED_CONFIG_STEM",
     "CLIError",
     "HelpFormatter",
+    "add_command",
     "base_model_name",
     "check_ranks",
-    "choice_list",
-    "config_file_defaults",
-    "config_option_map",
-    "convert_config_value",
     "dump_config",
-    "fewshot_spec",
     "is_main_process",
     "load_model",
     "load_records_checked",
     "locate_adapter",
     "model_source",
-    "name_list",
-    "non_negative_float",
-    "non_negative_int",
     "one_line",
     "option_name",
-    "options_dict",
-    "positive_float",
-    "positive_int",
-    "probability",
-    "rank_list",
     "read_config_file",
     "reject_options",
     "resolve_device",
@@ -75,8 +48,6 @@ __all__ = [
     "torch_dtype",
     "write_resolved_config",
 ]
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -98,6 +69,31 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         ):
             return text
         return text + " (default: %(default)s)"
+
+
+def add_command(
+    subparsers: Any,
+    name: str,
+    help: str,
+    description: str,
+    config: tuple[str, str] | None = None,
+) -> argparse.ArgumentParser:
+    """The parser of sub-command ``name``, with the hidden ``--debug`` (read by ``cli.main``).
+
+    ``config``: the help of ``--config FILE`` and of ``--print-config``, for a
+    command whose options may come from a config file.
+    """
+    p = subparsers.add_parser(
+        name, help=help, description=description, formatter_class=HelpFormatter
+    )
+    if config is not None:
+        config_help, print_help = config
+        p.add_argument("--config", metavar="FILE", help=config_help)
+        p.add_argument("--print-config", action="store_true", help=print_help)
+    p.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+    return p
 
 
 def is_main_process() -> bool:

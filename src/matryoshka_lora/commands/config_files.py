@@ -1,4 +1,4 @@
-"""Config files: reading them, converting their values, writing the resolved options.
+"""Config files: reading them, checking their keys, writing the resolved options.
 
 A config file (``--config FILE``, YAML or JSON) holds one mapping whose keys are
 the sub-command's long option names, with dashes or underscores
@@ -7,14 +7,13 @@ must name the sub-command. Values are converted by the option's own type, so a
 file value is checked exactly like the same value on the command line; lists
 may be YAML lists or comma strings. An unknown key is an error that names it.
 
-``train`` declares its options on dataclasses (:mod:`.options`); the other
-sub-commands' files are read against their argparse parser
-(:func:`config_file_defaults`).
+The options themselves are declared on dataclasses; :mod:`.options` converts
+a file's values by each option's declaration and merges them with the other
+sources. This module knows only the file format.
 """
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import json
 import os
@@ -24,10 +23,6 @@ from typing import Any
 
 from .errors import CLIError, one_line
 
-# Options that are about the invocation itself, never read from a config file.
-RESERVED_DESTS = frozenset(
-    {"help", "config", "debug", "print_config", "version", "command", "func"}
-)
 RESOLVED_CONFIG_STEM = "resolved_config"
 
 
@@ -37,21 +32,6 @@ def _yaml():
     except ImportError:  # pragma: no cover - PyYAML comes with transformers/datasets
         return None
     return yaml
-
-
-def config_option_map(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    """Config-file keys (long option names with underscores) -> the parser's actions."""
-    keys: dict[str, argparse.Action] = {}
-    for action in parser._actions:
-        if not action.option_strings or action.dest in RESERVED_DESTS:
-            continue
-        for opt in action.option_strings:
-            if not opt.startswith("--"):
-                continue
-            if isinstance(action, argparse.BooleanOptionalAction) and opt.startswith("--no-"):
-                continue
-            keys[opt[2:].replace("-", "_")] = action
-    return keys
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -89,43 +69,6 @@ def _as_text(value: Any) -> str:
     if isinstance(value, list | tuple):
         return ",".join(str(v) for v in value)
     return str(value)
-
-
-def convert_config_value(action: argparse.Action, key: str, value: Any, source: str) -> Any:
-    """``value`` from a config file converted and checked like the option's command-line value."""
-    where = f"config file {source}: key {key!r}"
-    if action.nargs == 0:  # flags
-        if value is None and isinstance(action, argparse.BooleanOptionalAction):
-            return None  # the option's default
-        if not isinstance(value, bool):
-            raise CLIError(f"{where} must be true or false, got {value!r}")
-        if isinstance(action, argparse.BooleanOptionalAction):
-            return value
-        return action.const if value else action.default
-    if value is None:
-        return None
-    if isinstance(action, argparse._AppendAction):  # a repeatable option: one item per entry
-        items = value if isinstance(value, list | tuple) else [value]
-        return [_convert_one(action, item, where) for item in items]
-    return _convert_one(action, value, where)
-
-
-def _convert_one(action: argparse.Action, value: Any, where: str) -> Any:
-    if isinstance(value, bool):
-        raise CLIError(f"{where}: expected a value of the option's type, got {value!r}")
-    if action.type is None and isinstance(value, list | tuple | dict):
-        raise CLIError(f"{where} takes a single value, got {value!r}")
-    text = _as_text(value)
-    try:
-        converted = action.type(text) if action.type is not None else text
-    except (argparse.ArgumentTypeError, TypeError, ValueError) as err:
-        raise CLIError(f"{where}: {one_line(err)}") from None
-    if action.choices is not None and converted not in action.choices:
-        raise CLIError(
-            f"{where}: invalid choice {converted!r} (choose from "
-            f"{', '.join(map(str, action.choices))})"
-        )
-    return converted
 
 
 def file_entries(
@@ -171,27 +114,6 @@ def check_exclusive(path: str | os.PathLike, given: Iterable[str], groups) -> No
             )
 
 
-def config_file_defaults(
-    parser: argparse.ArgumentParser, command: str, path: str | os.PathLike
-) -> dict[str, Any]:
-    """Option values (by dest) from config file ``path`` for sub-command ``command``.
-
-    Raises :class:`CLIError` naming the key for an unknown key, a bad value,
-    a key given twice (``lr`` and ``learning-rate``), two mutually exclusive
-    options, or a ``command`` key naming another sub-command.
-    """
-    options = config_option_map(parser)
-    out: dict[str, Any] = {}
-    for key, norm, value in file_entries(path, command, options):
-        action = options[norm]
-        if action.dest in out:
-            raise CLIError(f"config file {path}: option {key!r} is given twice")
-        out[action.dest] = convert_config_value(action, key, value, str(path))
-    groups = [[a.dest for a in g._group_actions] for g in parser._mutually_exclusive_groups]
-    check_exclusive(path, [d for d, v in out.items() if v is not None], groups)
-    return out
-
-
 def to_plain(value: Any) -> Any:
     """Tuples -> lists, recursively (for YAML/JSON output)."""
     if isinstance(value, tuple | list):
@@ -199,18 +121,6 @@ def to_plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: to_plain(v) for k, v in value.items()}
     return value
-
-
-def options_dict(
-    parser: argparse.ArgumentParser, args: argparse.Namespace, command: str
-) -> dict[str, Any]:
-    """``{"command": command, "<long-option>": value, ...}`` for every config-file option."""
-    out: dict[str, Any] = {"command": command}
-    for action in parser._actions:
-        if not action.option_strings or action.dest in RESERVED_DESTS:
-            continue
-        out[action.dest.replace("_", "-")] = to_plain(getattr(args, action.dest, None))
-    return out
 
 
 def dump_config(data: dict[str, Any], fmt: str = "yaml") -> str:

@@ -22,15 +22,15 @@ from ..nesting import INFERENCE_SCALES
 from ._common import (
     DTYPES,
     CLIError,
-    HelpFormatter,
+    add_command,
     base_model_name,
     check_ranks,
     load_model,
     locate_adapter,
     model_source,
-    rank_list,
     resolve_device,
 )
+from .option_types import rank_list
 
 EXPORT_FORMATS = ("peft", "merged")
 SCALE_ENCODINGS = ("baked", "alpha")  # matryoshka_lora.export.SCALE_ENCODINGS
@@ -52,17 +52,14 @@ Every PEFT folder gets a Hub model card (README.md); --push-to-hub uploads it.
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "export",
         help="write a PEFT LoRA folder or a merged model at chosen ranks",
         description=DESCRIPTION,
-        formatter_class=HelpFormatter,
     )
     p.add_argument(
         "adapter", help="adapter folder (save_adapter output) or a training --output-dir"
-    )
-    p.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
     )
     p.add_argument(
         "--format",
@@ -138,7 +135,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--private", action="store_true", help="with --push-to-hub: a private repo")
     p.add_argument("--hub-revision", metavar="BRANCH", help="with --push-to-hub: the branch")
-    p.set_defaults(func=run, parser=p)
+    p.set_defaults(func=run)
     return p
 
 

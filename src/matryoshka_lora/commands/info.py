@@ -6,23 +6,20 @@ import argparse
 import json
 from typing import Any
 
-from ._common import HelpFormatter, locate_adapter
+from ._common import add_command, locate_adapter
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "info",
         help="show a saved adapter's config, ranks and parameter counts per rank",
         description="Show a saved adapter's config, its adapted modules and the number of "
         "adapter parameters deployed at each eval rank.",
-        formatter_class=HelpFormatter,
     )
     p.add_argument("adapter", help="folder written by save_adapter (or a training --output-dir)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    p.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
-    )
-    p.set_defaults(func=run, parser=p)
+    p.set_defaults(func=run)
     return p
 
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Literal, get_args
 
 from .errors import CLIError, one_line
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]  # auto: as stored in the checkpoint
+DTYPES: tuple[str, ...] = get_args(Dtype)
 
 
 def resolve_device(spec: str):
@@ -93,40 +96,27 @@ def load_model(
     device=None,
     progress: bool = True,
 ):
-    """Load ``(model, tokenizer)`` for ``task`` (``causal-lm`` or ``seq-cls``).
+    """Load ``(model, tokenizer)`` for ``task`` (``causal-lm`` or ``seq-cls``) on ``device``.
 
-    The tokenizer gets EOS as pad token if it has none; a sequence classifier
-    gets the tokenizer's pad id (it needs one to find each row's last token).
+    :func:`matryoshka_lora.assets.load_pretrained` with the command line's
+    checks of ``name`` (:func:`model_source`) and one-line errors.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    from ..assets import ALIASES
+    from ..assets import load_pretrained
 
     source = model_source(name)
     if not progress:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype)}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        if task == "seq-cls":
-            model = AutoModelForSequenceClassification.from_pretrained(
-                source, num_labels=num_labels, **kwargs
-            )
-        else:
-            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model, tokenizer = load_pretrained(
+            name, task, num_labels=num_labels, dtype=torch_dtype(dtype), source=source
+        )
     except OSError as err:
         raise CLIError(f"could not load model {name!r}: {one_line(err)}") from None
     except (ValueError, KeyError) as err:
         kind = "sequence classifier" if task == "seq-cls" else "causal LM"
         raise CLIError(f"could not load {name!r} as a {kind}: {one_line(err)}") from None
-    if name.lower() in ALIASES:
-        model.config._name_or_path = ALIASES[name.lower()]
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if task == "seq-cls" and getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
     if device is not None:
         model.to(device)
     return model, tokenizer

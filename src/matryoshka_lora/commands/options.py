@@ -1,163 +1,48 @@
 """Command-line options generated from dataclass fields, each declared once.
 
-An option is a field of a config dataclass (``NestedLoraConfig``,
-``TrainConfig``, or a command's own dataclass of CLI-only settings): its help
-text is ``metadata["help"]`` (PEFT's convention), its choices the ``Literal[...]``
-of its type, its default the field's default. :func:`option` reads a field into
-an :class:`Option`; the argparse arguments, the config-file keys and their value
-conversion, the precedence of the sources and the resolved-options listing are
-all generated from the same list of options. What only the command line needs
-(a short flag name such as ``--lr``, an alias, a checking value type such as
-``positive_int``, a metavar) is given to :func:`option` by the command.
-
-Why not transformers' ``HfArgumentParser``: it cannot express options this CLI
-already has and its users type. It turns a ``list`` field into space-separated
-``nargs="+"`` and a ``tuple`` field into ``tuple(text)`` (``--train-ranks 1,2,4``
-and ``--target-modules q_proj,v_proj`` are comma lists); a ``bool | None`` field
-becomes an option that requires a value (``--prefix-loss`` is a bare flag with
-``--no-prefix-loss``) and a ``False`` default gets no ``--no-X`` (``--no-bf16``);
-the ``type`` in a field's metadata is overwritten by the annotation's, so the
-checking types that name a bad config-file key (``r: -1``) cannot be used; the
-option's dest is always the field name (the CLI's ``--lr`` fills
-``learning_rate``, recipes spell ``lr`` and ``grad-accum``); and every option
-gets a second ``--snake_case`` spelling. jsonargparse or tyro would add a
-dependency for the same result. The mapping here is small: ``Literal`` ->
-choices, ``bool`` -> ``--x/--no-x``, ``int``/``float``/``str``, ``tuple[int, ...]``
--> a comma list of ranks, ``list[str]`` -> a comma list of names.
+Each option is a field of a config dataclass, read into an :class:`Option` by
+:func:`option` (:mod:`.option_spec`). From the same list of options this module
+generates the argparse arguments (:func:`add_options`), the config-file values
+and their checks (:func:`file_values`), the precedence of the sources
+(:func:`resolve`) and the resolved-options listing (:func:`listing`).
 
 Precedence, defaults < preset < config file < command line, needs the options the
 command line gave. :func:`add_options` registers every option with
 ``default=argparse.SUPPRESS``, which argparse documents as "no attribute is added
 if the argument was not present"; so after parsing, an option's attribute exists
 exactly when it was given (:func:`given_values`), and :func:`merge` lays the
-layers on one another.
+layers on one another (:func:`resolve` does both for a command). A list option
+given on the command line therefore replaces the file's list as a whole.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
-import types
-import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from .config_files import _as_text, check_exclusive, file_entries
+from .config_files import _as_text, check_exclusive, file_entries, to_plain
 from .errors import CLIError, one_line
-from .option_types import name_list, rank_list
+from .option_spec import FLAG, REPEAT, SWITCH, VALUE, Option, option
 
-VALUE, FLAG, SWITCH = "value", "flag", "switch"  # --x V; --x/--no-x; --x (store_true)
-
-
-@dataclass(frozen=True)
-class Option:
-    """One command-line option filling field ``field`` of dataclass ``owner``.
-
-    ``dest`` is the namespace attribute and, with dashes, the long flag and the
-    config-file key; ``aliases`` are further flags (``--learning-rate``).
-    """
-
-    dest: str
-    owner: type
-    field: str
-    help: str
-    default: Any
-    kind: str = VALUE
-    type: Callable[[str], Any] | None = None
-    choices: tuple[Any, ...] | None = None
-    aliases: tuple[str, ...] = ()
-    metavar: str | None = None
-
-    @property
-    def flags(self) -> tuple[str, ...]:
-        return ("--" + self.dest.replace("_", "-"), *self.aliases)
-
-    @property
-    def keys(self) -> tuple[str, ...]:
-        """Config-file keys: the long flags without ``--``, with underscores."""
-        return tuple(flag.lstrip("-").replace("-", "_") for flag in self.flags)
-
-    def help_text(self) -> str:
-        """The help, with ``(default: X)`` when the default is informative and not stated."""
-        text = self.help
-        shown = self.default is not None and self.default is not False
-        if shown and "default" not in text.lower():
-            text += f" (default: {_as_text(self.default)})"
-        return text.replace("%", "%%")  # argparse %-formats help strings
-
-
-_NO_DEFAULT = object()
-
-
-def _strip_none(hint: Any) -> Any:
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return args[0] if len(args) == 1 else hint
-    return hint
-
-
-def option(
-    owner: type,
-    field: str,
-    *,
-    dest: str | None = None,
-    type: Callable[[str], Any] | None = None,
-    default: Any = _NO_DEFAULT,
-    choices: Sequence[Any] | None = None,
-    aliases: Iterable[str] = (),
-    metavar: str | None = None,
-    switch: bool = False,
-) -> Option:
-    """The option of field ``field`` of dataclass ``owner``; keywords override what the
-    field declares (``default=None`` for an option that is "not given" unless set)."""
-    fields = {f.name: f for f in dataclasses.fields(owner)}
-    if field not in fields:
-        raise TypeError(f"{owner.__name__} has no field {field!r}")
-    spec = fields[field]
-    text = spec.metadata.get("help")
-    if not text:
-        raise TypeError(f"{owner.__name__}.{field} declares no metadata['help']")
-    if default is _NO_DEFAULT:
-        if spec.default_factory is not dataclasses.MISSING:
-            default = spec.default_factory()
-        else:
-            default = None if spec.default is dataclasses.MISSING else spec.default
-    hint = _strip_none(typing.get_type_hints(owner)[field])
-    kind, parse, values = VALUE, type, None
-    if typing.get_origin(hint) is Literal:
-        values = typing.get_args(hint)
-    elif hint is bool:
-        kind = SWITCH if switch else FLAG
-    elif parse is None:
-        parse = _value_type(hint, f"{owner.__name__}.{field}")
-    if choices is not None:
-        values = tuple(choices)
-    return Option(
-        dest=dest or field,
-        owner=owner,
-        field=field,
-        help=text,
-        default=default,
-        kind=kind,
-        type=parse,
-        choices=values,
-        aliases=tuple(aliases),
-        metavar=metavar,
-    )
-
-
-def _value_type(hint: Any, where: str) -> Callable[[str], Any] | None:
-    if hint is str:
-        return None
-    if hint in (int, float):
-        return hint
-    if hint == tuple[int, ...]:
-        return rank_list
-    if hint == list[str]:
-        return name_list
-    raise TypeError(f"{where}: no command-line type for {hint!r}; pass type=... to option()")
+__all__ = [
+    "FLAG",
+    "REPEAT",
+    "SWITCH",
+    "VALUE",
+    "Option",
+    "add_groups",
+    "add_options",
+    "defaults",
+    "file_value",
+    "file_values",
+    "given_values",
+    "listing",
+    "merge",
+    "option",
+    "resolve",
+]
 
 
 def add_options(
@@ -183,8 +68,22 @@ def add_options(
         elif o.kind == SWITCH:
             kwargs["action"] = "store_true"
         else:
+            if o.kind == REPEAT:
+                kwargs["action"] = "append"
             kwargs.update(type=o.type, choices=o.choices, metavar=o.metavar)
         target.add_argument(*o.flags, **kwargs)
+
+
+def add_groups(
+    parser: argparse.ArgumentParser,
+    groups: Mapping[str | None, Iterable[Option]],
+    exclusive: Iterable[Iterable[str]] = (),
+) -> None:
+    """Add each group of options under its help title (``None``: the parser's own section)."""
+    exclusive = [tuple(group) for group in exclusive]
+    for title, options in groups.items():
+        target = parser if title is None else parser.add_argument_group(title)
+        add_options(target, options, exclusive)
 
 
 def given_values(namespace: argparse.Namespace, options: Iterable[Option]) -> dict[str, Any]:
@@ -207,6 +106,13 @@ def file_value(o: Option, key: str, value: Any, path: str) -> Any:
         return value
     if value is None:
         return None
+    if o.kind == REPEAT:  # one item per list entry; a single value is a list of one
+        items = value if isinstance(value, list | tuple) else [value]
+        return [_file_item(o, item, where) for item in items]
+    return _file_item(o, value, where)
+
+
+def _file_item(o: Option, value: Any, where: str) -> Any:
     if isinstance(value, bool):
         raise CLIError(f"{where}: expected a value of the option's type, got {value!r}")
     if o.type is None and isinstance(value, list | tuple | dict):
@@ -257,4 +163,35 @@ def merge(
             if any(layer.get(dest) is not None for dest in group):
                 out.update({dest: base[dest] for dest in group})
         out.update(layer)
+    return out
+
+
+def resolve(
+    args: argparse.Namespace,
+    options: Sequence[Option],
+    command: str,
+    exclusive: Iterable[Iterable[str]] = (),
+    presets: Callable[[dict[str, Any], dict[str, Any]], list[Mapping[str, Any]]] | None = None,
+) -> argparse.Namespace:
+    """Every option's value from defaults < ``presets`` < ``--config`` file < command line.
+
+    ``presets(given, from_file)`` returns the layers between the defaults and
+    the file (``train``'s ``--preset``). Attributes of ``args`` that are not
+    options (``config``, ``func``, positionals, ...) are kept.
+    """
+    exclusive = [tuple(group) for group in exclusive]
+    given = given_values(args, options)
+    path = getattr(args, "config", None)
+    from_file = file_values(options, command, path, exclusive) if path else {}
+    middle = presets(given, from_file) if presets is not None else []
+    merged = merge([defaults(options), *middle, from_file, given], exclusive)
+    dests = {o.dest for o in options}
+    rest = {k: v for k, v in vars(args).items() if k not in dests}
+    return argparse.Namespace(**rest, **merged)
+
+
+def listing(args: argparse.Namespace, options: Iterable[Option], command: str) -> dict[str, Any]:
+    """``{"command": command, "<long-option>": value, ...}``: a config file of ``args``."""
+    out: dict[str, Any] = {"command": command}
+    out.update({o.dest.replace("_", "-"): to_plain(getattr(args, o.dest)) for o in options})
     return out

@@ -23,7 +23,7 @@ from ..config import LLAMA_PROJECTIONS, NestedLoraConfig
 from ..train.loop import TrainConfig
 from ._common import (
     CLIError,
-    HelpFormatter,
+    add_command,
     dump_config,
     is_main_process,
     load_model,
@@ -31,10 +31,9 @@ from ._common import (
     model_source,
     reject_options,
     resolve_device,
-    to_plain,
     write_resolved_config,
 )
-from .options import add_options
+from .options import add_groups, listing
 from .train_options import EXCLUSIVE, GROUPS, OPTIONS, fields_of, resolve_args
 from .train_outputs import check_output_dir, clear_earlier_run, seq_cls_resume_point
 
@@ -58,29 +57,19 @@ same command under torchrun (--batch-size is per process).
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "train",
         help="fine-tune a nested-rank adapter (one run, every rank r <= R usable)",
         description=DESCRIPTION,
-        formatter_class=HelpFormatter,
+        config=(
+            "YAML or JSON file of options (keys: long option names, dashes or underscores); "
+            "command-line options override it; an unknown key is an error",
+            "check the options, print the resolved configuration as YAML and exit "
+            "(loads no model or data)",
+        ),
     )
-    p.add_argument(
-        "--config",
-        metavar="FILE",
-        help="YAML or JSON file of options (keys: long option names, dashes or underscores); "
-        "command-line options override it; an unknown key is an error",
-    )
-    p.add_argument(
-        "--print-config",
-        action="store_true",
-        help="check the options, print the resolved configuration as YAML and exit "
-        "(loads no model or data)",
-    )
-    p.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
-    )
-    for title, options in GROUPS.items():
-        add_options(p.add_argument_group(title), options, EXCLUSIVE)
+    add_groups(p, GROUPS, EXCLUSIVE)
     p.set_defaults(func=run, resolve=resolve_args)
     return p
 
@@ -133,8 +122,7 @@ def check_options(args: argparse.Namespace) -> tuple[NestedLoraConfig, TrainConf
 
 def resolved_options(args: argparse.Namespace, adapter: NestedLoraConfig) -> dict[str, Any]:
     """All options of the run, with the adapter defaults filled in (ranks, targets)."""
-    data = {"command": "train"}
-    data.update({o.dest.replace("_", "-"): to_plain(getattr(args, o.dest)) for o in OPTIONS})
+    data = listing(args, OPTIONS, "train")
     del data["overwrite"]  # about this invocation, not the run: never replayed from the file
     data["train-ranks"] = list(adapter.train_ranks)
     data["eval-ranks"] = list(adapter.eval_ranks)

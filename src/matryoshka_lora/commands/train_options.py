@@ -20,6 +20,7 @@ from typing import Any, Literal
 from ..config import PRESETS, NestedLoraConfig
 from ..train.data import DatasetFormat
 from ..train.loop import TrainConfig
+from .option_spec import Option, option
 from .option_types import (
     name_list,
     non_negative_float,
@@ -28,7 +29,7 @@ from .option_types import (
     positive_int,
     probability,
 )
-from .options import Option, defaults, file_values, given_values, merge, option
+from .options import resolve
 
 Task = Literal["causal-lm", "seq-cls"]
 
@@ -204,17 +205,15 @@ def fields_of(args: argparse.Namespace, owner: type) -> dict[str, Any]:
     return {o.field: getattr(args, o.dest) for o in OPTIONS if o.owner is owner}
 
 
+def _preset(given: dict[str, Any], from_file: dict[str, Any]) -> list[dict[str, Any]]:
+    """The preset layer: the command line's ``--preset``, else the file's ``preset``."""
+    preset = given.get("preset") or from_file.get("preset")
+    return [dict(PRESETS[preset])] if preset else []
+
+
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Every option's value from defaults < preset < config file < command line.
 
-    The preset is the command line's ``--preset``, else the file's ``preset``.
     Attributes of ``args`` that are not options (``config``, ``func``, ...) are kept.
     """
-    given = given_values(args, OPTIONS)
-    path = getattr(args, "config", None)
-    from_file = file_values(OPTIONS, "train", path, EXCLUSIVE) if path else {}
-    preset = given.get("preset") or from_file.get("preset")
-    layers = [defaults(OPTIONS), dict(PRESETS[preset]) if preset else {}, from_file, given]
-    dests = {o.dest for o in OPTIONS}
-    rest = {k: v for k, v in vars(args).items() if k not in dests}
-    return argparse.Namespace(**rest, **merge(layers, EXCLUSIVE))
+    return resolve(args, OPTIONS, "train", EXCLUSIVE, _preset)

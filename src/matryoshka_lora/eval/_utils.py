@@ -1,12 +1,14 @@
-"""Small helpers shared by the evaluators: eval mode, devices, batch handling."""
+"""Small helpers shared by the evaluators: eval mode, re-iterable batches, percentages.
+
+Moving batches to the model's device is :mod:`matryoshka_lora.batches`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import torch
 from torch import nn
 
 
@@ -24,18 +26,6 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module, flag in flags:
             module.training = flag
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (CPU for a parameterless module)."""
-    for param in model.parameters():
-        return param.device
-    return torch.device("cpu")
-
-
-def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    """A shallow copy of ``batch`` with its tensors moved to ``device``."""
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def reiterable(batches: Iterable[Any]) -> Iterable[Any]:

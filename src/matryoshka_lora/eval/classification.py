@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._utils import eval_mode, model_device, percent, reiterable
+from ..batches import model_device, to_device
+from ._utils import eval_mode, percent, reiterable
 
 CLASSIFICATION_METRICS: tuple[str, ...] = ("accuracy", "loss")
 
@@ -38,11 +39,7 @@ def classification_metrics(
             if "labels" not in batch:
                 raise ValueError("each batch needs 'labels' (class indices)")
             labels = batch["labels"].to(device)
-            inputs = {
-                k: v.to(device) if isinstance(v, torch.Tensor) else v
-                for k, v in batch.items()
-                if k != "labels"
-            }
+            inputs = to_device(batch, device, drop=("labels",))
             logits = model(**inputs).logits.float()
             if logits.ndim != 2:
                 raise ValueError(

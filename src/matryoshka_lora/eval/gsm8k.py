@@ -35,7 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._utils import eval_mode, model_device, percent, reiterable
+from ..batches import model_device, to_device
+from ._utils import eval_mode, percent, reiterable
 
 STRICT_PATTERN = re.compile(r"#### (-?[0-9.,]+)")
 FLEXIBLE_PATTERN = re.compile(r"-?\$?-?[0-9][0-9,]*(?:\.[0-9]+)?")
@@ -264,7 +265,7 @@ def generate_greedy(
                     padding=True,
                     add_special_tokens=add_special_tokens,
                 )
-                enc = {k: v.to(device) for k, v in enc.items() if k != "token_type_ids"}
+                enc = to_device(enc, device, drop=("token_type_ids",))
                 length = enc["input_ids"].shape[1]
                 generated = model.generate(
                     **enc,

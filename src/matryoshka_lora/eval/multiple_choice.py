@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._utils import eval_mode, model_device, percent, reiterable
+from ..batches import model_device
+from ._utils import eval_mode, percent, reiterable
 
 MC_METRICS: tuple[str, ...] = ("acc", "acc_norm")
 

@@ -33,7 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._utils import eval_mode, model_device, percent, reiterable
+from ..batches import model_device
+from ._utils import eval_mode, percent, reiterable
 
 IGNORE_INDEX = -100
 MODEL_INPUT_KEYS: tuple[str, ...] = ("input_ids", "attention_mask", "position_ids")

@@ -44,6 +44,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..batches import to_device
 from ..io import atomic_write_text, save_adapter
 from ..model import get_config, require_adapters, set_sampled_rank
 from ..sampling import Distribution, Frequency, RankSampler
@@ -220,10 +221,6 @@ def _micro_batches(dataset, collate, config: TrainConfig, rank: int, world: int,
             position += 1
 
 
-def _move(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 def _all_finite(loss: torch.Tensor) -> bool:
     finite = torch.tensor([1.0 if torch.isfinite(loss).all() else 0.0], device=loss.device)
     if dist.is_initialized():
@@ -358,7 +355,7 @@ def train_adapter(
     try:
         for step in range(start_step, steps):
             step_loss, b, shown = 0.0, None, "all"
-            micro_batches = [_move(next(batches)[1], device) for _ in range(accum)]
+            micro_batches = [to_device(next(batches)[1], device) for _ in range(accum)]
             counts = [count_loss_items(batch, shifted) for batch in micro_batches]
             weights = micro_batch_weights(counts, device)
             for micro, batch in enumerate(micro_batches):
