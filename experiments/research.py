@@ -159,14 +159,17 @@ def paired_lines(
 ) -> list[str]:
     """Markdown: each row minus ``reference``, seed by seed (the same seed trains on the
     same data order, so the pairing removes the data-order noise both share)."""
-    if reference not in table.methods or table.n_runs(reference) < 2:
+    if reference not in table.methods:
         return []
+    # pair over at least 2 seeds once the reference has them; before that, seed by seed
+    min_seeds = min(2, table.n_runs(reference))
     ranks = list(runner.spec.ranks)
     header = ["row", *(f"r={r}" for r in ranks), "AURAC_log", "seeds"]
     lines = [
         "",
         f"Paired difference against `{reference}` (row minus {reference}, same seed; "
-        "mean ± sample std over the shared seeds, in points):",
+        "mean ± sample std over the shared seeds, in points"
+        + ("):" if min_seeds > 1 else "; one seed so far, so no ±):"),
         "",
         "| " + " | ".join(header) + " |",
         "|:---|" + "---:|" * (len(header) - 1),
@@ -175,9 +178,12 @@ def paired_lines(
         if row == reference:
             continue
         diffs, seeds = table.paired_difference(row, reference)
-        if len(seeds) < 2:
+        if len(seeds) < min_seeds:
             continue
-        cells = [f"{diffs[c][0]:+.2f} ± {diffs[c][1]:.2f}" for c in (*ranks, "aurac_log")]
+        cells = [
+            f"{diffs[c][0]:+.2f}" + ("" if diffs[c][1] is None else f" ± {diffs[c][1]:.2f}")
+            for c in (*ranks, "aurac_log")
+        ]
         lines.append(f"| {row} | " + " | ".join(cells) + f" | {len(seeds)} |")
     return lines
 

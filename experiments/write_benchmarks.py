@@ -99,6 +99,10 @@ GSM8K_COMMAND = (
 def main() -> None:
     text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
     comparisons = {  # results folder (and notes-<name>.md) -> heading, command
+        "smollm2-gsm-symbolic-150": (
+            "Quality where rank matters: SmolLM2-135M-Instruct + GSM-Symbolic, 150 steps, ranks 1..16",
+            "bash experiments/gsm_symbolic_150.sh A & bash experiments/gsm_symbolic_150.sh B",
+        ),
         "smollm2-gsm-symbolic": (
             "Quality: every method on SmolLM2-135M-Instruct + GSM-Symbolic, ranks 1..16",
             "python experiments/compare.py --output experiments/results/smollm2-gsm-symbolic --threads 1",

@@ -42,7 +42,8 @@ def test_bench_script_smoke(tmp_path, script):
     table = table_rows(text)
     assert set(rows) <= set(table), sorted(set(rows) - set(table))
     for row_name, row in rows.items():  # each printed median is the measured one
-        assert float(table[row_name][0]) == pytest.approx(row["time"]["median_s"] * 1e3, abs=0.051)
+        ms = row["time"]["median_s"] * 1e3  # printed to 0.1 ms below 100 ms, to 1 ms above
+        assert float(table[row_name][0]) == pytest.approx(ms, abs=0.051 if ms < 100 else 0.51)
     if script == "train_step.py":  # x PEFT is the ratio of the medians, PEFT itself 1
         peft = rows["PEFT LoRA"]["time"]["median_s"]
         assert table["PEFT LoRA"][2] == "1.000"
