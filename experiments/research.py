@@ -223,7 +223,11 @@ def write_report(runner: ComparisonRunner, title: str | None = None) -> dict[str
 
 
 def _with_sections(runner: ComparisonRunner, paths: dict[str, Path]) -> dict[str, Path]:
-    extra = paired_lines(runner, runner.table()) + cost_lines(runner)
+    table = runner.table()
+    extra = paired_lines(runner, table)
+    if "lora_svd_2x" in table.methods:  # the bar at the compute of a two-forward method
+        extra += paired_lines(runner, table, reference="lora_svd_2x")
+    extra += cost_lines(runner)
     markdown = paths["markdown"]
     markdown.write_text(markdown.read_text() + "\n".join(extra) + "\n")
     return paths
