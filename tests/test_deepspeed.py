@@ -56,15 +56,16 @@ def _atol(mode: str, variant: str) -> float:
     """How far the adapters may differ after 4 steps.
 
     fp32: reduction order only. A bf16 base: DDP and ZeRO-2 run the one-process
-    forward (6e-5 against one process; against each other up to 2.2e-4 on single
-    elements, through the same Adam amplification as below); ZeRO-3's forward through its gathered weights rounds some bf16
+    forward (6e-5 against one process; DDP's bf16 gradients differ from it on
+    single elements, and the same Adam amplification as below turns that into up
+    to ~1e-3, so DDP gets ZeRO-3's bound); ZeRO-3's forward through its gathered weights rounds some bf16
     activations the other way, its gradients differ from one process's by one
     bf16 ulp (2^-8 relative; its first gradient is exact), and AdamW's early
     steps, about lr * sign(g) per element, turn that into differences of up to
     ~lr on elements whose gradient is near 0 (max |B| is 0.025 here).
     """
     if VARIANTS[variant][1] == torch.bfloat16:
-        return 5e-3 if mode == "zero3" else 5e-4
+        return 5e-3 if mode == "zero3" else 1e-4
     return 3e-5  # DyLoRA's detached components reduce in another order per engine
 
 
@@ -81,7 +82,9 @@ def test_deepspeed_equals_ddp_and_one_process(runs, mode, variant):
         assert r0[key].dtype == torch.float32, key
         assert torch.equal(r0[key], r1[key]), key
         torch.testing.assert_close(r0[key], one[key], atol=atol, rtol=1e-4)
-        torch.testing.assert_close(r0[key], ddp[key], atol=atol, rtol=1e-4)
+        # a bf16 base: DDP's forward rounds like ZeRO-3's on single elements (see _atol)
+        ddp_atol = 5e-3 if VARIANTS[variant][1] == torch.bfloat16 else atol
+        torch.testing.assert_close(r0[key], ddp[key], atol=ddp_atol, rtol=1e-4)
     assert all(one[k].abs().max() > 1e-2 for k in one if k.endswith("lora_B"))
 
 
