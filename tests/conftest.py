@@ -12,9 +12,9 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
 
 
-def make_tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+def tiny_llama_config(**overrides) -> LlamaConfig:
+    """The tiny Llama's config (vocab 97 so the char tokenizer fits); ``overrides`` change fields."""
+    fields = dict(
         vocab_size=97,
         hidden_size=32,
         intermediate_size=64,
@@ -23,8 +23,25 @@ def make_tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaF
         num_key_value_heads=2,
         max_position_embeddings=64,
     )
+    return LlamaConfig(**{**fields, **overrides})
+
+
+def make_tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = tiny_llama_config()
     config._name_or_path = "tiny-llama"
     return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def save_tiny_llama_dir(folder) -> None:
+    """A model folder as the CLI reads it: the tiny Llama (seed 0, 256 positions, pad/bos/eos
+    ids 0/1/2) and the char tokenizer."""
+    torch.manual_seed(0)
+    config = tiny_llama_config(
+        max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    make_char_tokenizer().save_pretrained(folder)
 
 
 def make_tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:

@@ -20,12 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import make_char_tokenizer
+from conftest import save_tiny_llama_dir
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
-    LlamaConfig,
-    LlamaForCausalLM,
 )
 
 import matryoshka_lora as ml
@@ -95,21 +93,7 @@ QUESTIONS = [(a, b) for a in range(1, 5) for b in range(1, 5)]
 def work(tmp_path_factory) -> Path:
     """A folder with a tiny Llama + char tokenizer (``model/``), data and a config file."""
     root = tmp_path_factory.mktemp("cli")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    LlamaForCausalLM(config).save_pretrained(root / "model")
-    make_char_tokenizer().save_pretrained(root / "model")
+    save_tiny_llama_dir(root / "model")
     with open(root / "data.jsonl", "w", encoding="utf-8") as fh:
         for a, b in QUESTIONS:
             row = {

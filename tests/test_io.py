@@ -6,7 +6,13 @@ import json
 
 import pytest
 import torch
-from conftest import GPT2_TARGETS, LLAMA_TARGETS, make_tiny_gpt2, make_tiny_llama
+from conftest import (
+    GPT2_TARGETS,
+    LLAMA_TARGETS,
+    make_tiny_gpt2,
+    make_tiny_llama,
+    tiny_llama_config,
+)
 from safetensors import safe_open
 
 import matryoshka_lora as ml
@@ -99,31 +105,13 @@ def test_load_into_another_architecture_fails_cleanly(tmp_path):
     ):
         ml.load_adapter(gpt2, tmp_path)
     assert not adapter_layers(gpt2)
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    wider = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=97,
-            hidden_size=64,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    )
+    wider = LlamaForCausalLM(tiny_llama_config(hidden_size=64))
     with pytest.raises(ml.AdapterCheckpointError, match="shape mismatches"):
         ml.load_adapter(wider, tmp_path)
     assert not adapter_layers(wider)  # nothing half-loaded
-    deeper = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=97,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    )
+    deeper = LlamaForCausalLM(tiny_llama_config(num_hidden_layers=3))
     with pytest.raises(ml.AdapterCheckpointError, match="tensors missing from the checkpoint"):
         ml.load_adapter(deeper, tmp_path)
 

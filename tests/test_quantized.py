@@ -11,13 +11,12 @@ import json
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS
+from conftest import LLAMA_TARGETS, tiny_llama_config
 from ddp_worker import fixed_length_dataset
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import (
     AutoModelForCausalLM,
     BitsAndBytesConfig,
-    LlamaConfig,
     LlamaForCausalLM,
     Trainer,
     TrainingArguments,
@@ -48,15 +47,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=97,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    config = tiny_llama_config(hidden_size=64, intermediate_size=128)
     folder = tmp_path_factory.mktemp("qbase") / "tiny-llama-64"
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, make_tiny_llama
+from conftest import LLAMA_TARGETS, make_tiny_llama, save_tiny_llama_dir
 from safetensors.torch import load_file
 from sharded_worker import RESUMED, VARIANTS
 
@@ -198,24 +198,7 @@ def test_cli_under_accelerate_launch_with_the_fsdp_recipe(tmp_path):
     """``accelerate launch --config_file recipes/accelerate/fsdp.yaml`` shards the CLI's plain loop."""
     import json
 
-    from conftest import make_char_tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
-    make_char_tokenizer().save_pretrained(tmp_path / "model")
+    save_tiny_llama_dir(tmp_path / "model")
     with open(tmp_path / "data.jsonl", "w", encoding="utf-8") as fh:
         for a in range(1, 5):
             for b in range(1, 5):
