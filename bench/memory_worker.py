@@ -29,6 +29,7 @@ import torch
 from cli_args import DTYPES
 from memory import measure_memory_here
 from models import build_variant, load_base
+from report import log
 from workload import make_batch, make_train_step
 
 RESULT_PREFIX = "RESULT "
@@ -77,6 +78,31 @@ def memory_in_subprocess(spec: dict[str, Any], timeout: float = 900) -> dict[str
     """:func:`memory_worker` for ``spec``, in a fresh process."""
     argv = [str(Path(__file__).resolve()), "memory-worker", json.dumps(spec)]
     return run_fresh(argv, spec["variant"]["name"], spec["threads"], timeout)
+
+
+def memory_in_fresh_processes(
+    specs: Sequence[dict[str, Any]], args: Any, model_name: str, targets: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """Peak memory of each variant in ``specs``, each built again in a fresh process from the
+    run's settings (``args``: device, dtype, threads, batch, seq, seed, memory_steps)."""
+    memory = {}
+    for s in specs:
+        log(f"[{model_name}] memory of {s['name']} (fresh process)")
+        memory[s["name"]] = memory_in_subprocess(
+            {
+                "model": model_name,
+                "variant": s,
+                "targets": list(targets),
+                "device": args.device,
+                "dtype": args.dtype,
+                "threads": args.threads,
+                "batch": args.batch,
+                "seq": args.seq,
+                "seed": args.seed,
+                "steps": args.memory_steps,
+            }
+        )
+    return memory
 
 
 def _main(argv: Sequence[str]) -> None:

@@ -22,7 +22,7 @@ from cli_args import DTYPES, add_common_args, result_key, setup_runtime, title_s
 from flops import adapter_flop_fraction
 from machine import finish_meta, run_meta
 from memory import measure_memory_here
-from memory_worker import memory_in_subprocess
+from memory_worker import memory_in_fresh_processes
 from models import MODEL_DESCRIPTIONS, SEVEN_TARGETS, build_variant, load_base, variant
 from report import (
     fmt_mib,
@@ -96,22 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     del models, steps, base
     gc.collect()
     if args.memory == "subprocess":
-        for s in specs:
-            log(f"[{args.model}] memory of {s['name']} (fresh process)")
-            memory[s["name"]] = memory_in_subprocess(
-                {
-                    "model": args.model,
-                    "variant": s,
-                    "targets": targets,
-                    "device": args.device,
-                    "dtype": args.dtype,
-                    "threads": args.threads,
-                    "batch": args.batch,
-                    "seq": args.seq,
-                    "seed": args.seed,
-                    "steps": args.memory_steps,
-                }
-            )
+        memory = memory_in_fresh_processes(specs, args, args.model, targets)
 
     base_t = times["frozen base"]
     base_med = summarize(base_t)["median_s"]

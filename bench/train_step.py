@@ -25,7 +25,7 @@ from cli_args import DTYPES, add_common_args, result_key, setup_runtime, title_s
 from flops import adapter_flop_fraction, count_flops
 from machine import finish_meta, run_meta
 from memory import measure_memory_here
-from memory_worker import memory_in_subprocess
+from memory_worker import memory_in_fresh_processes
 from models import (
     MODEL_DESCRIPTIONS,
     SEVEN_TARGETS,
@@ -156,22 +156,7 @@ def run_model(args: argparse.Namespace, model_name: str, device: torch.device) -
     del models, steps, base
     gc.collect()
     if args.memory == "subprocess":
-        for s in specs:
-            log(f"[{model_name}] memory of {s['name']} (fresh process)")
-            memory[s["name"]] = memory_in_subprocess(
-                {
-                    "model": model_name,
-                    "variant": s,
-                    "targets": targets,
-                    "device": args.device,
-                    "dtype": args.dtype,
-                    "threads": args.threads,
-                    "batch": args.batch,
-                    "seq": args.seq,
-                    "seed": args.seed,
-                    "steps": args.memory_steps,
-                }
-            )
+        memory = memory_in_fresh_processes(specs, args, model_name, targets)
 
     rows = []
     for s in specs:
