@@ -51,6 +51,28 @@ def make_tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config).eval()
 
 
+def short_run_settings(output_dir, **overrides) -> dict:
+    """Trainer settings of the short Trainer tests (``TrainingArguments`` / ``SFTConfig``):
+    6 optimizer steps of 2 x 2 accumulated examples at 1e-2, a checkpoint every 3, seed 7, CPU."""
+    settings = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=6,
+        learning_rate=1e-2,
+        save_steps=3,
+        save_strategy="steps",
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        seed=7,
+        data_seed=7,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    return {**settings, **overrides}
+
+
 @pytest.fixture
 def tiny_llama() -> LlamaForCausalLM:
     return make_tiny_llama()

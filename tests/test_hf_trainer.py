@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, make_tiny_llama
+from conftest import LLAMA_TARGETS, make_tiny_llama, short_run_settings
 from ddp_worker import fixed_length_dataset
 from transformers import TrainerCallback, TrainingArguments
 
@@ -18,23 +18,7 @@ from matryoshka_lora.train.hf_trainer import NestedLoraTrainer
 def make_trainer(tmp_path, name, method="matryoshka", callbacks=None, **kw):
     model = make_tiny_llama()
     ml.attach(model, ml.NestedLoraConfig(r=8, method=method, target_modules=LLAMA_TARGETS))
-    args = TrainingArguments(
-        output_dir=str(tmp_path / name),
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=2,
-        max_steps=6,
-        learning_rate=1e-2,
-        save_steps=3,
-        save_strategy="steps",
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        seed=7,
-        data_seed=7,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        **kw,
-    )
+    args = TrainingArguments(**short_run_settings(tmp_path / name, **kw))
     trainer = NestedLoraTrainer(
         model=model,
         args=args,

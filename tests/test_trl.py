@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, make_char_tokenizer, make_tiny_llama
+from conftest import LLAMA_TARGETS, make_char_tokenizer, make_tiny_llama, short_run_settings
 from test_hf_trainer import CrashAt, adapter
 from transformers import TrainerCallback
 
@@ -34,25 +34,7 @@ def sums_dataset(n: int, offset: int = 0):
 def make_sft(tmp_path, name, method="matryoshka", callbacks=None, eval_dataset=None, **kw):
     model = make_tiny_llama()
     ml.attach(model, ml.NestedLoraConfig(r=8, method=method, target_modules=LLAMA_TARGETS))
-    settings = dict(
-        output_dir=str(tmp_path / name),
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=2,
-        max_steps=6,
-        learning_rate=1e-2,
-        save_steps=3,
-        save_strategy="steps",
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        seed=7,
-        data_seed=7,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        dataset_num_proc=None,
-    )
-    settings.update(kw)
+    settings = short_run_settings(tmp_path / name, bf16=False, dataset_num_proc=None, **kw)
     trainer = NestedSFTTrainer(
         model=model,
         args=SFTConfig(**settings),
