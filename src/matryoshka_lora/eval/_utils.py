@@ -1,11 +1,12 @@
-"""Small helpers shared by the evaluators: eval mode, re-iterable batches, percentages.
+"""Small helpers shared by the evaluators: eval mode, re-iterable batches, percentages,
+metric functions for a rank sweep.
 
 Moving batches to the model's device is :mod:`matryoshka_lora.batches`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -42,3 +43,25 @@ def reiterable(batches: Iterable[Any]) -> Iterable[Any]:
 def percent(correct: int | float, total: int | float) -> float:
     """``100 * correct / total``; NaN when ``total`` is 0 (nothing to score)."""
     return 100.0 * correct / total if total else float("nan")
+
+
+def named_metric_fn(
+    metrics: Callable[[nn.Module, Iterable[Any]], dict[str, float]],
+    names: Sequence[str],
+    batches: Iterable[Any],
+    metric: str | None,
+) -> Callable[[nn.Module], float | dict[str, float]]:
+    """A ``metric_fn`` for a rank sweep: ``metrics(model, batches)[metric]``, or the dict of
+    all ``names`` when ``metric`` is None (one pass over the batches per rank records every
+    curve). One-shot iterators are materialised so that each rank replays the batches."""
+    if metric is not None and metric not in names:
+        raise ValueError(f"unknown metric {metric!r}: choose from {tuple(names)}")
+    batches = reiterable(batches)
+
+    def metric_fn(model: nn.Module) -> float | dict[str, float]:
+        result = metrics(model, batches)
+        if metric is None:
+            return {k: result[k] for k in names}
+        return result[metric]
+
+    return metric_fn

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..batches import model_device, to_device
-from ._utils import eval_mode, percent, reiterable
+from ._utils import eval_mode, named_metric_fn, percent
 
 CLASSIFICATION_METRICS: tuple[str, ...] = ("accuracy", "loss")
 
@@ -58,14 +58,4 @@ def classification_metric_fn(
     batches: Iterable[Mapping[str, Any]], metric: str | None = "accuracy"
 ) -> Callable[[nn.Module], float | dict[str, float]]:
     """A ``metric_fn`` for :func:`~matryoshka_lora.eval.sweep.rank_sweep` (``None``: both)."""
-    if metric is not None and metric not in CLASSIFICATION_METRICS:
-        raise ValueError(f"unknown metric {metric!r}: choose from {CLASSIFICATION_METRICS}")
-    batches = reiterable(batches)
-
-    def metric_fn(model: nn.Module) -> float | dict[str, float]:
-        result = classification_metrics(model, batches)
-        if metric is None:
-            return {k: result[k] for k in CLASSIFICATION_METRICS}
-        return result[metric]
-
-    return metric_fn
+    return named_metric_fn(classification_metrics, CLASSIFICATION_METRICS, batches, metric)

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..batches import model_device
-from ._utils import eval_mode, percent, reiterable
+from ._utils import eval_mode, named_metric_fn, percent
 
 IGNORE_INDEX = -100
 MODEL_INPUT_KEYS: tuple[str, ...] = ("input_ids", "attention_mask", "position_ids")
@@ -137,14 +137,4 @@ def teacher_forced_metric_fn(
     rank records every curve). One-shot iterators are materialised into a list
     so that the batches can be replayed at each rank.
     """
-    if metric is not None and metric not in TEACHER_FORCED_METRICS:
-        raise ValueError(f"unknown metric {metric!r}: choose from {TEACHER_FORCED_METRICS}")
-    batches = reiterable(batches)
-
-    def metric_fn(model: nn.Module) -> float | dict[str, float]:
-        result = teacher_forced_metrics(model, batches)
-        if metric is None:
-            return {k: result[k] for k in TEACHER_FORCED_METRICS}
-        return result[metric]
-
-    return metric_fn
+    return named_metric_fn(teacher_forced_metrics, TEACHER_FORCED_METRICS, batches, metric)
