@@ -57,6 +57,9 @@ def main() -> None:
         "prefix_loss": {"prefix_loss": True},
         "prefix_loss_all": {"prefix_loss": True, "prefix_loss_sample": 0},
         "prefix_sampling": {"prefix_sampling": 0.5},
+        "mixed": {"prefix_loss": True, "prefix_loss_mode": "mixed"},
+        "every2": {"prefix_loss": True, "prefix_loss_every": 2},
+        "rebase": {},  # the default objective, factors re-based every 2 steps
     }
     model = make_tiny_llama()
     ml.attach(
@@ -71,6 +74,7 @@ def main() -> None:
         max_steps=4,
         progress=False,
         seed=3,
+        svd_rebase_every=2 if variant == "rebase" else 0,
     )
     result = train_adapter(model, varied_length_dataset(), config, PaddingCollator(0), resume=False)
     rank = int(os.environ.get("RANK", "0"))

@@ -306,6 +306,9 @@ def test_bf16_autocast_training(tmp_path):
         "dylora",
         "matryoshka:prefix_loss_all",
         "matryoshka:prefix_sampling",
+        "matryoshka:mixed",
+        "matryoshka:every2",
+        "matryoshka:rebase",
     ],
 )
 def test_two_process_ddp_matches_one_process(tmp_path, method):
@@ -334,7 +337,9 @@ def test_two_process_ddp_matches_one_process(tmp_path, method):
     single = load_file(one / "rank0.safetensors")
     for key in single:
         assert torch.equal(r0[key], r1[key]), key  # every process holds the same adapter
-    assert_tensors_close(r0, single)
+    # A re-basis drops Adam's state, so the step after it is sign-like again: rounding on
+    # elements with tiny gradients is amplified as at the first step (about 3e-5 measured).
+    assert_tensors_close(r0, single, rtol=1e-4 if method.endswith(":rebase") else 1e-5)
     losses = [
         json.loads((d / name).read_text())
         for d, name in ((two, "losses0.json"), (two, "losses1.json"), (one, "losses0.json"))
