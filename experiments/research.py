@@ -133,7 +133,7 @@ def complete_records(
     """Add the SVD deployment to records written before it was part of every run; returns
     how many were completed (each is appended to ``runs.jsonl`` as a newer line)."""
     spec = runner.spec
-    runner.records.update(runner._read_records())
+    runner.records.update(runner.read_records())
     todo = [
         record
         for record in runner.records.values()

@@ -48,9 +48,10 @@ class ComparisonRunner:
                     "same settings to resume (rows, learning-rate grids and seeds may change)"
                 )
         spec_path.write_text(spec_json)
-        self.records = self._read_records()
+        self.records = self.read_records()
 
-    def _read_records(self) -> dict[str, dict[str, Any]]:
+    def read_records(self) -> dict[str, dict[str, Any]]:
+        """The finished runs in ``runs.jsonl`` by run name (another process may have added some)."""
         if not self.log_path.exists():
             return {}
         records = {}
@@ -221,7 +222,7 @@ class ComparisonRunner:
             ):
                 if max_runs is not None and done >= max_runs:
                     return self.table()
-                self.records.update(self._read_records())
+                self.records.update(self.read_records())
                 if key.name in self.records:
                     continue
                 record = run_one(

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..batches import model_device, to_device
-from ._utils import eval_mode, named_metric_fn, percent
+from .common import eval_mode, named_metric_fn, percent
 
 CLASSIFICATION_METRICS: tuple[str, ...] = ("accuracy", "loss")
 

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..batches import model_device, to_device
-from ._utils import eval_mode, percent, reiterable
+from .common import eval_mode, percent, reiterable
 
 STRICT_PATTERN = re.compile(r"#### (-?[0-9.,]+)")
 FLEXIBLE_PATTERN = re.compile(r"-?\$?-?[0-9][0-9,]*(?:\.[0-9]+)?")

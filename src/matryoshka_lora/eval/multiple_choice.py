@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..batches import model_device
-from ._utils import eval_mode, percent, reiterable
+from .common import eval_mode, percent, reiterable
 
 MC_METRICS: tuple[str, ...] = ("acc", "acc_norm")
 

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..batches import model_device
-from ._utils import eval_mode, named_metric_fn, percent
+from .common import eval_mode, named_metric_fn, percent
 
 IGNORE_INDEX = -100
 MODEL_INPUT_KEYS: tuple[str, ...] = ("input_ids", "attention_mask", "position_ids")

@@ -29,7 +29,7 @@ from typing import Any
 
 from torch import nn
 
-from ..eval._utils import percent, reiterable
+from ..eval.common import percent, reiterable
 from ..eval.sweep import rank_sweep
 from ..eval.teacher_forced import TEACHER_FORCED_METRICS, teacher_forced_metrics
 from ..model import get_config
