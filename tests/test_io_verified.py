@@ -31,6 +31,9 @@ TAMPERED = {
     "prefix_sampling": {"prefix_sampling": 0.5},
     "prefix_loss": {"prefix_loss": False, "prefix_loss_sample": 0},
     "prefix_loss_sample": {"prefix_loss_sample": 0},
+    "prefix_loss_mode": {"prefix_loss_mode": "mixed"},
+    "prefix_loss_every": {"prefix_loss_every": 2},
+    "prefix_loss_start": {"prefix_loss_start": 3},
     "adapter_dtype": {"adapter_dtype": "bfloat16"},
 }
 

@@ -1,4 +1,5 @@
-"""Cheaper forms of the prefix loss: a mixed-rank micro-batch, and the prefix loss on every k-th."""
+"""Cheaper forms of the prefix loss: a mixed-rank micro-batch, the prefix loss on every k-th
+micro-batch, and the prefix loss from a later step on (train wide, nest late)."""
 
 from __future__ import annotations
 
@@ -249,7 +250,57 @@ def test_loop_and_trainer_alternate_within_an_accumulated_step(tmp_path):
     assert trainer.state.log_history[0]["loss"] == pytest.approx(expected, rel=1e-4)
 
 
-# ----------------------------------------------------------------------------- config
+# ----------------------------------------------------------------------------- late start
+def test_prefix_loss_start_plans_the_full_adapter_before_it_and_the_default_from_it():
+    late = NestedLoraConfig(r=8, prefix_loss=True, prefix_loss_start=3, target_modules=["q"])
+    default = late.replace(prefix_loss_start=0)
+    for step in range(6):
+        for micro in range(2):
+            plan = micro_batch_plan(late, 5, step, micro, accumulation=2)
+            if step < 3:
+                assert plan.mode == "full" and plan.ranks == ()
+            else:  # the same draw as a run that trained the prefix loss from the start
+                assert plan == micro_batch_plan(default, 5, step, micro, accumulation=2)
+                assert plan.mode == "per_rank" and len(plan.ranks) == 2
+
+
+@pytest.mark.parametrize("trainer", ["loop", "hf"])
+def test_late_prefix_loss_trains_the_full_objective_then_the_default(tmp_path, trainer):
+    """Steps before ``prefix_loss_start`` equal a run without the prefix loss (the 1x
+    objective), bit for bit; from it on the losses leave that run (the prefix loss)."""
+    data = fixed_length_dataset(n=8)
+
+    def losses(name, **config):
+        model = trained_tiny(**config)
+        if trainer == "loop":
+            train = TrainConfig(
+                output_dir=str(tmp_path / name), max_steps=4, batch_size=2, progress=False, seed=5
+            )
+            return train_adapter(model, data, train, COLLATE).losses
+        args = TrainingArguments(
+            output_dir=str(tmp_path / name),
+            use_cpu=True,
+            report_to=[],
+            disable_tqdm=True,
+            seed=5,
+            max_steps=4,
+            per_device_train_batch_size=2,
+            logging_steps=1,
+            save_strategy="no",
+        )
+        run = NestedLoraTrainer(model=model, args=args, train_dataset=data, data_collator=COLLATE)
+        run.train()
+        return [entry["loss"] for entry in run.state.log_history if "loss" in entry]
+
+    plain = losses("plain", prefix_loss=False)
+    late = losses("late", prefix_loss=True, prefix_loss_start=2)
+    assert late[:2] == plain[:2]
+    assert late[2] != pytest.approx(plain[2], rel=1e-4)
+    assert (
+        late[2:] != losses("default", prefix_loss=True)[2:]
+    )  # an earlier start trains another adapter
+
+
 def test_prefix_loss_schedule_fields_are_validated():
     config = NestedLoraConfig(
         r=8, prefix_loss=True, prefix_loss_mode="mixed", prefix_loss_every=3, target_modules=["q"]
@@ -260,9 +311,19 @@ def test_prefix_loss_schedule_fields_are_validated():
     for bad in (0, -1, True, 1.5):
         with pytest.raises(ValueError, match="prefix_loss_every must be an integer >= 1"):
             NestedLoraConfig(r=8, prefix_loss=True, prefix_loss_every=bad)
-    for field in ({"prefix_loss_mode": "mixed"}, {"prefix_loss_every": 2}):
+    for bad in (-1, True, 2.0):
+        with pytest.raises(ValueError, match="prefix_loss_start must be an integer >= 0"):
+            NestedLoraConfig(r=8, prefix_loss=True, prefix_loss_start=bad)
+    for field in (
+        {"prefix_loss_mode": "mixed"},
+        {"prefix_loss_every": 2},
+        {"prefix_loss_start": 5},
+    ):
         with pytest.raises(ValueError, match="they need prefix_loss=True"):
             NestedLoraConfig(r=8, prefix_loss=False, **field)
     # turning the prefix loss off (as an SVD re-basis to LoRA does) resets its schedule
     plain = config.replace(prefix_loss=False)
     assert (plain.prefix_loss_mode, plain.prefix_loss_every) == ("per_rank", 1)
+    late = NestedLoraConfig(r=8, prefix_loss=True, prefix_loss_start=7, target_modules=["q"])
+    assert NestedLoraConfig.from_dict(late.to_dict()) == late
+    assert late.replace(prefix_loss=False).prefix_loss_start == 0

@@ -112,6 +112,16 @@ class NestedLoraConfig:
             k-th micro-batch only (global micro-batch index ``g = step *
             accumulation + micro``, prefix loss when ``g % k == 0``) and the full
             adapter's loss alone on the others. 1 (default): every micro-batch.
+        prefix_loss_start: with ``prefix_loss``, the first optimizer step (0-based)
+            that trains it; the steps before it train the full adapter's loss alone
+            (the 1x objective). 0 (default): from the first step. Training wide and
+            nesting late: with ``T`` steps and ``prefix_loss_start = (1 - f) T`` a
+            run costs ``1 + f`` forwards per micro-batch on average (prefix loss of
+            ``prefix_loss_sample=1``), and ``TrainConfig.svd_rebase_every`` set to
+            the same step (when it is past ``T / 2``, so that it fires once)
+            re-bases the factors onto the SVD of the update just before the prefix
+            loss starts, so that the nested phase starts from the Eckart–Young
+            prefixes.
         adapter_dtype: dtype of A and B, or None to follow the base weight;
             ``"float32"`` (default) keeps adapters in fp32 under a bf16/fp16
             base, like PEFT's ``autocast_adapter_dtype``.
@@ -206,6 +216,13 @@ class NestedLoraConfig:
             "adapter's loss alone on the others ((1 + 1/k) forwards with prefix_loss_sample=1)"
         },
     )
+    prefix_loss_start: int = field(
+        default=0,
+        metadata={
+            "help": "with the prefix loss: the first optimizer step (0-based) that trains it, "
+            "the full adapter's loss alone before it (default: 0)"
+        },
+    )
     adapter_dtype: str | None = field(
         default="float32",
         metadata={"help": "dtype of A and B; None follows the base weight"},
@@ -237,10 +254,16 @@ class NestedLoraConfig:
             raise ValueError(
                 f"prefix_loss_every must be an integer >= 1 (1: every micro-batch), got {k!r}"
             )
-        if not self.prefix_loss and (self.prefix_loss_mode != "per_rank" or k != 1):
+        start = self.prefix_loss_start
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
             raise ValueError(
-                "prefix_loss_mode and prefix_loss_every shape the prefix loss: they need "
-                "prefix_loss=True (or keep prefix_loss_mode='per_rank', prefix_loss_every=1)"
+                f"prefix_loss_start must be an integer >= 0 (0: from the first step), got {start!r}"
+            )
+        if not self.prefix_loss and (self.prefix_loss_mode != "per_rank" or k != 1 or start):
+            raise ValueError(
+                "prefix_loss_mode, prefix_loss_every and prefix_loss_start shape the prefix "
+                "loss: they need prefix_loss=True (or keep prefix_loss_mode='per_rank', "
+                "prefix_loss_every=1, prefix_loss_start=0)"
             )
 
     def __post_init__(self) -> None:
@@ -368,7 +391,8 @@ class NestedLoraConfig:
         The prefix-loss fields follow a changed method or prefix loss unless given:
         a new ``method`` re-derives ``prefix_loss`` and ``prefix_loss_sample`` from
         their defaults, a new ``prefix_loss`` re-derives ``prefix_loss_sample`` and
-        resets ``prefix_loss_mode`` and ``prefix_loss_every`` to their defaults.
+        resets ``prefix_loss_mode``, ``prefix_loss_every`` and ``prefix_loss_start`` to
+        their defaults.
         """
         if "method" in changes and "prefix_loss" not in changes:
             changes["prefix_loss"] = None
@@ -377,6 +401,7 @@ class NestedLoraConfig:
         if "prefix_loss" in changes:
             changes.setdefault("prefix_loss_mode", "per_rank")
             changes.setdefault("prefix_loss_every", 1)
+            changes.setdefault("prefix_loss_start", 0)
         return dataclasses.replace(self, **changes)
 
 

@@ -168,6 +168,7 @@ GROUPS: dict[str, tuple[Option, ...]] = {
         option(ADAPTER, "prefix_loss_sample", metavar="K"),
         option(ADAPTER, "prefix_loss_mode"),
         option(ADAPTER, "prefix_loss_every", type=positive_int, metavar="K"),
+        option(ADAPTER, "prefix_loss_start", type=non_negative_int, metavar="STEP"),
         option(ADAPTER, "dylora_update", default=None),  # None: not given (dylora only)
     ),
     "DyLoRA rank sampler (method dylora only)": (

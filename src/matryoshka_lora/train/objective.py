@@ -206,7 +206,8 @@ def micro_batch_plan(
     """The objective of micro-batch ``micro_step`` of optimizer step ``step``.
 
     A pure function of the config and ``(seed, step, micro_step)``: every process
-    and a resumed run plan alike. Without ``prefix_loss``, or on a micro-batch that
+    and a resumed run plan alike. Without ``prefix_loss``, before step
+    ``prefix_loss_start``, or on a micro-batch that
     ``prefix_loss_every`` skips (``(step * accumulation + micro_step) %
     prefix_loss_every != 0``), the full adapter; else the ranks S' of
     :func:`prefix_loss_ranks_for`, averaged (``per_rank``) or assigned to the
@@ -215,6 +216,8 @@ def micro_batch_plan(
     batch, see :func:`~matryoshka_lora.sampling.mixed_example_ranks`).
     """
     if not config.prefix_loss:
+        return MicroBatchPlan("full")
+    if step < config.prefix_loss_start:
         return MicroBatchPlan("full")
     if (step * accumulation + micro_step) % config.prefix_loss_every:
         return MicroBatchPlan("full")
