@@ -61,6 +61,16 @@ VARIANT_KINDS: dict[str, dict[str, Any]] = {
         "prefix_loss": False,
         "train": {"svd_rebase_every": 25},
     },
+    # train wide, nest late: the full adapter alone for the first 3/4 of a 150-step run,
+    # the factors re-based on the SVD of the update at step 112, then the default prefix
+    # loss (1.25 forwards per micro-batch on average)
+    "mat_late": {
+        "method": "matryoshka",
+        "prefix_loss": True,
+        "prefix_loss_sample": 1,
+        "prefix_loss_start": 112,
+        "train": {"svd_rebase_every": 112},
+    },
 }
 RESEARCH_ROWS: tuple[str, ...] = (  # every deployment of every variant
     "lora_trunc_paper",
@@ -97,6 +107,7 @@ LEARNING_RATES: dict[str, list[float]] = {
     "mat_prefix1_every2": [8e-3],
     "mat_mixed": [8e-3],
     "mat_rebase": [8e-3],
+    "mat_late": [8e-3],
 }
 
 
