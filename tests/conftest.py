@@ -51,26 +51,35 @@ def make_tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config).eval()
 
 
-def short_run_settings(output_dir, **overrides) -> dict:
-    """Trainer settings of the short Trainer tests (``TrainingArguments`` / ``SFTConfig``):
-    6 optimizer steps of 2 x 2 accumulated examples at 1e-2, a checkpoint every 3, seed 7, CPU."""
+def cpu_trainer_settings(output_dir, **overrides) -> dict:
+    """Trainer settings (``TrainingArguments`` / ``SFTConfig``) for a test on CPU: no
+    reports, no progress bar, a log entry per step, no checkpoints unless overridden."""
     settings = dict(
         output_dir=str(output_dir),
+        use_cpu=True,
+        report_to=[],
+        disable_tqdm=True,
+        logging_steps=1,
+        save_strategy="no",
+        dataloader_num_workers=0,
+    )
+    return {**settings, **overrides}
+
+
+def short_run_settings(output_dir, **overrides) -> dict:
+    """The short Trainer tests' settings: 6 optimizer steps of 2 x 2 accumulated examples at
+    1e-2, a checkpoint every 3, seed 7."""
+    settings = dict(
         per_device_train_batch_size=2,
         gradient_accumulation_steps=2,
         max_steps=6,
         learning_rate=1e-2,
         save_steps=3,
         save_strategy="steps",
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
         seed=7,
         data_seed=7,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
     )
-    return {**settings, **overrides}
+    return cpu_trainer_settings(output_dir, **{**settings, **overrides})
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, make_tiny_llama
+from conftest import LLAMA_TARGETS, cpu_trainer_settings, make_tiny_llama
 from ddp_worker import fixed_length_dataset, varied_length_dataset
 from transformers import TrainingArguments
 
@@ -233,17 +233,9 @@ def test_loop_and_trainer_alternate_within_an_accumulated_step(tmp_path):
         ranks = prefix_loss_ranks_for(config, seed, 0, 0)
         prefix = prefix_loss(model, config, lambda: model(**batch).loss, ranks=ranks).item()
         expected = 0.5 * prefix + 0.5 * model(**batch).loss.item()
+    settings = dict(seed=seed, max_steps=1, per_device_train_batch_size=2)
     args = TrainingArguments(
-        output_dir=str(tmp_path / "trainer"),
-        use_cpu=True,
-        report_to=[],
-        disable_tqdm=True,
-        seed=seed,
-        max_steps=1,
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=2,
-        logging_steps=1,
-        save_strategy="no",
+        **cpu_trainer_settings(tmp_path / "trainer", gradient_accumulation_steps=2, **settings)
     )
     trainer = NestedLoraTrainer(model=model, args=args, train_dataset=same, data_collator=COLLATE)
     trainer.train()
@@ -277,17 +269,8 @@ def test_late_prefix_loss_trains_the_full_objective_then_the_default(tmp_path, t
                 output_dir=str(tmp_path / name), max_steps=4, batch_size=2, progress=False, seed=5
             )
             return train_adapter(model, data, train, COLLATE).losses
-        args = TrainingArguments(
-            output_dir=str(tmp_path / name),
-            use_cpu=True,
-            report_to=[],
-            disable_tqdm=True,
-            seed=5,
-            max_steps=4,
-            per_device_train_batch_size=2,
-            logging_steps=1,
-            save_strategy="no",
-        )
+        settings = dict(seed=5, max_steps=4, per_device_train_batch_size=2)
+        args = TrainingArguments(**cpu_trainer_settings(tmp_path / name, **settings))
         run = NestedLoraTrainer(model=model, args=args, train_dataset=data, data_collator=COLLATE)
         run.train()
         return [entry["loss"] for entry in run.state.log_history if "loss" in entry]

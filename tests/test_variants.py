@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, make_tiny_llama
+from conftest import LLAMA_TARGETS, cpu_trainer_settings, make_tiny_llama
 from ddp_worker import fixed_length_dataset
 from transformers import TrainingArguments
 
@@ -293,17 +293,8 @@ def test_sampled_prefix_loss_averages_the_full_rank_and_the_drawn_ranks(tmp_path
     assert result.losses[0] == pytest.approx(expected, rel=1e-5)
 
     model = trained_tiny(prefix_loss=True, prefix_loss_sample=1)
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "trainer"),
-        use_cpu=True,
-        report_to=[],
-        disable_tqdm=True,
-        seed=7,
-        max_steps=1,
-        per_device_train_batch_size=4,
-        logging_steps=1,
-        save_strategy="no",
-    )
+    settings = dict(seed=7, max_steps=1, per_device_train_batch_size=4)
+    args = TrainingArguments(**cpu_trainer_settings(tmp_path / "trainer", **settings))
     trainer = NestedLoraTrainer(model=model, args=args, train_dataset=data, data_collator=COLLATE)
     trainer.train()
     assert trainer.state.log_history[0]["loss"] == pytest.approx(expected, rel=1e-4)
