@@ -4,14 +4,19 @@
 # Two processes side by side, one thread each, sharing the folder (resumable):
 #   bash experiments/gsm_symbolic_150.sh A & bash experiments/gsm_symbolic_150.sh B
 # Process A trains LoRA and the default objective; B the authors' objective, LoRA at
-# equal compute (twice the steps), then the per-rank envelope.
+# equal compute (twice the steps), then the per-rank envelope. Once seed 0 has chosen the
+# learning rates, `seed N` runs the deciding rows (the default, LoRA at equal compute, LoRA)
+# of one more seed in one process, so seeds 1 and 2 can run side by side:
+#   bash experiments/gsm_symbolic_150.sh seed 1 & bash experiments/gsm_symbolic_150.sh seed 2
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 OUT=experiments/results/smollm2-gsm-symbolic-150
+SEEDS=0,1,2
+if [ "${1:-}" = seed ]; then SEEDS=0,${2:?usage: $0 seed N}; fi
 COMMON=(--output "$OUT" --steps 150 --batch-size 4 --max-length 256 --train-size 600
   --val-size 32 --test-size 128 --warmup-steps 15 --autocast-dtype bfloat16 --threads 1
-  --seeds 0,1,2 --eval-batch-size 8
+  --seeds $SEEDS --eval-batch-size 8
   --rows lora_svd,lora_svd_2x,lora_per_rank,matryoshka_trained,mat_prefix1_trained
   --lr lora=8e-3 --lr lora_2x=8e-3 --lr lora_r=8e-3 --lr lora_r:1=2e-2
   --lr matryoshka=8e-3 --lr mat_prefix1=8e-3)
@@ -19,6 +24,9 @@ case "${1:-}" in
   A) python experiments/compare.py "${COMMON[@]}" --kinds lora,mat_prefix1 ;;
   B) python experiments/compare.py "${COMMON[@]}" --kinds matryoshka,lora_2x
      python experiments/compare.py "${COMMON[@]}" --kinds lora_r ;;
+  seed) for kind in mat_prefix1 lora_2x lora; do
+          python experiments/compare.py "${COMMON[@]}" --kinds "$kind"
+        done ;;
   report) python experiments/compare.py "${COMMON[@]}" --report ;;
-  *) echo "usage: $0 A|B|report" >&2; exit 2 ;;
+  *) echo "usage: $0 A|B|seed N|report" >&2; exit 2 ;;
 esac
