@@ -89,6 +89,22 @@ def test_protocol_choice_and_resume(tmp_path):
     assert json.loads((tmp_path / "spec.json").read_text())["steps"] == 2
 
 
+def test_a_record_still_being_appended_is_read_later_not_parsed(tmp_path):
+    """Two runners share a folder: one may read runs.jsonl while the other appends a line."""
+    spec = tiny_spec(write_dataset(tmp_path / "data"))
+    runner = ComparisonRunner(spec, tmp_path / "out", progress=False)
+    done = {"name": "lora-r4-lr0.01-s0", "curves": {}}
+    line = json.dumps({"name": "lora-r4-lr0.01-s1", "curves": {}})
+    runner.log_path.write_text(json.dumps(done) + "\n" + line[:20], encoding="utf-8")
+    assert list(runner.read_records()) == [done["name"]]
+    with open(runner.log_path, "a", encoding="utf-8") as fh:
+        fh.write(line[20:] + "\n")
+    assert list(runner.read_records()) == [done["name"], "lora-r4-lr0.01-s1"]
+    again = ComparisonRunner(spec, tmp_path / "out", progress=False)  # spec.json replaced whole
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["runs.jsonl", "spec.json"]
+    assert len(again.records) == 2
+
+
 def test_spec_validation():
     with pytest.raises(ValueError, match="unknown comparison rows"):
         tiny_spec(rows=("adalora",))

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..eval.aurac import aurac
 from ..eval.results import Comparison
+from ..io import atomic_write_text
 from .run import collator_for, eval_batches, metric_value, run_one, splits_for
 from .spec import SELECT_FROM, ComparisonSpec, RunKey, identity_of
 
@@ -47,15 +48,19 @@ class ComparisonRunner:
                     f"({spec_path}: {', '.join(differ)} differ); use a new output folder, or the "
                     "same settings to resume (rows, learning-rate grids and seeds may change)"
                 )
-        spec_path.write_text(spec_json)
+        atomic_write_text(spec_path, spec_json)  # another process may be reading it
         self.records = self.read_records()
 
     def read_records(self) -> dict[str, dict[str, Any]]:
-        """The finished runs in ``runs.jsonl`` by run name (another process may have added some)."""
+        """The finished runs in ``runs.jsonl`` by run name (another process may have added some).
+
+        Only newline-terminated lines count: a last line without its newline is a record
+        another process is still appending, read on a later call.
+        """
         if not self.log_path.exists():
             return {}
         records = {}
-        for line in self.log_path.read_text().splitlines():
+        for line in self.log_path.read_text(encoding="utf-8").split("\n")[:-1]:
             if line.strip():
                 record = json.loads(line)
                 records[record["name"]] = record
