@@ -61,6 +61,13 @@ VARIANT_KINDS: dict[str, dict[str, Any]] = {
         "prefix_loss": False,
         "train": {"svd_rebase_every": 25},
     },
+    # the default with the full rank weighted 3/4 (the drawn rank 1/4) instead of 1/2
+    "mat_prefix1_w75": {
+        "method": "matryoshka",
+        "prefix_loss": True,
+        "prefix_loss_sample": 1,
+        "prefix_loss_full_weight": 0.75,
+    },
     # train wide, nest late: the full adapter alone for the first 3/4 of a 150-step run,
     # the factors re-based on the SVD of the update at step 112, then the default prefix
     # loss (1.25 forwards per micro-batch on average)
@@ -108,6 +115,7 @@ LEARNING_RATES: dict[str, list[float]] = {
     "mat_mixed": [8e-3],
     "mat_rebase": [8e-3],
     "mat_late": [8e-3],
+    "mat_prefix1_w75": [8e-3],
 }
 
 

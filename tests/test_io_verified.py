@@ -34,6 +34,7 @@ TAMPERED = {
     "prefix_loss_mode": {"prefix_loss_mode": "mixed"},
     "prefix_loss_every": {"prefix_loss_every": 2},
     "prefix_loss_start": {"prefix_loss_start": 3},
+    "prefix_loss_full_weight": {"prefix_loss_full_weight": 0.75},
     "adapter_dtype": {"adapter_dtype": "bfloat16"},
 }
 

@@ -242,7 +242,38 @@ def test_loop_and_trainer_alternate_within_an_accumulated_step(tmp_path):
     assert trainer.state.log_history[0]["loss"] == pytest.approx(expected, rel=1e-4)
 
 
-# ----------------------------------------------------------------------------- late start
+# ----------------------------------------------------------------------------- full weight
+@pytest.mark.parametrize(
+    ("ranks", "w"), [((2, 8), 0.75), ((1, 2, 4, 8), 0.4), ((1, 8), 0.5), ((8,), 0.3)]
+)
+def test_full_weight_weighs_the_full_rank_and_shares_the_rest(ranks, w):
+    """``w L_R + (1 - w)/(m - 1) sum_{r < R} L_r``, each L_r from an explicit forward at r."""
+    batch = COLLATE(fixed_length_dataset(n=4))
+    model = trained_tiny(prefix_loss=True, prefix_loss_full_weight=w)
+    config = get_config(model)
+    with torch.no_grad():
+        alone = {}
+        for r in ranks:
+            with at_rank(model, r if r < 8 else None):
+                alone[r] = model(**batch).loss.item()
+        loss = prefix_loss(model, config, lambda: model(**batch).loss, ranks=ranks).item()
+    lower = [alone[r] for r in ranks if r < 8]
+    expected = w * alone[8] + (1 - w) * sum(lower) / len(lower) if lower else alone[8]
+    assert loss == pytest.approx(expected, rel=1e-6)
+
+
+def test_full_weight_of_one_over_m_is_the_plain_mean():
+    batch = COLLATE(fixed_length_dataset(n=4))
+    plain = trained_tiny(prefix_loss=True, prefix_loss_sample=0)
+    weighted = trained_tiny(prefix_loss=True, prefix_loss_sample=0, prefix_loss_full_weight=0.25)
+    with torch.no_grad():  # S = (1, 2, 4, 8): m = 4
+        losses = [
+            prefix_loss(m, get_config(m), lambda m=m: m(**batch).loss).item()
+            for m in (plain, weighted)
+        ]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+
+
 def test_prefix_loss_start_plans_the_full_adapter_before_it_and_the_default_from_it():
     late = NestedLoraConfig(r=8, prefix_loss=True, prefix_loss_start=3, target_modules=["q"])
     default = late.replace(prefix_loss_start=0)
@@ -294,6 +325,15 @@ def test_prefix_loss_schedule_fields_are_validated():
     for bad in (0, -1, True, 1.5):
         with pytest.raises(ValueError, match="prefix_loss_every must be an integer >= 1"):
             NestedLoraConfig(r=8, prefix_loss=True, prefix_loss_every=bad)
+    for bad in (0.0, 1.0, -0.5, True, "0.5"):
+        with pytest.raises(ValueError, match="prefix_loss_full_weight must be a number in"):
+            NestedLoraConfig(r=8, prefix_loss=True, prefix_loss_full_weight=bad)
+    with pytest.raises(ValueError, match="weighs the per-rank prefix loss"):
+        NestedLoraConfig(
+            r=8, prefix_loss=True, prefix_loss_mode="mixed", prefix_loss_full_weight=0.5
+        )
+    with pytest.raises(ValueError, match="weighs the per-rank prefix loss"):
+        NestedLoraConfig(r=8, prefix_loss=False, prefix_loss_full_weight=0.5)
     for bad in (-1, True, 2.0):
         with pytest.raises(ValueError, match="prefix_loss_start must be an integer >= 0"):
             NestedLoraConfig(r=8, prefix_loss=True, prefix_loss_start=bad)

@@ -103,6 +103,10 @@ class NestedLoraConfig:
             0: every rank of S, every micro-batch (|S| forwards; preset
             ``matryoshka-prefix``). Default (None): 1 with the prefix loss (2
             forwards per micro-batch), 0 without.
+        prefix_loss_full_weight: with ``prefix_loss`` in ``per_rank`` mode, the
+            weight ``w`` of the full adapter's loss; the other drawn ranks share
+            ``1 - w`` equally: ``w L_R + (1 - w) / (m - 1) sum_{r in S', r < R} L_r``
+            for a draw S' of m ranks. None (default): the plain mean, ``w = 1/m``.
         prefix_loss_mode: with ``prefix_loss``, how the ranks share a micro-batch:
             ``per_rank`` (default) runs the whole micro-batch once at each rank
             drawn by ``prefix_loss_sample``; ``mixed`` runs it once, example i at
@@ -202,6 +206,13 @@ class NestedLoraConfig:
             "0: every train rank)"
         },
     )
+    prefix_loss_full_weight: float | None = field(
+        default=None,
+        metadata={
+            "help": "with the prefix loss (per_rank): weight of the full adapter's loss, the "
+            "drawn lower ranks share the rest (default: the plain mean, 1/(K + 1))"
+        },
+    )
     prefix_loss_mode: PrefixLossMode = field(
         default="per_rank",
         metadata={
@@ -254,6 +265,18 @@ class NestedLoraConfig:
             raise ValueError(
                 f"prefix_loss_every must be an integer >= 1 (1: every micro-batch), got {k!r}"
             )
+        w = self.prefix_loss_full_weight
+        if w is not None:
+            if isinstance(w, bool) or not isinstance(w, int | float) or not 0.0 < w < 1.0:
+                raise ValueError(
+                    f"prefix_loss_full_weight must be a number in (0, 1), got {w!r}; "
+                    "None gives the plain mean"
+                )
+            if not self.prefix_loss or self.prefix_loss_mode != "per_rank":
+                raise ValueError(
+                    "prefix_loss_full_weight weighs the per-rank prefix loss: it needs "
+                    "prefix_loss=True and prefix_loss_mode='per_rank' (or leave it None)"
+                )
         start = self.prefix_loss_start
         if isinstance(start, bool) or not isinstance(start, int) or start < 0:
             raise ValueError(
@@ -391,8 +414,8 @@ class NestedLoraConfig:
         The prefix-loss fields follow a changed method or prefix loss unless given:
         a new ``method`` re-derives ``prefix_loss`` and ``prefix_loss_sample`` from
         their defaults, a new ``prefix_loss`` re-derives ``prefix_loss_sample`` and
-        resets ``prefix_loss_mode``, ``prefix_loss_every`` and ``prefix_loss_start`` to
-        their defaults.
+        resets ``prefix_loss_mode``, ``prefix_loss_every``, ``prefix_loss_start`` and
+        ``prefix_loss_full_weight`` to their defaults.
         """
         if "method" in changes and "prefix_loss" not in changes:
             changes["prefix_loss"] = None
@@ -402,6 +425,7 @@ class NestedLoraConfig:
             changes.setdefault("prefix_loss_mode", "per_rank")
             changes.setdefault("prefix_loss_every", 1)
             changes.setdefault("prefix_loss_start", 0)
+            changes.setdefault("prefix_loss_full_weight", None)
         return dataclasses.replace(self, **changes)
 
 

@@ -166,6 +166,7 @@ GROUPS: dict[str, tuple[Option, ...]] = {
         option(ADAPTER, "prefix_sampling", type=probability),
         option(ADAPTER, "prefix_loss"),
         option(ADAPTER, "prefix_loss_sample", metavar="K"),
+        option(ADAPTER, "prefix_loss_full_weight", type=probability, metavar="W"),
         option(ADAPTER, "prefix_loss_mode"),
         option(ADAPTER, "prefix_loss_every", type=positive_int, metavar="K"),
         option(ADAPTER, "prefix_loss_start", type=non_negative_int, metavar="STEP"),

@@ -70,7 +70,9 @@ def prefix_loss(
     """``(1/|S'|) sum_{r in S'} loss at rank r``, as one graph (so one backward).
 
     ``S'`` is ``ranks`` (sorted, ending with R; default: the train ranks S), e.g.
-    from :func:`prefix_loss_ranks_for`.
+    from :func:`prefix_loss_ranks_for`. With ``config.prefix_loss_full_weight = w``
+    the full rank's loss weighs ``w`` and each of the other m - 1 ranks
+    ``(1 - w) / (m - 1)`` (a draw of R alone is its loss).
 
     ``full_loss()`` computes the loss of the model as it is; the ranks below R
     are computed by ``prefix_loss_at()`` (default: ``full_loss``) with the
@@ -82,16 +84,20 @@ def prefix_loss(
     ranks = tuple(config.train_ranks) if ranks is None else tuple(ranks)
     if not ranks or ranks[-1] != config.r:
         raise ValueError(f"the prefix loss's ranks must end with R = {config.r}, got {ranks}")
+    w = config.prefix_loss_full_weight
+    weighted = w is not None and len(ranks) > 1
     total = None
     with _recompute_at_forward_rank(model):
         try:
             for r in ranks:  # sorted, ending with R
                 set_rank(model, r)
                 loss = full_loss() if r == config.r else compute_prefix()
+                if weighted:
+                    loss = loss * (w if r == config.r else (1.0 - w) / (len(ranks) - 1))
                 total = loss if total is None else total + loss
         finally:
             set_rank(model, None)
-    return total / len(ranks)
+    return total if weighted else total / len(ranks)
 
 
 def mixed_rank_loss(
