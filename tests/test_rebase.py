@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, make_tiny_llama
+from conftest import LLAMA_TARGETS, cpu_trainer_settings, make_tiny_llama
 from ddp_worker import fixed_length_dataset
 from transformers import TrainingArguments
 
@@ -150,13 +150,7 @@ def test_loop_rebases_every_k_steps(tmp_path):
 def test_trainer_rebases_every_k_steps(tmp_path):
     model = tiny("matryoshka")
     args = TrainingArguments(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        report_to=[],
-        disable_tqdm=True,
-        max_steps=2,
-        per_device_train_batch_size=4,
-        save_strategy="no",
+        **cpu_trainer_settings(tmp_path, max_steps=2, per_device_train_batch_size=4)
     )
     trainer = NestedLoraTrainer(
         model=model,

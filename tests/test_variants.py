@@ -216,16 +216,8 @@ def test_loop_and_trainer_use_the_prefix_loss(tmp_path):
 def test_trainer_samples_prefixes_for_prefix_sampling(tmp_path):
     model = make_tiny_llama()
     ml.attach(model, ml.NestedLoraConfig(r=8, prefix_sampling=0.5, target_modules=LLAMA_TARGETS))
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        report_to=[],
-        disable_tqdm=True,
-        max_steps=8,
-        per_device_train_batch_size=4,
-        save_strategy="no",
-        seed=3,
-    )
+    settings = dict(max_steps=8, per_device_train_batch_size=4, seed=3)
+    args = TrainingArguments(**cpu_trainer_settings(tmp_path, **settings))
     trainer = NestedLoraTrainer(
         model=model, args=args, train_dataset=fixed_length_dataset(), data_collator=COLLATE
     )
