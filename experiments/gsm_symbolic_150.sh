@@ -8,18 +8,24 @@
 # learning rates, `seed N` runs the deciding rows (the default, LoRA at equal compute, LoRA)
 # of one more seed in one process, so seeds 1 and 2 can run side by side:
 #   bash experiments/gsm_symbolic_150.sh seed 1 & bash experiments/gsm_symbolic_150.sh seed 2
+# `grid` widens the seed-0 learning-rate grids of the deciding rows (1.6e-2, then 4e-3);
+# `screen` trains the cheaper nested variants on seed 0, then LoRA at equal compute at
+# 1.6e-2. They share the folder and run side by side:
+#   bash experiments/gsm_symbolic_150.sh grid & bash experiments/gsm_symbolic_150.sh screen
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 OUT=experiments/results/smollm2-gsm-symbolic-150
 SEEDS=0,1,2
 if [ "${1:-}" = seed ]; then SEEDS=0,${2:?usage: $0 seed N}; fi
+if [ "${1:-}" = grid ] || [ "${1:-}" = screen ]; then SEEDS=0; fi
 COMMON=(--output "$OUT" --steps 150 --batch-size 4 --max-length 256 --train-size 600
   --val-size 32 --test-size 128 --warmup-steps 15 --autocast-dtype bfloat16 --threads 1
   --seeds $SEEDS --eval-batch-size 8
-  --rows lora_svd,lora_svd_2x,lora_per_rank,matryoshka_trained,mat_prefix1_trained
-  --lr lora=8e-3 --lr lora_2x=8e-3 --lr lora_r=8e-3 --lr lora_r:1=2e-2
-  --lr matryoshka=8e-3 --lr mat_prefix1=8e-3)
+  --rows lora_svd,lora_svd_2x,lora_per_rank,matryoshka_trained,mat_prefix1_trained,mat_mixed_trained,mat_late_trained,mat_prefix1_every2_trained
+  --lr lora=4e-3,8e-3,1.6e-2 --lr lora_2x=4e-3,8e-3,1.6e-2 --lr lora_r=8e-3 --lr lora_r:1=2e-2
+  --lr matryoshka=8e-3 --lr mat_prefix1=4e-3,8e-3,1.6e-2
+  --lr mat_mixed=8e-3 --lr mat_late=8e-3 --lr mat_prefix1_every2=8e-3)
 case "${1:-}" in
   A) python experiments/compare.py "${COMMON[@]}" --kinds lora,mat_prefix1 ;;
   B) python experiments/compare.py "${COMMON[@]}" --kinds matryoshka,lora_2x
@@ -27,6 +33,16 @@ case "${1:-}" in
   seed) for kind in mat_prefix1 lora_2x lora; do
           python experiments/compare.py "${COMMON[@]}" --kinds "$kind"
         done ;;
+  grid) compare() { python experiments/compare.py "${COMMON[@]}" "$@"; }
+        compare --kinds lora --lr lora=8e-3,1.6e-2
+        compare --kinds mat_prefix1 --lr mat_prefix1=8e-3,1.6e-2
+        compare --kinds lora
+        compare --kinds mat_prefix1 ;;
+  screen) compare() { python experiments/compare.py "${COMMON[@]}" "$@"; }
+          compare --kinds mat_mixed
+          compare --kinds mat_late
+          compare --kinds lora_2x --lr lora_2x=8e-3,1.6e-2
+          compare --kinds mat_prefix1_every2 ;;
   report) python experiments/compare.py "${COMMON[@]}" --report ;;
-  *) echo "usage: $0 A|B|seed N|report" >&2; exit 2 ;;
+  *) echo "usage: $0 A|B|seed N|grid|screen|report" >&2; exit 2 ;;
 esac
