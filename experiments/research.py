@@ -78,6 +78,16 @@ VARIANT_KINDS: dict[str, dict[str, Any]] = {
         "prefix_loss_start": 112,
         "train": {"svd_rebase_every": 112},
     },
+    # LoRA at the training compute of the variants that run between 1 and 2 forward
+    # passes per micro-batch: mat_late (1 + 38/150, about 1.25) and mat_prefix1_every2 (1.5)
+    "lora_1p25x": {"method": "lora", "steps_factor": 1.25},
+    "lora_1p5x": {"method": "lora", "steps_factor": 1.5},
+}
+# Each variant's equal-compute LoRA baseline (its SVD row), where it is not lora_svd_2x.
+EQUAL_COMPUTE_ROWS: dict[str, str] = {
+    "mat_late": "lora_1p25x_svd",
+    "mat_prefix1_every2": "lora_1p5x_svd",
+    "mat_mixed": "lora_svd",
 }
 RESEARCH_ROWS: tuple[str, ...] = (  # every deployment of every variant
     "lora_trunc_paper",
@@ -116,6 +126,8 @@ LEARNING_RATES: dict[str, list[float]] = {
     "mat_rebase": [8e-3],
     "mat_late": [8e-3],
     "mat_prefix1_w75": [8e-3],
+    "lora_1p25x": [8e-3],
+    "lora_1p5x": [8e-3],
 }
 
 
@@ -244,8 +256,10 @@ def write_report(runner: ComparisonRunner, title: str | None = None) -> dict[str
 def _with_sections(runner: ComparisonRunner, paths: dict[str, Path]) -> dict[str, Path]:
     table = runner.table()
     extra = paired_lines(runner, table)
-    if "lora_svd_2x" in table.methods:  # the bar at the compute of a two-forward method
-        extra += paired_lines(runner, table, reference="lora_svd_2x")
+    # the bars at the compute of a two-forward method and of the cheaper variants
+    for reference in ("lora_svd_2x", *sorted(set(EQUAL_COMPUTE_ROWS.values()) - {"lora_svd"})):
+        if reference in table.methods:
+            extra += paired_lines(runner, table, reference=reference)
     extra += cost_lines(runner)
     markdown = paths["markdown"]
     markdown.write_text(markdown.read_text() + "\n".join(extra) + "\n")

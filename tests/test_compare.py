@@ -197,6 +197,28 @@ def test_equal_compute_lora_trains_twice_the_steps_and_sweeps_only_what_rows_rea
     assert runner.table().n_runs("lora_svd_2x") == 1
 
 
+def test_a_fractional_steps_factor_rounds_the_budget_to_whole_steps(tmp_path):
+    kinds = {"lora_1p5x": {"method": "lora", "steps_factor": 1.5}}
+    spec = tiny_spec(
+        write_dataset(tmp_path / "data"),
+        seeds=(0,),
+        steps=3,
+        warmup_steps=1,
+        rows=("lora_1p5x_svd",),
+        kinds=kinds,
+        learning_rates={"lora_1p5x": [1e-3]},
+    )
+    assert spec.steps_of("lora") == (3, 1)
+    assert spec.steps_of("lora_2x") == (6, 2)
+    assert spec.steps_of("lora_1p5x") == (5, 2)  # 4.5 and 1.5 steps round up
+    runner = ComparisonRunner(spec, tmp_path / "out", progress=False)
+    runner.run(make_tiny_llama(), make_char_tokenizer())
+    assert len(runner.records[RunKey("lora_1p5x", 4, 1e-3, 0).name]["losses"]) == 5
+    for bad in (0, -1.0, "2"):
+        with pytest.raises(ValueError, match="steps_factor must be a positive number"):
+            tiny_spec(kinds={"lora_bad": {"method": "lora", "steps_factor": bad}})
+
+
 def test_kinds_add_training_methods_with_loop_settings():
     spec = tiny_spec(
         rows=("mine_trained",),

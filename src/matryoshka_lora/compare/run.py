@@ -153,6 +153,7 @@ def run_one(
     if spec.task == "seq-cls":
         _reset_head(model, key.seed)
     both_splits = evaluator(spec, splits, collate)
+    max_steps, warmup_steps = spec.steps_of(key.kind)
     try:
         started = time.perf_counter()
         result = train_adapter(
@@ -162,8 +163,8 @@ def run_one(
                 output_dir=str(output_dir / key.name),
                 learning_rate=key.lr,
                 batch_size=spec.batch_size,
-                max_steps=spec.steps * spec.steps_factor(key.kind),
-                warmup_steps=spec.warmup_steps * spec.steps_factor(key.kind),
+                max_steps=max_steps,
+                warmup_steps=warmup_steps,
                 seed=key.seed,
                 progress=progress,
                 autocast_dtype=spec.autocast_dtype,

@@ -21,6 +21,7 @@ spec may add its own (``ComparisonSpec.kinds``), whose rows are named
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -144,6 +145,13 @@ class ComparisonSpec:
         clash = sorted(set(self.kinds) & set(CORE_KINDS))
         if clash:
             raise ValueError(f"kinds {clash} are core kinds: give the new ones other names")
+        for kind, fields in self.kinds.items():
+            factor = fields.get("steps_factor", 1)
+            if not isinstance(factor, int | float) or factor <= 0:
+                raise ValueError(
+                    f"kind {kind!r}: steps_factor must be a positive number (a multiple of "
+                    f"the spec's steps), got {factor!r}"
+                )
         unknown = []
         for row in self.rows:
             try:
@@ -177,8 +185,13 @@ class ComparisonSpec:
         """The training-loop fields of a kind (``TrainConfig`` overrides)."""
         return dict(self.all_kinds[kind].get("train", {}))
 
-    def steps_factor(self, kind: str) -> int:
-        return int(self.all_kinds[kind].get("steps_factor", 1))
+    def steps_of(self, kind: str) -> tuple[int, int]:
+        """``(max_steps, warmup_steps)`` of a kind: the spec's budget times the kind's
+        ``steps_factor`` (which may be fractional, e.g. 1.25 for a method that runs 1.25
+        forward passes per micro-batch on average), rounded up to whole steps, so an
+        equal-compute baseline never gets less than its share."""
+        factor = float(self.all_kinds[kind].get("steps_factor", 1))
+        return math.ceil(self.steps * factor), math.ceil(self.warmup_steps * factor)
 
     def training_kinds(self) -> list[str]:
         """Training methods needed by the rows, in run order (the core ones first)."""
