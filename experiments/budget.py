@@ -6,7 +6,10 @@
 For each budget (the parameter count of a uniform rank r), compare on held-out
 problems: the uniform rank r, and the data-free greedy allocations by update
 energy (``prefix``: energy lost by cutting the deployed prefix; ``svd``: the SVD
-tail). Metric: teacher-forced answer-token accuracy and loss.
+tail). Metric: teacher-forced answer-token accuracy and loss. ``--rebase`` first
+re-bases every adapter on the SVD of its full update (the full function is unchanged),
+so each prefix is that module's best approximation of its rank: the budgets of a LoRA
+trained at R and deployed by SVD truncation.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ import torch
 import matryoshka_lora as ml
 from matryoshka_lora.assets import load_causal_lm
 from matryoshka_lora.budget import allocate_by_energy, apply_allocation, uniform_allocation
+from matryoshka_lora.compare.run import eval_batches
 from matryoshka_lora.eval.teacher_forced import teacher_forced_metrics
 from matryoshka_lora.model import set_inference_scale
 from matryoshka_lora.train import PaddingCollator, build_sft_dataset
+from matryoshka_lora.train.rebase import rebase_adapters_
 
 
 def main() -> None:
@@ -38,20 +43,25 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--uniform-ranks", default="2,4,8")
     p.add_argument("--inference-scale", default="trained")
+    p.add_argument(
+        "--rebase",
+        action="store_true",
+        help="re-base the adapters on the SVD of their updates first (LoRA + SVD deployment)",
+    )
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_causal_lm(args.model)
     ml.load_adapter(model, args.adapter)
+    if args.rebase:
+        rebase_adapters_(model)
     set_inference_scale(model, args.inference_scale)
     data = build_sft_dataset(
         args.dataset, tokenizer, size=args.size, seed=args.data_seed, max_length=args.max_length
     )
     collate = PaddingCollator(tokenizer.pad_token_id)
-    batches = [
-        collate([data[j] for j in range(i, min(i + 8, len(data)))]) for i in range(0, len(data), 8)
-    ]
+    batches = eval_batches(data, collate, batch_size=8)
     rows = []
     for r in (int(x) for x in args.uniform_ranks.split(",")):
         uniform = uniform_allocation(model, average_rank=r)
