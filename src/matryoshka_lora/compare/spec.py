@@ -2,7 +2,7 @@
 
 A *kind* is a training method: the adapter-config fields that define it, plus an
 optional ``steps_factor`` (its budget as a multiple of the spec's steps, for
-equal-compute baselines) and ``train`` (fields of
+equal-compute baselines; it may be fractional, and the step counts round up) and ``train`` (fields of
 :class:`~matryoshka_lora.train.loop.TrainConfig`, e.g. ``svd_rebase_every``). A *row* of the result table is a kind and a
 deployment:
 
