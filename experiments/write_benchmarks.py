@@ -126,26 +126,44 @@ def main() -> None:
         if notes.exists():
             body += "\n\n" + notes.read_text().strip()
         text = replace_block(text, name, body)
-    budget = RESULTS / "budget-smollm2"
-    if (budget / "budget.md").exists():
-        args = json.loads((budget / "budget.json").read_text())["args"]
+    budgets = {  # results folder (and notes-<name>.md) -> heading, what the adapter is
+        "budget-smollm2": (
+            "Per-module rank budgets vs a uniform rank (SmolLM2, trained Matryoshka adapter)",
+            "the MatryoshkaLoRA run of the 40-step comparison (R = 16, lr 2e-3, seed 0)",
+        ),
+        "budget-smollm2-150": (
+            "Per-module rank budgets vs a uniform rank where rank matters (SmolLM2, LoRA + SVD, 150 steps)",
+            "the 150-step GSM-Symbolic LoRA (R = 16, lr 4e-3, seed 0), re-based on the SVD "
+            "of each update (`--rebase`)",
+        ),
+    }
+    for name, (heading, adapter) in budgets.items():
+        folder = RESULTS / name
+        if not (folder / "budget.md").exists():
+            continue
+        args = json.loads((folder / "budget.json").read_text())["args"]
+        rebase = " --rebase" if args.get("rebase") else ""
+        command = (
+            f"python experiments/budget.py --adapter {args['adapter']} --output {args['output']} "
+            f"--size {args['size']} --max-length {args['max_length']}{rebase}"
+        )
         body = "\n".join(
             [
-                "### Per-module rank budgets vs a uniform rank (SmolLM2, trained Matryoshka adapter)",
+                f"### {heading}",
                 "",
-                f"- Command: `python experiments/budget.py --adapter {args['adapter']} --output {args['output']}`",
-                f"- Adapter: the MatryoshkaLoRA run above (R = 16, lr 2e-3, seed 0), deployed with the "
-                f"`{args['inference_scale']}` scale; {args['size']} held-out GSM-Symbolic problems (seed "
-                f"{args['data_seed']}), teacher-forced token accuracy and loss. Each budget is the parameter "
-                "count of a uniform rank; the allocations never exceed it.",
+                f"- Command: `{command}`",
+                f"- Adapter: {adapter}, deployed with the `{args['inference_scale']}` scale; "
+                f"{args['size']} held-out GSM-Symbolic problems (seed {args['data_seed']}, <= "
+                f"{args['max_length']} tokens), teacher-forced token accuracy and loss. Each budget "
+                "is the parameter count of a uniform rank; the allocations never exceed it.",
                 "",
-                (budget / "budget.md").read_text().strip(),
+                (folder / "budget.md").read_text().strip(),
             ]
         )
-        notes = ROOT / "experiments" / "notes-budget.md"
+        notes = ROOT / "experiments" / f"notes-{name}.md"
         if notes.exists():
             body += "\n\n" + notes.read_text().strip()
-        text = replace_block(text, "budget-smollm2", body)
+        text = replace_block(text, name, body)
     BENCHMARKS.write_text(text)
     print(f"wrote {BENCHMARKS}")
 
