@@ -26,23 +26,20 @@ COMMON=(--output "$OUT" --steps 150 --batch-size 4 --max-length 256 --train-size
   --lr lora=4e-3,8e-3,1.6e-2 --lr lora_2x=4e-3,8e-3,1.6e-2 --lr lora_r=8e-3 --lr lora_r:1=2e-2
   --lr matryoshka=8e-3 --lr mat_prefix1=4e-3,8e-3,1.6e-2
   --lr mat_mixed=8e-3 --lr mat_late=8e-3 --lr mat_prefix1_every2=8e-3)
+compare() { python experiments/compare.py "${COMMON[@]}" "$@"; }
 case "${1:-}" in
-  A) python experiments/compare.py "${COMMON[@]}" --kinds lora,mat_prefix1 ;;
-  B) python experiments/compare.py "${COMMON[@]}" --kinds matryoshka,lora_2x
-     python experiments/compare.py "${COMMON[@]}" --kinds lora_r ;;
-  seed) for kind in mat_prefix1 lora_2x lora; do
-          python experiments/compare.py "${COMMON[@]}" --kinds "$kind"
-        done ;;
-  grid) compare() { python experiments/compare.py "${COMMON[@]}" "$@"; }
-        compare --kinds lora --lr lora=8e-3,1.6e-2
+  A) compare --kinds lora,mat_prefix1 ;;
+  B) compare --kinds matryoshka,lora_2x
+     compare --kinds lora_r ;;
+  seed) for kind in mat_prefix1 lora_2x lora; do compare --kinds "$kind"; done ;;
+  grid) compare --kinds lora --lr lora=8e-3,1.6e-2
         compare --kinds mat_prefix1 --lr mat_prefix1=8e-3,1.6e-2
         compare --kinds lora
         compare --kinds mat_prefix1 ;;
-  screen) compare() { python experiments/compare.py "${COMMON[@]}" "$@"; }
-          compare --kinds mat_mixed
+  screen) compare --kinds mat_mixed
           compare --kinds mat_late
           compare --kinds lora_2x --lr lora_2x=8e-3,1.6e-2
           compare --kinds mat_prefix1_every2 ;;
-  report) python experiments/compare.py "${COMMON[@]}" --report ;;
+  report) compare --report ;;
   *) echo "usage: $0 A|B|seed N|grid|screen|report" >&2; exit 2 ;;
 esac

@@ -83,12 +83,6 @@ VARIANT_KINDS: dict[str, dict[str, Any]] = {
     "lora_1p25x": {"method": "lora", "steps_factor": 1.25},
     "lora_1p5x": {"method": "lora", "steps_factor": 1.5},
 }
-# Each variant's equal-compute LoRA baseline (its SVD row), where it is not lora_svd_2x.
-EQUAL_COMPUTE_ROWS: dict[str, str] = {
-    "mat_late": "lora_1p25x_svd",
-    "mat_prefix1_every2": "lora_1p5x_svd",
-    "mat_mixed": "lora_svd",
-}
 RESEARCH_ROWS: tuple[str, ...] = (  # every deployment of every variant
     "lora_trunc_paper",
     "lora_trunc_trained",
@@ -253,13 +247,28 @@ def write_report(runner: ComparisonRunner, title: str | None = None) -> dict[str
     return _with_sections(runner, runner.write_outputs(title=title, figures=figures))
 
 
+def equal_compute_references(spec: ComparisonSpec, table: Comparison) -> list[str]:
+    """The rows with results that deploy, by SVD, a LoRA given a multiple of the steps
+    (a ``steps_factor``): the bars at the compute of the nested methods, in row order."""
+    references = []
+    for row in spec.rows:
+        kind, deployment = spec.source(row)
+        fields = spec.all_kinds[kind]
+        if (
+            row in table.methods
+            and deployment == "svd"
+            and fields.get("method") == "lora"
+            and fields.get("steps_factor", 1) != 1
+        ):
+            references.append(row)
+    return references
+
+
 def _with_sections(runner: ComparisonRunner, paths: dict[str, Path]) -> dict[str, Path]:
     table = runner.table()
     extra = paired_lines(runner, table)
-    # the bars at the compute of a two-forward method and of the cheaper variants
-    for reference in ("lora_svd_2x", *sorted(set(EQUAL_COMPUTE_ROWS.values()) - {"lora_svd"})):
-        if reference in table.methods:
-            extra += paired_lines(runner, table, reference=reference)
+    for reference in equal_compute_references(runner.spec, table):
+        extra += paired_lines(runner, table, reference=reference)
     extra += cost_lines(runner)
     markdown = paths["markdown"]
     markdown.write_text(markdown.read_text() + "\n".join(extra) + "\n")
