@@ -54,6 +54,13 @@ VARIANT_KINDS: dict[str, dict[str, Any]] = {
         "prefix_loss_sample": 0,
         "prefix_loss_mode": "mixed",
     },
+    # nested dropout over components: one forward, each example at its own rank
+    # min(G, R) over 1..R with G geometric, the full rank in 1/|S| of the examples
+    "mat_geometric": {
+        "method": "matryoshka",
+        "prefix_loss": True,
+        "prefix_loss_mode": "geometric",
+    },
     # the authors' objective with the factors re-based on the SVD of the update every
     # 25 steps, so that prefixes follow its singular directions
     "mat_rebase": {
@@ -117,6 +124,7 @@ LEARNING_RATES: dict[str, list[float]] = {
     "mat_prefix1": [8e-3],
     "mat_prefix1_every2": [8e-3],
     "mat_mixed": [8e-3],
+    "mat_geometric": [8e-3],
     "mat_rebase": [8e-3],
     "mat_late": [8e-3],
     "mat_prefix1_w75": [8e-3],

@@ -47,7 +47,7 @@ FLOAT_DTYPES: dict[str, torch.dtype] = {
 }
 DyloraUpdate = Literal["prefix", "last"]
 DYLORA_UPDATES: tuple[str, ...] = get_args(DyloraUpdate)
-PrefixLossMode = Literal["per_rank", "mixed"]
+PrefixLossMode = Literal["per_rank", "mixed", "geometric"]
 PREFIX_LOSS_MODES: tuple[str, ...] = get_args(PrefixLossMode)
 
 
@@ -107,11 +107,18 @@ class NestedLoraConfig:
             weight ``w`` of the full adapter's loss; the other drawn ranks share
             ``1 - w`` equally: ``w L_R + (1 - w) / (m - 1) sum_{r in S', r < R} L_r``
             for a draw S' of m ranks. None (default): the plain mean, ``w = 1/m``.
+            In ``geometric`` mode, the probability that an example trains at the
+            full rank R (None: ``1/|S|``).
         prefix_loss_mode: with ``prefix_loss``, how the ranks share a micro-batch:
             ``per_rank`` (default) runs the whole micro-batch once at each rank
             drawn by ``prefix_loss_sample``; ``mixed`` runs it once, example i at
             its own rank from that draw (one forward; see
-            :func:`~matryoshka_lora.sampling.mixed_example_ranks`).
+            :func:`~matryoshka_lora.sampling.mixed_example_ranks`); ``geometric``
+            runs it once, example i at its own rank ``b_i = min(G_i, R)`` over
+            1..R with ``G_i`` geometric (nested dropout over components, one
+            forward; ``prefix_loss_full_weight`` is then ``P(b_i = R)``, see
+            :func:`~matryoshka_lora.sampling.geometric_example_ranks`, and
+            ``prefix_loss_sample`` does not apply: it stays 0).
         prefix_loss_every: with ``prefix_loss``, train the prefix loss on every
             k-th micro-batch only (global micro-batch index ``g = step *
             accumulation + micro``, prefix loss when ``g % k == 0``) and the full
@@ -210,14 +217,17 @@ class NestedLoraConfig:
         default=None,
         metadata={
             "help": "with the prefix loss (per_rank): weight of the full adapter's loss, the "
-            "drawn lower ranks share the rest (default: the plain mean, 1/(K + 1))"
+            "drawn lower ranks share the rest (default: the plain mean, 1/(K + 1)); "
+            "geometric: the chance that an example trains at R (default: 1/|S|)"
         },
     )
     prefix_loss_mode: PrefixLossMode = field(
         default="per_rank",
         metadata={
             "help": "with the prefix loss: 'per_rank' runs the micro-batch once per drawn rank; "
-            "'mixed' runs it once, each example at its own drawn rank (1 forward)"
+            "'mixed' runs it once, each example at its own drawn rank (1 forward); "
+            "'geometric' runs it once, each example at a rank drawn from a truncated "
+            "geometric law over 1..R (nested dropout, 1 forward)"
         },
     )
     prefix_loss_every: int = field(
@@ -244,9 +254,15 @@ class NestedLoraConfig:
 
     def _check_prefix_loss_sample(self) -> None:
         below = len(self.train_ranks) - 1
+        geometric = self.prefix_loss and self.prefix_loss_mode == "geometric"
         if self.prefix_loss_sample is None:
-            self.prefix_loss_sample = min(1, below) if self.prefix_loss else 0
+            self.prefix_loss_sample = min(1, below) if self.prefix_loss and not geometric else 0
         k = self.prefix_loss_sample
+        if geometric and k != 0:
+            raise ValueError(
+                "prefix_loss_mode='geometric' draws each example's rank from 1..R, not "
+                f"ranks of S: leave prefix_loss_sample unset (or 0), got {k!r}"
+            )
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= below:
             raise ValueError(
                 f"prefix_loss_sample must be an integer in 0..{below} (the train ranks below R, "
@@ -272,10 +288,11 @@ class NestedLoraConfig:
                     f"prefix_loss_full_weight must be a number in (0, 1), got {w!r}; "
                     "None gives the plain mean"
                 )
-            if not self.prefix_loss or self.prefix_loss_mode != "per_rank":
+            if not self.prefix_loss or self.prefix_loss_mode == "mixed":
                 raise ValueError(
-                    "prefix_loss_full_weight weighs the per-rank prefix loss: it needs "
-                    "prefix_loss=True and prefix_loss_mode='per_rank' (or leave it None)"
+                    "prefix_loss_full_weight weighs the per-rank prefix loss (or sets the "
+                    "full rank's chance under 'geometric'): it needs prefix_loss=True and "
+                    "prefix_loss_mode='per_rank' or 'geometric' (or leave it None)"
                 )
         start = self.prefix_loss_start
         if isinstance(start, bool) or not isinstance(start, int) or start < 0:
@@ -413,13 +430,16 @@ class NestedLoraConfig:
 
         The prefix-loss fields follow a changed method or prefix loss unless given:
         a new ``method`` re-derives ``prefix_loss`` and ``prefix_loss_sample`` from
-        their defaults, a new ``prefix_loss`` re-derives ``prefix_loss_sample`` and
+        their defaults, a new ``prefix_loss_mode`` re-derives ``prefix_loss_sample``,
+        a new ``prefix_loss`` re-derives ``prefix_loss_sample`` and
         resets ``prefix_loss_mode``, ``prefix_loss_every``, ``prefix_loss_start`` and
         ``prefix_loss_full_weight`` to their defaults.
         """
         if "method" in changes and "prefix_loss" not in changes:
             changes["prefix_loss"] = None
-        if "prefix_loss" in changes and "prefix_loss_sample" not in changes:
+        if ("prefix_loss" in changes or "prefix_loss_mode" in changes) and (
+            "prefix_loss_sample" not in changes
+        ):
             changes["prefix_loss_sample"] = None
         if "prefix_loss" in changes:
             changes.setdefault("prefix_loss_mode", "per_rank")

@@ -151,3 +151,50 @@ def mixed_example_ranks(
     rng = np.random.default_rng(np.random.SeedSequence(key))
     offset = int(rng.integers(len(ranks)))
     return tuple(ranks[(offset + first_example + i) % len(ranks)] for i in range(examples))
+
+
+def geometric_keep_probability(max_rank: int, full_weight: float) -> float:
+    """The per-component continuation ``q`` of nested dropout with ``P(b = R) = full_weight``.
+
+    ``b = min(G, R)`` with ``G`` geometric on 1, 2, ...: ``P(G = b) = (1 - q) q^(b-1)``,
+    so ``P(b = R) = P(G >= R) = q^(R-1)`` and ``q = full_weight^(1/(R-1))``
+    (``R = 16``, ``full_weight = 1/5``: ``q = 0.8983``, ``P(b = 1) = 0.1017``).
+    """
+    check_max_rank(max_rank)
+    if not 0.0 < full_weight < 1.0:
+        raise ValueError(f"the full rank's chance must be in (0, 1), got {full_weight!r}")
+    return 1.0 if max_rank == 1 else float(full_weight ** (1.0 / (max_rank - 1)))
+
+
+def geometric_example_ranks(
+    max_rank: int,
+    full_weight: float,
+    examples: int,
+    seed: int,
+    step: int,
+    micro_step: int = 0,
+    first_example: int = 0,
+) -> tuple[int, ...]:
+    """The rank of each example of a nested-dropout micro-batch (Rippel et al., 2014).
+
+    Example ``j = first_example + i`` of the global batch keeps the components
+    ``1..b_j`` with ``b_j = min(G_j, R)``, ``G_j`` independent and geometric:
+
+        P(b = r) = (1 - q) q^(r-1)  (r < R),   P(b = R) = q^(R-1) = full_weight,
+
+    ``q`` from :func:`geometric_keep_probability`. So component ``k`` trains in a
+    fraction ``q^(k-1)`` of the examples: the early components in all of them,
+    the last in ``full_weight`` of them. The draws are a pure function of
+    ``(seed, step, micro_step)`` (a stream of their own), the global batch's
+    draws in order of position, so every process takes its slice of the same
+    sequence.
+    """
+    if examples < 1:
+        raise ValueError(f"a nested-dropout micro-batch needs at least one example, got {examples}")
+    q = geometric_keep_probability(max_rank, full_weight)
+    if q == 1.0:
+        return (max_rank,) * examples
+    key = [seed & 0xFFFFFFFF, step, micro_step, 3]  # the trailing 3 separates the streams
+    rng = np.random.default_rng(np.random.SeedSequence(key))
+    draws = rng.geometric(1.0 - q, size=first_example + examples)[first_example:]
+    return tuple(int(min(g, max_rank)) for g in draws)

@@ -156,7 +156,7 @@ class NestedLoraMixin:
         if not (self.adapter_config.prefix_loss and model.training):
             return MicroBatchPlan("full")
         examples = (
-            batch_examples(inputs) if self.adapter_config.prefix_loss_mode == "mixed" else None
+            batch_examples(inputs) if self.adapter_config.prefix_loss_mode != "per_rank" else None
         )
         return micro_batch_plan(
             self.adapter_config,

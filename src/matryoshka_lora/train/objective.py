@@ -22,6 +22,10 @@ Three ways to make every prefix of an adapter useful, all set in
   The loss is the model's own: a mean over the micro-batch's target tokens,
   ``L = (1/n) sum_i n_i L_i(r_i)`` with ``n_i`` the target tokens of example i,
   ``n = sum_i n_i`` and ``L_i(r)`` example i's mean token loss at rank r.
+* **nested dropout** (``prefix_loss_mode="geometric"``): the same one forward,
+  example i at ``b_i = min(G_i, R)`` over 1..R with ``G_i`` geometric, so
+  component k trains on a fraction ``q^(k-1)`` of the examples
+  (:func:`~matryoshka_lora.sampling.geometric_example_ranks`).
 * **prefix loss on part of the micro-batches** (``prefix_loss_every = k``): the
   global micro-batch ``g = step * accumulation + micro`` trains the prefix loss
   when ``g % k == 0`` and the full training function's loss alone otherwise
@@ -40,7 +44,7 @@ from torch import nn
 from ..config import NestedLoraConfig
 from ..layer import NestedLoraLinear
 from ..model import get_config, set_example_ranks, set_rank
-from ..sampling import RankSampler, mixed_example_ranks
+from ..sampling import RankSampler, geometric_example_ranks, mixed_example_ranks
 from ..sampling import prefix_loss_ranks as draw_prefix_loss_ranks
 
 
@@ -217,7 +221,8 @@ def micro_batch_plan(
     ``prefix_loss_every`` skips (``(step * accumulation + micro_step) %
     prefix_loss_every != 0``), the full adapter; else the ranks S' of
     :func:`prefix_loss_ranks_for`, averaged (``per_rank``) or assigned to the
-    ``examples`` examples of the batch (``mixed``, which needs ``examples``;
+    ``examples`` examples of the batch (``mixed``, which needs ``examples``), or
+    each example's nested-dropout rank over 1..R (``geometric``, a ``mixed`` plan;
     ``first_example``: the position of the batch's first example in the global
     batch, see :func:`~matryoshka_lora.sampling.mixed_example_ranks`).
     """
@@ -227,14 +232,20 @@ def micro_batch_plan(
         return MicroBatchPlan("full")
     if (step * accumulation + micro_step) % config.prefix_loss_every:
         return MicroBatchPlan("full")
-    ranks = prefix_loss_ranks_for(config, seed, step, micro_step)
     if config.prefix_loss_mode == "per_rank":
-        return MicroBatchPlan("per_rank", ranks)
+        return MicroBatchPlan("per_rank", prefix_loss_ranks_for(config, seed, step, micro_step))
     if examples is None:
         raise ValueError(
-            "prefix_loss_mode='mixed' assigns a rank to each example: pass examples= "
-            "(the batch size of the micro-batch)"
+            f"prefix_loss_mode={config.prefix_loss_mode!r} assigns a rank to each example: "
+            "pass examples= (the batch size of the micro-batch)"
         )
+    if config.prefix_loss_mode == "geometric":
+        full_weight = config.prefix_loss_full_weight or 1.0 / len(config.train_ranks)
+        drawn = geometric_example_ranks(
+            config.r, full_weight, examples, seed, step, micro_step, first_example
+        )
+        return MicroBatchPlan("mixed", drawn)
+    ranks = prefix_loss_ranks_for(config, seed, step, micro_step)
     return MicroBatchPlan(
         "mixed", mixed_example_ranks(ranks, examples, seed, step, micro_step, first_example)
     )
