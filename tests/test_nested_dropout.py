@@ -59,7 +59,8 @@ def test_drawn_ranks_follow_the_law_and_are_seeded():
 
 def test_bad_inputs_name_the_problem():
     with pytest.raises(ValueError, match="full rank's chance"):
-        geometric_example_ranks(8, 1.0, 4, 0, 0)
+        geometric_example_ranks(8, 1.5, 4, 0, 0)
+    assert geometric_example_ranks(8, 1.0, 3, 0, 0) == (8, 8, 8)  # S = {R}: no dropout
     with pytest.raises(ValueError, match="at least one example"):
         geometric_example_ranks(8, 0.2, 0, 0, 0)
     with pytest.raises(ValueError, match="leave prefix_loss_sample unset"):

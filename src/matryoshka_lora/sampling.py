@@ -158,11 +158,12 @@ def geometric_keep_probability(max_rank: int, full_weight: float) -> float:
 
     ``b = min(G, R)`` with ``G`` geometric on 1, 2, ...: ``P(G = b) = (1 - q) q^(b-1)``,
     so ``P(b = R) = P(G >= R) = q^(R-1)`` and ``q = full_weight^(1/(R-1))``
-    (``R = 16``, ``full_weight = 1/5``: ``q = 0.8983``, ``P(b = 1) = 0.1017``).
+    (``R = 16``, ``full_weight = 1/5``: ``q = 0.8983``, ``P(b = 1) = 0.1017``);
+    ``full_weight = 1`` keeps every component (``b = R``).
     """
     check_max_rank(max_rank)
-    if not 0.0 < full_weight < 1.0:
-        raise ValueError(f"the full rank's chance must be in (0, 1), got {full_weight!r}")
+    if not 0.0 < full_weight <= 1.0:
+        raise ValueError(f"the full rank's chance must be in (0, 1], got {full_weight!r}")
     return 1.0 if max_rank == 1 else float(full_weight ** (1.0 / (max_rank - 1)))
 
 
