@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from matryoshka_lora.compare import METHOD_ROWS, ComparisonRunner, ComparisonSpec
-from matryoshka_lora.compare.run import collator_for, evaluator, splits_for
+from matryoshka_lora.compare.run import collator_for, evaluator, splits_for, training_passes
 from matryoshka_lora.eval.results import Comparison
 from matryoshka_lora.eval.sweep import rank_sweep
 from matryoshka_lora.io import load_adapter
@@ -222,22 +222,34 @@ def paired_lines(
 
 
 def cost_lines(runner: ComparisonRunner) -> list[str]:
-    """Markdown: mean training seconds per run of each kind, and its ratio to LoRA."""
+    """Markdown: each kind's training compute (exact) and mean wall time per run, both
+    as ratios to LoRA's."""
     cost = runner.training_cost()
     runs_by_kind: dict[str, int] = {}
     for record in runner.records.values():
         runs_by_kind[record["key"]["kind"]] = runs_by_kind.get(record["key"]["kind"], 0) + 1
     lines = [
         "",
-        "Training cost (mean wall time per run on this machine; the ratio is against LoRA "
-        "runs of the same comparison, which shared the machine in the same way):",
+        "Training cost: the compute of a run (forward-backward passes over micro-batches, "
+        "exact, against LoRA's run of the same budget) and its mean wall time on this "
+        "machine (against the LoRA runs of the same comparison; runs that shared the "
+        "machine with more or fewer others are averaged together, so the wall-time ratio "
+        "is only indicative):",
         "",
-        "| training method | runs | seconds per run | × LoRA |",
-        "|:---|---:|---:|---:|",
+        "| training method | runs | passes per micro-batch | compute × LoRA | seconds per run | "
+        "wall time × LoRA |",
+        "|:---|---:|---:|---:|---:|---:|",
     ]
+    spec = runner.spec
+    lora_passes = float(spec.steps)
     for kind, seconds in sorted(cost.items()):
+        passes = training_passes(spec, kind)
+        per_micro_batch = passes / spec.steps_of(kind)[0]
         ratio = f"{seconds / cost['lora']:.2f}" if cost.get("lora") else "—"
-        lines.append(f"| {kind} | {runs_by_kind[kind]} | {seconds:.0f} | {ratio} |")
+        lines.append(
+            f"| {kind} | {runs_by_kind[kind]} | {per_micro_batch:.2f} | "
+            f"{passes / lora_passes:.2f} | {seconds:.0f} | {ratio} |"
+        )
     return lines
 
 

@@ -9,6 +9,7 @@ import torch
 from conftest import LLAMA_TARGETS, make_char_tokenizer, make_tiny_llama
 
 from matryoshka_lora.compare import ComparisonRunner, ComparisonSpec, RunKey
+from matryoshka_lora.compare.run import training_passes
 from matryoshka_lora.eval.aurac import aurac
 
 
@@ -211,6 +212,12 @@ def test_a_fractional_steps_factor_rounds_the_budget_to_whole_steps(tmp_path):
     assert spec.steps_of("lora") == (3, 1)
     assert spec.steps_of("lora_2x") == (6, 2)
     assert spec.steps_of("lora_1p5x") == (5, 2)  # 4.5 and 1.5 steps round up
+    # the compute of a run in forward-backward micro-batches: LoRA's steps times the
+    # factor, and the default's 2 forwards per micro-batch
+    assert training_passes(spec, "lora") == 3 and training_passes(spec, "lora_1p5x") == 5
+    assert training_passes(spec, "matryoshka") == 3 and training_passes(spec, "lora_2x") == 6
+    default = tiny_spec(kinds={"mat_prefix1": {"method": "matryoshka"}}, steps=3)
+    assert training_passes(default, "mat_prefix1") == 6
     runner = ComparisonRunner(spec, tmp_path / "out", progress=False)
     runner.run(make_tiny_llama(), make_char_tokenizer())
     assert len(runner.records[RunKey("lora_1p5x", 4, 1e-3, 0).name]["losses"]) == 5

@@ -18,6 +18,7 @@ from matryoshka_lora.train.data import PaddingCollator
 from matryoshka_lora.train.hf_trainer import NestedLoraTrainer
 from matryoshka_lora.train.loop import TrainConfig, epoch_order, train_adapter
 from matryoshka_lora.train.objective import (
+    forward_passes,
     micro_batch_plan,
     prefix_loss,
     prefix_loss_ranks_for,
@@ -350,3 +351,25 @@ def test_prefix_loss_schedule_fields_are_validated():
     late = NestedLoraConfig(r=8, prefix_loss=True, prefix_loss_start=7, target_modules=["q"])
     assert NestedLoraConfig.from_dict(late.to_dict()) == late
     assert late.replace(prefix_loss=False).prefix_loss_start == 0
+
+
+# ----------------------------------------------------------------------------- compute
+@pytest.mark.parametrize(
+    "settings, steps, accumulation, expected",
+    [
+        ({"method": "lora"}, 10, 1, 1.0),
+        ({"prefix_loss": False}, 10, 1, 1.0),  # the authors' objective
+        ({}, 10, 1, 2.0),  # the default: R and one drawn rank
+        ({"prefix_loss_sample": 0}, 10, 1, 4.0),  # every rank of S = {1, 2, 4, 8}
+        ({"prefix_loss_every": 2}, 10, 1, 1.5),
+        ({"prefix_loss_every": 3}, 4, 2, 11 / 8),  # global micro-batches 0, 3, 6 of 8
+        ({"prefix_loss_start": 6}, 10, 1, 1.4),  # steps 6..9 at 2 forwards
+        ({"prefix_loss_mode": "mixed"}, 10, 2, 1.0),
+        ({"prefix_loss_mode": "geometric"}, 10, 2, 1.0),
+    ],
+)
+def test_forward_passes_count_each_plans_forwards(settings, steps, accumulation, expected):
+    config = NestedLoraConfig(r=8, target_modules=["q"], **settings)
+    assert forward_passes(config, steps, accumulation) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        forward_passes(config, 0)

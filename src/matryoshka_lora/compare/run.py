@@ -31,6 +31,7 @@ from ..train.classification import (
 )
 from ..train.data import PaddingCollator, SFTDataset, load_records
 from ..train.loop import TrainConfig, train_adapter
+from ..train.objective import forward_passes
 from .spec import ComparisonSpec, RunKey
 
 
@@ -122,6 +123,20 @@ def _adapter_config(spec: ComparisonSpec, key: RunKey) -> NestedLoraConfig:
         target_modules=spec.target_modules,
         **settings,
     )
+
+
+def training_passes(spec: ComparisonSpec, kind: str) -> float:
+    """The forward passes of one run of ``kind`` at R, counted in micro-batches.
+
+    ``forward_passes(config) * steps * accumulation`` with the kind's steps
+    (``steps_factor`` included): the run's training compute in units of one
+    forward-backward micro-batch, exact and independent of the machine's load
+    (LoRA at the spec's budget: ``steps``).
+    """
+    max_steps, _ = spec.steps_of(kind)
+    accumulation = int(spec.train_settings(kind).get("gradient_accumulation_steps", 1))
+    config = _adapter_config(spec, RunKey(kind, spec.max_rank, 0.0, 0))
+    return forward_passes(config, max_steps, accumulation) * max_steps * accumulation
 
 
 def evaluator(

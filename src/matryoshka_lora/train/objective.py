@@ -323,9 +323,34 @@ def prefix_loss_ranks_for(
     )
 
 
+def forward_passes(
+    config: NestedLoraConfig, steps: int, accumulation: int = 1, seed: int = 0
+) -> float:
+    """Mean forward passes per micro-batch over a run of ``steps`` optimizer steps.
+
+    Each micro-batch's plan (:func:`micro_batch_plan`) runs ``len(ranks)`` forwards
+    under ``per_rank`` and one under ``full`` and the one-forward forms (``mixed``,
+    ``geometric``); the backward goes through the graph of those forwards, so the
+    training compute of a run is proportional to ``forward_passes * steps *
+    accumulation``. Exact, and independent of the machine's load: e.g. 2 for the
+    default (R and one drawn rank), 1.5 with ``prefix_loss_every=2``, 1 for LoRA.
+    """
+    if steps < 1 or accumulation < 1:
+        raise ValueError(f"steps and accumulation must be >= 1, got {steps} and {accumulation}")
+    total = 0
+    for step in range(steps):
+        for micro in range(accumulation):
+            plan = micro_batch_plan(
+                config, seed, step, micro, accumulation=accumulation, examples=1
+            )
+            total += len(plan.ranks) if plan.mode == "per_rank" else 1
+    return total / (steps * accumulation)
+
+
 __all__ = [
     "MicroBatchPlan",
     "batch_examples",
+    "forward_passes",
     "micro_batch_plan",
     "mixed_rank_loss",
     "plan_loss",
