@@ -59,6 +59,17 @@ def one_at_a_time(model, examples, ranks):
     return loss, grads, per_example
 
 
+def assert_trains_like_one_at_a_time(model, loss, expected, expected_grads):
+    """``loss`` and its gradients equal :func:`one_at_a_time`'s; the example ranks are cleared."""
+    loss.backward()
+    assert loss.item() == pytest.approx(expected, rel=1e-6, abs=1e-6)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(
+            dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6
+        )
+    assert all(layer.example_scales is None for layer in adapter_layers(model).values())
+
+
 # ----------------------------------------------------------------------------- mixed-rank batch
 def test_mixed_example_ranks_are_a_balanced_seeded_cycle():
     ranks = (1, 2, 4, 8)
@@ -96,13 +107,7 @@ def test_mixed_rank_loss_is_the_token_mean_of_each_example_alone_at_its_rank(met
     loss = training_loss(
         model, lambda: model(**batch).loss, step=4, micro_step=1, seed=3, examples=len(examples)
     )
-    loss.backward()
-    assert loss.item() == pytest.approx(expected, rel=1e-6, abs=1e-6)
-    for name, grad in expected_grads.items():
-        torch.testing.assert_close(
-            dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6
-        )
-    assert all(layer.example_scales is None for layer in adapter_layers(model).values())
+    assert_trains_like_one_at_a_time(model, loss, expected, expected_grads)
 
 
 def test_mixed_rank_loss_needs_the_batch_size():
