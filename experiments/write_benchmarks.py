@@ -102,11 +102,12 @@ def main() -> None:
         "smollm2-gsm-symbolic-150": (
             "Quality where rank matters: SmolLM2-135M-Instruct + GSM-Symbolic, 150 steps, ranks 1..16",
             "bash experiments/gsm_symbolic_150.sh A & bash experiments/gsm_symbolic_150.sh B; "
-            "then seed 1 & seed 2; then grid & screen",
+            "then seed 1 & seed 2; then grid & screen; then rest & screen",
         ),
         "smollm2-gsm8k-150": (
             "Quality where rank matters, second task: SmolLM2-135M-Instruct + GSM8K, 150 steps, ranks 1..16",
-            "bash experiments/gsm8k_150.sh A & bash experiments/gsm8k_150.sh B",
+            "bash experiments/gsm8k_150.sh A & bash experiments/gsm8k_150.sh B; "
+            "then seed 1 & seed 2",
         ),
         "smollm2-gsm-symbolic": (
             "Quality: every method on SmolLM2-135M-Instruct + GSM-Symbolic, ranks 1..16",
