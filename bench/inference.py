@@ -22,7 +22,7 @@ from flops import adapter_flop_fraction
 from machine import finish_meta, run_meta
 from models import MODEL_DESCRIPTIONS, SEVEN_TARGETS, build_variant, load_base, variant
 from profiling import profile_compare
-from report import fmt_ms, header_lines, log, md_table, publish
+from report import fmt_ms, log, md_table, publish_run
 from timing import interleaved_timing, paired_ratio, summarize
 from workload import make_batch
 
@@ -272,14 +272,14 @@ def main(argv: list[str] | None = None) -> int:
     meta = run_meta("inference", device, settings)
     results = [run_model(args, m, device) for m in args.models.split(",")]
     finish_meta(meta, start)
-    title = f"### Inference ({title_suffix(args)})"
-    body = "\n".join(
-        [title, "", *header_lines(meta), ""] + ["\n\n".join(markdown(r, args) for r in results)]
+    publish_run(
+        args,
+        result_key("inference", args),
+        f"### Inference ({title_suffix(args)})",
+        meta,
+        [markdown(r, args) for r in results],
+        results,
     )
-    print(body)
-    if args.write:
-        key = result_key("inference", args)
-        publish(args, key, body, {"meta": meta, "results": results})
     return 0
 
 

@@ -5,8 +5,9 @@ Base models are the packaged SmolLM2-135M-Instruct or a Llama built from a
 :data:`LLAMA_SPECS`. A *variant* is a plain dict (JSON-serialisable, so a memory
 worker in a fresh process can rebuild it) naming its ``kind``:
 
-- ``nested``: this library's adapter (``method``, max rank ``r``; optionally a
-  sampled rank ``b``, a deployed ``rank``, ``merged``, or ``patch="addmm"``);
+- ``nested``: this library's adapter (``method``, max rank ``r``; optionally more
+  ``NestedLoraConfig`` fields in ``config``, a sampled rank ``b``, a deployed
+  ``rank``, ``merged``, or ``patch="addmm"``);
 - ``peft``: PEFT LoRA at rank ``r`` with ``lora_alpha = r`` (scale 1, as ours);
 - ``base``: the frozen model with no adapter.
 
@@ -48,6 +49,16 @@ LLAMA_SPECS: dict[str, dict[str, int]] = {
         num_key_value_heads=8,
         vocab_size=8192,
     ),
+    # Llama-3.2-1B's shapes (for a GPU: 1.2 B parameters, too slow for the CPU default)
+    "llama3-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+    ),
     # a few-millisecond model for --smoke runs and tests
     "tiny": dict(
         hidden_size=64,
@@ -62,6 +73,8 @@ MODEL_DESCRIPTIONS = {
     "smollm2": "SmolLM2-135M-Instruct (30 layers, hidden 576, MLP 1536, vocab 49152)",
     "wide": "Llama from LlamaConfig: 4 layers, hidden 1024, MLP 2816, 16 heads / 8 KV heads, "
     "vocab 8192, random weights",
+    "llama3-1b": "Llama-3.2-1B shapes from LlamaConfig: 16 layers, hidden 2048, MLP 8192, "
+    "32 heads / 8 KV heads, vocab 128256, tied embeddings, random weights",
     "tiny": "Llama from LlamaConfig: 2 layers, hidden 64, MLP 128, vocab 256 (smoke test)",
 }
 
@@ -147,7 +160,9 @@ def build_variant(
     model = copy.deepcopy(base) if own else clone_sharing_weights(base)
     torch.manual_seed(1234)  # the same A in every build of the same R
     if kind == "nested":
-        config = NestedLoraConfig(r=spec["r"], method=spec["method"], target_modules=targets)
+        config = NestedLoraConfig(
+            r=spec["r"], method=spec["method"], target_modules=targets, **spec.get("config", {})
+        )
         attach(model, config)
         if random_b:
             randomise_b(model)

@@ -40,11 +40,10 @@ from report import (
     fmt_mib,
     fmt_ms,
     fmt_ratio,
-    header_lines,
     log,
     md_table,
     now_iso,
-    publish,
+    publish_run,
 )
 from timing import interleaved_timing, paired_ratio, summarize
 from workload import make_batch, make_train_step
@@ -244,15 +243,14 @@ def main(argv: list[str] | None = None) -> None:
             f"memory over {args.memory_steps} steps in a fresh process"
         ),
     }
-    lines = [f"### QLoRA training step ({title_suffix(args)}, {args.quant} base)", ""]
-    lines += header_lines(meta)
-    for result in results:
-        lines += ["", f"**{result['description']}**", "", table(result)]
-    text = "\n".join(lines)
-    print(text)
-    if args.write:
-        key = result_key(f"qlora_step_{args.quant}", args)
-        publish(args, key, text, {"meta": meta, "results": results})
+    publish_run(
+        args,
+        result_key(f"qlora_step_{args.quant}", args),
+        f"### QLoRA training step ({title_suffix(args)}, {args.quant} base)",
+        meta,
+        [f"**{result['description']}**\n\n{table(result)}" for result in results],
+        results,
+    )
 
 
 if __name__ == "__main__":

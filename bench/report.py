@@ -144,3 +144,19 @@ def publish(args: argparse.Namespace, key: str, body: str, data: dict[str, Any])
     path = write_json(args.results_dir, key, data)
     replace_subsection(args.benchmarks_file, key, body)
     log(f"wrote {path} and the {key} block of {args.benchmarks_file}")
+
+
+def publish_run(
+    args: argparse.Namespace,
+    key: str,
+    title: str,
+    meta: dict[str, Any],
+    sections: list[str],
+    results: Any,
+) -> None:
+    """Print a run's block (``title``, the machine header, ``sections`` a blank line
+    apart) and, with ``--write``, :func:`publish` it with ``{"meta", "results"}``."""
+    body = "\n".join([title, "", *header_lines(meta), "", "\n\n".join(sections)])
+    print(body)
+    if args.write:
+        publish(args, key, body, {"meta": meta, "results": results})

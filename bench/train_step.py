@@ -39,10 +39,9 @@ from report import (
     fmt_mib,
     fmt_ms,
     fmt_ratio,
-    header_lines,
     log,
     md_table,
-    publish,
+    publish_run,
 )
 from timing import interleaved_timing, paired_ratio, summarize
 from workload import make_batch, make_train_step
@@ -321,14 +320,14 @@ def main(argv: list[str] | None = None) -> int:
         results.append(result)
         gc.collect()
     finish_meta(meta, start)
-    title = f"### Training step ({title_suffix(args)})"
-    body = "\n".join(
-        [title, "", *header_lines(meta), ""] + ["\n\n".join(markdown(r, args) for r in results)]
+    publish_run(
+        args,
+        result_key("train_step", args),
+        f"### Training step ({title_suffix(args)})",
+        meta,
+        [markdown(r, args) for r in results],
+        results,
     )
-    print(body)
-    if args.write:
-        key = result_key("train_step", args)
-        publish(args, key, body, {"meta": meta, "results": results})
     return 0
 
 

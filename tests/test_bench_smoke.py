@@ -12,8 +12,8 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-@pytest.mark.parametrize("script", ["train_step.py", "inference.py"])
-def test_bench_script_smoke(tmp_path, script):
+def run_smoke(tmp_path: Path, script: str) -> Path:
+    """Run ``bench/<script> --smoke --write`` into ``tmp_path``; the BENCHMARKS file it wrote."""
     target = tmp_path / "BENCHMARKS.md"
     proc = subprocess.run(
         [
@@ -31,7 +31,12 @@ def test_bench_script_smoke(tmp_path, script):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    text = target.read_text()
+    return target
+
+
+@pytest.mark.parametrize("script", ["train_step.py", "inference.py"])
+def test_bench_script_smoke(tmp_path, script):
+    text = run_smoke(tmp_path, script).read_text()
     (results,) = tmp_path.glob("*.json")
     block = json.loads(results.read_text())
     name = results.stem
@@ -68,3 +73,26 @@ def table_rows(markdown: str) -> dict[str, list[str]]:
         cells = [c.strip() for c in line.strip("|").split("|")]
         rows.setdefault(cells[0], cells[1:])
     return rows
+
+
+def test_objective_step_smoke(tmp_path):
+    """Each objective's row shows its exact passes and its measured time, LoRA and the default at 1."""
+    target = run_smoke(tmp_path, "objective_step.py")
+    (results,) = tmp_path.glob("objective_step_*.json")
+    rows = {
+        row["spec"]["objective"]: row
+        for model in json.loads(results.read_text())["results"]
+        for row in model["rows"]
+    }
+    table = table_rows(target.read_text())
+    # R = 4 in smoke mode: S = {1, 2, 4}
+    passes = {"lora": 1, "plain": 1, "default": 2, "every2": 1.5, "mixed": 1, "geometric": 1}
+    passes |= {"w75": 2, "all_ranks": 3}
+    assert {k: row["spec"]["passes"] for k, row in rows.items()} == passes
+    for row in rows.values():
+        cells = table[row["name"]]
+        assert float(cells[0]) == row["spec"]["passes"]
+        ms = row["time"]["median_s"] * 1e3
+        assert float(cells[1]) == pytest.approx(ms, abs=0.051 if ms < 100 else 0.51)
+    assert table[rows["lora"]["name"]][3].startswith("1.000")
+    assert table[rows["default"]["name"]][4].startswith("1.000")

@@ -1,0 +1,288 @@
+"""The cost of each training objective: a nested objective's step against a LoRA step.
+
+The quality comparisons count a run's compute as forward-backward passes per
+micro-batch (``matryoshka_lora.train.objective.forward_passes``: 2 for the default,
+1 for LoRA). This measures what those passes cost on a real step: every objective
+trains the same adapter (R, the seven projections) on the same batch, one timed call
+being optimizer steps 0 .. n-1 of its plan (``workload.objective_steps``), so a plan
+that changes from step to step (the drawn rank, ``prefix_loss_every``) is averaged
+inside the call. All objectives are timed round-robin in one process over one set of
+frozen weights; the ratios are paired per round against LoRA and against the default
+of the same run. Peak memory: one fresh process per objective.
+
+    python bench/objective_step.py                     # SmolLM2 + wide Llama, CPU, 1 thread
+    python bench/objective_step.py --write             # also update BENCHMARKS.md and JSON
+    python bench/objective_step.py --device cuda --dtype bfloat16 --models llama3-1b \\
+        --batch 8 --seq 512 --threads 8 --write        # Llama-3.2-1B shapes on a GPU
+    python bench/objective_step.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+
+import torch
+from cli_args import DTYPES, add_common_args, result_key, setup_runtime, title_suffix
+from machine import finish_meta, run_meta
+from memory import measure_memory_here
+from memory_worker import memory_in_fresh_processes
+from models import MODEL_DESCRIPTIONS, SEVEN_TARGETS, build_variant, load_base, variant
+from report import fmt_mib, fmt_ms, fmt_ratio, log, md_table, publish_run
+from timing import interleaved_timing, paired_ratio, summarize
+from workload import make_batch, make_train_step
+
+from matryoshka_lora import NestedLoraConfig
+from matryoshka_lora.train.objective import forward_passes
+
+# name -> (label, method, NestedLoraConfig fields); every one trains the same adapter shape
+OBJECTIVES: dict[str, tuple[str, str, dict]] = {
+    "lora": ("LoRA", "lora", {}),
+    "plain": ("authors' objective (`matryoshka-plain`)", "matryoshka", {"prefix_loss": False}),
+    "default": ("default: R + one drawn rank (`mat_prefix1`)", "matryoshka", {}),
+    "every2": (
+        "default on every 2nd micro-batch (`prefix_loss_every=2`)",
+        "matryoshka",
+        {"prefix_loss_every": 2},
+    ),
+    "mixed": (
+        'mixed-rank batch (`prefix_loss_mode="mixed"`)',
+        "matryoshka",
+        {"prefix_loss_sample": 0, "prefix_loss_mode": "mixed"},
+    ),
+    "geometric": (
+        'nested dropout (`prefix_loss_mode="geometric"`)',
+        "matryoshka",
+        {"prefix_loss_mode": "geometric"},
+    ),
+    "w75": (
+        "default, full rank weighted 3/4 (`prefix_loss_full_weight=0.75`)",
+        "matryoshka",
+        {"prefix_loss_full_weight": 0.75},
+    ),
+    "all_ranks": (
+        "every rank of S (`matryoshka-prefix`)",
+        "matryoshka",
+        {"prefix_loss_sample": 0},
+    ),
+}
+REFERENCE, DEFAULT = "lora", "default"
+
+
+def objective_variants(rank: int, names: list[str], steps: int) -> list[dict]:
+    """The benchmark variants of the objectives ``names`` (``models.variant`` dicts)."""
+    out = []
+    for name in names:
+        label, method, fields = OBJECTIVES[name]
+        config = NestedLoraConfig(r=rank, method=method, **fields)
+        out.append(
+            variant(
+                label,
+                "nested",
+                method=method,
+                r=rank,
+                config=fields,
+                objective=name,
+                objective_steps=steps,
+                passes=forward_passes(config, steps),
+            )
+        )
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--models", default="smollm2,wide", help="comma list: smollm2, wide, llama3-1b, tiny"
+    )
+    p.add_argument("--rank", type=int, default=16, help="max rank R")
+    p.add_argument("--batch", type=int, default=2, help="examples per micro-batch")
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument(
+        "--objectives",
+        default=",".join(OBJECTIVES),
+        help=f"comma list of {', '.join(OBJECTIVES)} (must include {REFERENCE} and {DEFAULT})",
+    )
+    p.add_argument(
+        "--steps-per-call",
+        type=int,
+        default=2,
+        help="optimizer steps per timed call (even, so prefix_loss_every=2 is averaged)",
+    )
+    p.add_argument(
+        "--memory",
+        choices=["subprocess", "inprocess", "none"],
+        default="subprocess",
+        help="peak memory: a fresh process per objective, or in this process one after another",
+    )
+    p.add_argument("--memory-steps", type=int, default=1, help="timed calls per memory run")
+    add_common_args(p, repeats=5, warmup=1)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.models, args.batch, args.seq, args.rank = "tiny", 2, 16, 4
+        if args.memory == "subprocess":
+            args.memory = "inprocess"
+    names = args.objectives.split(",")
+    unknown = set(names) - set(OBJECTIVES)
+    if unknown:
+        p.error(f"unknown objectives {sorted(unknown)}: choose from {', '.join(OBJECTIVES)}")
+    if not {REFERENCE, DEFAULT} <= set(names):
+        p.error(f"--objectives must include {REFERENCE} and {DEFAULT}: the ratios are against them")
+    if args.steps_per_call < 1:
+        p.error("--steps-per-call must be >= 1")
+    return args
+
+
+def run_model(args: argparse.Namespace, model_name: str, device: torch.device) -> dict:
+    specs = objective_variants(args.rank, args.objectives.split(","), args.steps_per_call)
+    log(f"[{model_name}] loading")
+    base = load_base(model_name, DTYPES[args.dtype], device, args.seed)
+    ids = make_batch(base, args.batch, args.seq, device, args.seed)
+    models = {s["name"]: build_variant(base, s, SEVEN_TARGETS) for s in specs}
+    calls = {s["name"]: make_train_step(models[s["name"]], s, ids) for s in specs}
+    log(f"[{model_name}] timing {len(specs)} objectives, interleaved")
+    times = interleaved_timing(calls, args.repeats, args.warmup, log=log)
+    memory: dict[str, dict] = {}
+    if args.memory == "inprocess":
+        for s in specs:
+            memory[s["name"]] = measure_memory_here(
+                models[s["name"]], calls[s["name"]], device, args.memory_steps
+            )
+    del models, calls, base
+    gc.collect()
+    if args.memory == "subprocess":
+        memory = memory_in_fresh_processes(specs, args, model_name, SEVEN_TARGETS)
+    per_step = args.steps_per_call
+    rows = [
+        {
+            "name": s["name"],
+            "spec": s,
+            "time": summarize([t / per_step for t in times[s["name"]]]),
+            "times_s": [t / per_step for t in times[s["name"]]],
+            "memory": memory.get(s["name"]),
+        }
+        for s in specs
+    ]
+    add_ratios(rows)
+    return {
+        "model": model_name,
+        "description": MODEL_DESCRIPTIONS[model_name],
+        "tokens_per_micro_batch": args.batch * args.seq,
+        "rows": rows,
+    }
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Paired ratios against LoRA and the default, time per pass, and memory against LoRA."""
+    by_objective = {r["spec"]["objective"]: r for r in rows}
+    lora, default = by_objective[REFERENCE], by_objective[DEFAULT]
+    for r in rows:
+        r["x_lora"] = paired_ratio(r["times_s"], lora["times_s"])
+        r["x_default"] = paired_ratio(r["times_s"], default["times_s"])
+        r["pass_x_lora"] = r["x_lora"]["median"] / r["spec"]["passes"]
+        mem, lmem = r["memory"], lora["memory"]
+        if mem and lmem:
+            r["mem_x_lora_peak"] = mem["peak"] / lmem["peak"]
+            r["mem_x_lora_delta"] = mem["delta"] / lmem["delta"] if lmem["delta"] > 0 else None
+            tp, ltp = mem.get("tensor_peak"), lmem.get("tensor_peak")
+            r["mem_x_lora_tensor_peak"] = tp / ltp if tp and ltp else None
+
+
+def _paired(p: dict) -> str:
+    return f"{p['median']:.3f} [{p['p25']:.3f}, {p['p75']:.3f}]"
+
+
+def markdown(result: dict, args: argparse.Namespace) -> str:
+    rows = result["rows"]
+    time_rows = [
+        [
+            r["name"],
+            f"{r['spec']['passes']:.2f}",
+            fmt_ms(r["time"]["median_s"]),
+            f"{fmt_ms(r['time']['p25_s'])}-{fmt_ms(r['time']['p75_s'])}",
+            _paired(r["x_lora"]),
+            _paired(r["x_default"]),
+            f"{r['pass_x_lora']:.3f}",
+        ]
+        for r in rows
+    ]
+    out = [
+        f"**{result['description']}**; {result['tokens_per_micro_batch']} tokens per micro-batch "
+        f"({args.batch} x {args.seq}), one micro-batch per optimizer step.",
+        "",
+        md_table(
+            [
+                "objective",
+                "passes per micro-batch",
+                "median ms/step",
+                "IQR ms",
+                "× LoRA paired [IQR]",
+                "× default paired [IQR]",
+                "time per pass × LoRA",
+            ],
+            time_rows,
+        ),
+    ]
+    mem_rows = [
+        [
+            r["name"],
+            fmt_mib(r["memory"]["peak"]),
+            fmt_mib(r["memory"]["delta"]),
+            fmt_ratio(r.get("mem_x_lora_delta")),
+            fmt_mib(r["memory"].get("tensor_peak")),
+            fmt_ratio(r.get("mem_x_lora_tensor_peak")),
+        ]
+        for r in rows
+        if r["memory"]
+    ]
+    if mem_rows:
+        kind = rows[0]["memory"]["kind"]
+        where = "a fresh process per objective" if args.memory == "subprocess" else "in process"
+        out += [
+            "",
+            f"Peak memory ({kind}, {where}). 'over model' = peak minus the memory held once the "
+            "model and adapter are built; 'step tensor peak' = peak bytes of the tensors a call "
+            "allocates, counted op by op:",
+            "",
+            md_table(
+                [
+                    "objective",
+                    "peak MiB",
+                    "over model MiB",
+                    "× LoRA (over model)",
+                    "step tensor peak MiB",
+                    "× LoRA (tensor peak)",
+                ],
+                mem_rows,
+            ),
+        ]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = setup_runtime(args)
+    start = time.perf_counter()
+    settings = (
+        f"R={args.rank}, targets q,k,v,o,gate,up,down, micro-batch {args.batch} x {args.seq} "
+        f"tokens, base {args.dtype}, adapters fp32, AdamW, {args.steps_per_call} optimizer "
+        f"steps per timed call, {args.warmup} warmup + {args.repeats} timed rounds, seed {args.seed}"
+    )
+    meta = run_meta("objective_step", device, settings)
+    results = [run_model(args, name, device) for name in args.models.split(",")]
+    finish_meta(meta, start)
+    publish_run(
+        args,
+        result_key("objective_step", args),
+        f"### Training objectives ({title_suffix(args)})",
+        meta,
+        [markdown(r, args) for r in results],
+        results,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
