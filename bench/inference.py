@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
-from cli_args import DTYPES, add_common_args, result_key, setup_runtime, title_suffix
+from cli_args import DTYPES, add_common_args
 from flops import adapter_flop_fraction
-from machine import finish_meta, run_meta
 from models import MODEL_DESCRIPTIONS, SEVEN_TARGETS, build_variant, load_base, variant
 from profiling import profile_compare
-from report import fmt_ms, log, md_table, publish_run
+from report import fmt_ms, log, md_table
+from script_run import run_script
 from timing import interleaved_timing, paired_ratio, summarize
 from workload import make_batch
 
@@ -261,26 +260,20 @@ def markdown(result: dict, args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = setup_runtime(args)
-    start = time.perf_counter()
     settings = (
         f"R={args.max_rank} (matryoshka, paper inference scale), ranks {args.rank_list}, "
         f"merge rank {args.merge_rank}, targets q,k,v,o,gate,up,down, batch {args.batch} x "
         f"{args.seq} tokens, base {args.dtype}, adapters fp32, {args.warmup} warmup + "
         f"{args.repeats} timed rounds"
     )
-    meta = run_meta("inference", device, settings)
-    results = [run_model(args, m, device) for m in args.models.split(",")]
-    finish_meta(meta, start)
-    publish_run(
+    return run_script(
         args,
-        result_key("inference", args),
-        f"### Inference ({title_suffix(args)})",
-        meta,
-        [markdown(r, args) for r in results],
-        results,
+        "inference",
+        "Inference",
+        settings,
+        lambda name, device: run_model(args, name, device),
+        lambda result: markdown(result, args),
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -22,15 +22,14 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
-import time
 
 import torch
-from cli_args import DTYPES, add_common_args, result_key, setup_runtime, title_suffix
-from machine import finish_meta, run_meta
+from cli_args import DTYPES, add_common_args
 from memory import measure_memory_here
 from memory_worker import memory_in_fresh_processes
 from models import MODEL_DESCRIPTIONS, SEVEN_TARGETS, build_variant, load_base, variant
-from report import fmt_mib, fmt_ms, fmt_ratio, log, md_table, publish_run
+from report import fmt_mib, fmt_ms, fmt_ratio, log, md_table
+from script_run import run_script
 from timing import interleaved_timing, paired_ratio, summarize
 from workload import make_batch, make_train_step
 
@@ -263,25 +262,19 @@ def markdown(result: dict, args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = setup_runtime(args)
-    start = time.perf_counter()
     settings = (
         f"R={args.rank}, targets q,k,v,o,gate,up,down, micro-batch {args.batch} x {args.seq} "
         f"tokens, base {args.dtype}, adapters fp32, AdamW, {args.steps_per_call} optimizer "
         f"steps per timed call, {args.warmup} warmup + {args.repeats} timed rounds, seed {args.seed}"
     )
-    meta = run_meta("objective_step", device, settings)
-    results = [run_model(args, name, device) for name in args.models.split(",")]
-    finish_meta(meta, start)
-    publish_run(
+    return run_script(
         args,
-        result_key("objective_step", args),
-        f"### Training objectives ({title_suffix(args)})",
-        meta,
-        [markdown(r, args) for r in results],
-        results,
+        "objective_step",
+        "Training objectives",
+        settings,
+        lambda name, device: run_model(args, name, device),
+        lambda result: markdown(result, args),
     )
-    return 0
 
 
 if __name__ == "__main__":

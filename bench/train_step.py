@@ -18,12 +18,10 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
-import time
 
 import torch
-from cli_args import DTYPES, add_common_args, result_key, setup_runtime, title_suffix
+from cli_args import DTYPES, add_common_args
 from flops import adapter_flop_fraction, count_flops
-from machine import finish_meta, run_meta
 from memory import measure_memory_here
 from memory_worker import memory_in_fresh_processes
 from models import (
@@ -41,8 +39,8 @@ from report import (
     fmt_ratio,
     log,
     md_table,
-    publish_run,
 )
+from script_run import run_script
 from timing import interleaved_timing, paired_ratio, summarize
 from workload import make_batch, make_train_step
 
@@ -173,7 +171,7 @@ def run_model(args: argparse.Namespace, model_name: str, device: torch.device) -
                 "memory": memory.get(name),
             }
         )
-    return {
+    result = {
         "model": model_name,
         "description": MODEL_DESCRIPTIONS[model_name],
         "tokens_per_step": args.batch * args.seq,
@@ -181,6 +179,9 @@ def run_model(args: argparse.Namespace, model_name: str, device: torch.device) -
         "rows": rows,
         "profile": profile,
     }
+    add_ratios(result)
+    gc.collect()
+    return result
 
 
 def _find(rows: list[dict], kind: str) -> dict | None:
@@ -305,30 +306,19 @@ def markdown(result: dict, args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = setup_runtime(args)
-    start = time.perf_counter()
     settings = (
         f"R={args.rank}, targets q,k,v,o,gate,up,down, batch {args.batch} x {args.seq} tokens, "
         f"base {args.dtype}, adapters fp32 (both libraries' default), AdamW, "
         f"{args.warmup} warmup + {args.repeats} timed rounds, seed {args.seed}"
     )
-    meta = run_meta("train_step", device, settings)
-    results = []
-    for model_name in args.models.split(","):
-        result = run_model(args, model_name, device)
-        add_ratios(result)
-        results.append(result)
-        gc.collect()
-    finish_meta(meta, start)
-    publish_run(
+    return run_script(
         args,
-        result_key("train_step", args),
-        f"### Training step ({title_suffix(args)})",
-        meta,
-        [markdown(r, args) for r in results],
-        results,
+        "train_step",
+        "Training step",
+        settings,
+        lambda name, device: run_model(args, name, device),
+        lambda result: markdown(result, args),
     )
-    return 0
 
 
 if __name__ == "__main__":
