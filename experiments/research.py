@@ -194,8 +194,12 @@ def paired_lines(
     same data order, so the pairing removes the data-order noise both share)."""
     if reference not in table.methods:
         return []
-    # pair over at least 2 seeds once the reference has them; before that, seed by seed
-    min_seeds = min(2, table.n_runs(reference))
+    paired = {
+        row: table.paired_difference(row, reference) for row in table.methods if row != reference
+    }
+    # pair over at least 2 seeds once some row shares them with the reference; before
+    # that, seed by seed
+    min_seeds = min(2, max((len(seeds) for _, seeds in paired.values()), default=0))
     ranks = list(runner.spec.ranks)
     header = ["row", *(f"r={r}" for r in ranks), "AURAC_log", "seeds"]
     lines = [
@@ -207,11 +211,8 @@ def paired_lines(
         "| " + " | ".join(header) + " |",
         "|:---|" + "---:|" * (len(header) - 1),
     ]
-    for row in table.methods:
-        if row == reference:
-            continue
-        diffs, seeds = table.paired_difference(row, reference)
-        if len(seeds) < min_seeds:
+    for row, (diffs, seeds) in paired.items():
+        if not seeds or len(seeds) < min_seeds:
             continue
         cells = [
             f"{diffs[c][0]:+.2f}" + ("" if diffs[c][1] is None else f" ± {diffs[c][1]:.2f}")

@@ -107,7 +107,7 @@ def main() -> None:
         "smollm2-gsm8k-150": (
             "Quality where rank matters, second task: SmolLM2-135M-Instruct + GSM8K, 150 steps, ranks 1..16",
             "bash experiments/gsm8k_150.sh A & bash experiments/gsm8k_150.sh B; "
-            "then seed 1 & seed 2",
+            "then grid; then seed 1 & seed 2",
         ),
         "smollm2-gsm-symbolic": (
             "Quality: every method on SmolLM2-135M-Instruct + GSM-Symbolic, ranks 1..16",

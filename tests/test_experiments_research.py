@@ -13,7 +13,7 @@ from test_compare import tiny_spec, write_dataset
 from matryoshka_lora.compare import ComparisonRunner, RunKey
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-from research import VARIANT_KINDS, complete_records  # noqa: E402
+from research import VARIANT_KINDS, complete_records, paired_lines  # noqa: E402
 
 
 def test_variants_svd_and_select_deployments_and_record_completion(tmp_path):
@@ -68,3 +68,24 @@ def test_variants_svd_and_select_deployments_and_record_completion(tmp_path):
     for split in ("val", "test"):
         assert again[split]["svd"] == pytest.approx(curves[split]["svd"], abs=1e-6)
     assert "lora-r4-lr0.001-s0" not in grown.records  # kinds restricts what runs
+
+
+def test_paired_lines_pairs_over_two_seeds_once_a_row_shares_them():
+    """Rows sharing 2+ seeds with the reference hide 1-seed rows; with none, 1 seed is shown."""
+    from types import SimpleNamespace
+
+    from matryoshka_lora.eval.results import Comparison
+
+    runner = SimpleNamespace(spec=SimpleNamespace(ranks=(1, 2)))
+    table = Comparison(ranks=(1, 2))
+    table.add("lora_svd_2x", [80.0, 81.0], seed=0).add("lora_svd_2x", [80.5, 81.5], seed=2)
+    table.add("default", [79.0, 80.0], seed=0)
+    table.add("lora_svd", [78.0, 79.0], seed=0)
+    lines = paired_lines(runner, table, reference="lora_svd_2x")
+    assert "| default | -1.00 | -1.00 |" in "\n".join(lines)
+    assert "one seed so far" in lines[1]
+    table.add("default", [79.0, 80.0], seed=2)
+    lines = "\n".join(paired_lines(runner, table, reference="lora_svd_2x"))
+    # seed 0: -1.00, seed 2: -1.50 at both ranks
+    assert "| default | -1.25 ± 0.35 | -1.25 ± 0.35 | -1.25 ± 0.35 | 2 |" in lines
+    assert "| lora_svd |" not in lines  # one shared seed, hidden beside a 2-seed row
