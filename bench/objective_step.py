@@ -153,13 +153,13 @@ def run_model(args: argparse.Namespace, model_name: str, device: torch.device) -
     gc.collect()
     if args.memory == "subprocess":
         memory = memory_in_fresh_processes(specs, args, model_name, SEVEN_TARGETS)
-    per_step = args.steps_per_call
+    per_step = {name: [t / args.steps_per_call for t in samples] for name, samples in times.items()}
     rows = [
         {
             "name": s["name"],
             "spec": s,
-            "time": summarize([t / per_step for t in times[s["name"]]]),
-            "times_s": [t / per_step for t in times[s["name"]]],
+            "time": summarize(per_step[s["name"]]),
+            "times_s": per_step[s["name"]],
             "memory": memory.get(s["name"]),
         }
         for s in specs
