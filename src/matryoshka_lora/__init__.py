@@ -20,15 +20,28 @@ from .eval import aurac, rank_sweep
 from .export import export_peft, import_peft, save_merged
 from .io import AdapterCheckpointError, load_adapter, save_adapter
 from .model import at_rank, attach, detach, merge, print_trainable_parameters, set_rank, unmerge
+from .svd import svd_rebase_
 from .train.loop import TrainConfig, train_adapter
-from .train.objective import training_loss
+from .train.objective import (
+    FullLoss,
+    LoraSvd,
+    PrefixLoss,
+    RankSampling,
+    TrainingObjective,
+    training_loss,
+)
 
 __all__ = [
     "__version__",
     "AdapterCheckpointError",
+    "FullLoss",
+    "LoraSvd",
     "NestedLoraConfig",
     "PRESETS",
+    "PrefixLoss",
+    "RankSampling",
     "TrainConfig",
+    "TrainingObjective",
     "at_rank",
     "attach",
     "aurac",
@@ -43,6 +56,7 @@ __all__ = [
     "save_adapter",
     "save_merged",
     "set_rank",
+    "svd_rebase_",
     "train_adapter",
     "training_loss",
     "unmerge",

@@ -4,17 +4,20 @@ Layout follows PEFT: ``lora_A`` has shape (R, in), ``lora_B`` (out, R) and the
 adapter adds ``((x @ A.T) * p) @ B.T`` to the frozen base output, with ``p`` the
 diagonal of P (see :mod:`matryoshka_lora.nesting`).
 
-State of a layer (all plain Python attributes, no process-global state):
+State of a layer (all plain Python attributes, no process-global state), one
+forward path each:
 
-* ``active_rank = None``: the method's training function at full rank
-  (LoRA: ``p = s(R)``; Matryoshka: the fixed P; DyLoRA: the first ``b =
-  sampled_rank`` components scaled by ``s(b)``; Matryoshka with a sampled
-  prefix ``b`` (``prefix_sampling``): the deployed rank-b adapter; ``matryoshka_exact``: the masked
-  sum ``sum_{r in S} w_r s(r) x A[:r].T B[:, :r].T``).
+* ``example_scales`` set: example i of the batch at its own rank r_i,
+  ``((x_i @ A.T) * m_i) @ B.T`` with ``m_i`` the rank-r_i scales padded with zeros.
 * ``active_rank = r``: the rank-r adapter, ``((x @ A[:r].T) * q) @ B[:, :r].T``
   with ``q = inference_p(...)`` (``paper``: s(r); ``trained``: p[:r]).
-* ``merged``: the adapter (at the rank it was merged at) is folded into the base
-  weight and the forward is the base layer alone.
+* ``sampled_rank = b`` (training only): the prefix b a training objective
+  samples, ``((x @ A[:b].T) * q_b) @ B[:, :b].T`` (DyLoRA: ``q_b = s(b)``),
+  computed by slicing so that a small b costs less.
+* otherwise: the method's training function at full rank ``((x @ A.T) * p) @ B.T``.
+
+``merged``: the adapter (at the rank it was merged at) is folded into the base
+weight and the forward is the base layer alone.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import FLOAT_DTYPES, NestedLoraConfig
-from .nesting import check_rank, inference_p, rank_scale, training_p
+from .nesting import check_rank, inference_p, training_p
 
 
 def conv1d_type() -> type[nn.Module] | None:
@@ -123,14 +126,6 @@ class NestedLoraLinear(nn.Module):
         self.alpha = config.alpha
         self.normalize = config.normalize
         self.inference_scale = config.inference_scale
-        self.dylora_update = config.dylora_update
-        p = training_p(
-            self.method, self.max_rank, self.train_ranks, self.scaling, self.alpha, self.normalize
-        )
-        # w_r of the masked-sum oracle: the normalisations rescale the whole P by one factor
-        self._masked_sum_weight = float(p[0]) / sum(
-            rank_scale(r, self.scaling, self.alpha) for r in self.train_ranks
-        )
         self.recompute_scales()
 
     def recompute_scales(self) -> None:
@@ -151,7 +146,7 @@ class NestedLoraLinear(nn.Module):
         )
         self.sampled_p = (
             self.deployed_scales(self.sampled_rank).to(device=device)
-            if self.sampled_rank is not None and self.method != "dylora"
+            if self.sampled_rank is not None
             else self.sampled_p.new_empty(0, dtype=self._p_dtype)
         )
         if self.example_scales is not None:
@@ -197,14 +192,12 @@ class NestedLoraLinear(nn.Module):
     def set_sampled_rank(self, rank: int | None) -> None:
         """Set the sampled training prefix ``b`` (None: the full adapter).
 
-        DyLoRA trains components 1..b scaled by s(b). The other methods (a
-        Matryoshka adapter with ``prefix_sampling``) train the deployed rank-b
-        adapter, components 1..b with ``deployed_scales(b)``.
+        The forward then trains the deployed rank-b adapter, components 1..b
+        with ``deployed_scales(b)`` (DyLoRA: s(b) on each, its training function at b).
         """
         if rank is not None:
             check_rank(rank, self.max_rank, "sampled rank b")
-            if self.method != "dylora":
-                self.sampled_p = self.deployed_scales(rank).to(device=self.train_p.device)
+            self.sampled_p = self.deployed_scales(rank).to(device=self.train_p.device)
         self.sampled_rank = rank
 
     def set_inference_scale(self, inference_scale: str) -> None:
@@ -286,13 +279,9 @@ class NestedLoraLinear(nn.Module):
         if self.active_rank is not None:
             r = self.active_rank
             return self._scaled_lora(x, self.lora_A[:r], self.lora_B[:, :r], self.rank_p)
-        if self.method == "dylora":
-            return self._dylora_output(x)
         if self.sampled_rank is not None:
             b = self.sampled_rank
             return self._scaled_lora(x, self.lora_A[:b], self.lora_B[:, :b], self.sampled_p)
-        if self.method == "matryoshka_exact":
-            return self._masked_sum_output(x)
         return self._scaled_lora(x, self.lora_A, self.lora_B, self.train_p)
 
     @staticmethod
@@ -302,32 +291,11 @@ class NestedLoraLinear(nn.Module):
         z = F.linear(x, a)
         return F.linear(z * p.to(z.dtype), b)
 
-    def _dylora_output(self, x: torch.Tensor) -> torch.Tensor:
-        """First ``b`` components only (sliced, so a small b costs less), scaled by s(b)."""
-        b = self.max_rank if self.sampled_rank is None else self.sampled_rank
-        a, bm = self.lora_A[:b], self.lora_B[:, :b]
-        if self.dylora_update == "last" and b > 1:
-            a = torch.cat([a[: b - 1].detach(), a[b - 1 :]], dim=0)
-            bm = torch.cat([bm[:, : b - 1].detach(), bm[:, b - 1 :]], dim=1)
-        z = F.linear(x, a)
-        return F.linear(z * rank_scale(b, self.scaling, self.alpha), bm)
-
-    def _masked_sum_output(self, x: torch.Tensor) -> torch.Tensor:
-        """Test oracle: ``sum_{r in S} w_r s(r) x A[:r].T B[:, :r].T`` (|S| LoRA forwards)."""
-        weight = self._masked_sum_weight
-        out = None
-        for r in self.train_ranks:
-            term = F.linear(F.linear(x, self.lora_A[:r]), self.lora_B[:, :r])
-            term = term * (weight * rank_scale(r, self.scaling, self.alpha))
-            out = term if out is None else out + term
-        return out
-
     # ------------------------------------------------------------------ merge
     def delta_weight(self, rank: int | None = None) -> torch.Tensor:
         """The update ``B[:, :r] diag(q) A[:r]`` of shape (out, in), in fp32 (or fp64).
 
         ``rank=None`` gives the full training function's update (DyLoRA: b = R).
-        ``matryoshka_exact`` collapses to the same diagonal P as ``matryoshka``.
         """
         r = self.max_rank if rank is None else check_rank(rank, self.max_rank)
         q = self.deployed_scales(rank).to(self.lora_A.device)

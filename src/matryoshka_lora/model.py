@@ -210,7 +210,7 @@ def set_inference_scale(model: nn.Module, inference_scale: str) -> None:
 
 def reconfigure(model: nn.Module, **changes) -> NestedLoraConfig:
     """Change scale-defining fields (method, scaling, alpha, normalize, train/eval ranks,
-    inference scale, dylora_update) of every adapter in place, keeping A and B.
+    inference scale) of every adapter in place, keeping A and B.
 
     R and the targets cannot change (they define the tensors). Returns the new config.
     """

@@ -39,7 +39,7 @@ import torch
 # each choice is declared once, as a Literal (config field types) with its tuple of values
 Scaling = Literal["none", "rank", "sqrt"]
 Normalization = Literal["none", "mean", "rms"]
-Method = Literal["matryoshka", "matryoshka_exact", "lora", "dylora"]
+Method = Literal["lora", "matryoshka", "dylora"]
 InferenceScale = Literal["paper", "trained"]
 SCALINGS: tuple[str, ...] = get_args(Scaling)
 NORMALIZATIONS: tuple[str, ...] = get_args(Normalization)
@@ -193,7 +193,7 @@ def training_p(
 ) -> torch.Tensor:
     """The full-rank P a method trains with (for DyLoRA: at ``b = R``)."""
     _check_choice("method", method, METHODS)
-    if method in ("matryoshka", "matryoshka_exact"):
+    if method == "matryoshka":
         return matryoshka_p(max_rank, train_ranks, scaling, alpha, normalize)
     return lora_p(max_rank, scaling, alpha)
 

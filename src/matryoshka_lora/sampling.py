@@ -1,5 +1,6 @@
-"""Rank samplers: which prefix ``b`` DyLoRA trains at each step (docs/method.md §4),
-and which ranks a sampled prefix loss adds to the full adapter's.
+"""Rank draws of the training objectives: which prefix ``b`` DyLoRA trains at each
+step (docs/method.md §4), and which ranks a sampled prefix loss adds to the full
+adapter's.
 
 A sampler is stateless: ``b`` is a pure function of ``(seed, step, micro_step)``,
 drawn from a counter-based generator (NumPy's ``SeedSequence`` hashes the three
@@ -14,7 +15,6 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
 
 import numpy as np
-from torch import nn
 
 from .nesting import _check_choice, check_max_rank, check_train_ranks
 
@@ -39,7 +39,7 @@ class RankSampler:
         seed: base seed; the same seed gives the same sequence in every process.
         probability: chance that a micro-batch trains a sampled prefix at all;
             otherwise ``rank_for`` returns None (the full adapter). 1.0 for
-            DyLoRA; MatryoshkaLoRA's ``prefix_sampling`` uses less ("rank
+            DyLoRA; a research objective may sample less often ("rank
             sampling on top of P").
     """
 
@@ -80,14 +80,6 @@ class RankSampler:
             return None
         return self.support[int(index)]
 
-    def apply(self, model: nn.Module, step: int, micro_step: int = 0) -> int | None:
-        """Draw ``b`` and set it on every adapter of ``model`` (one b for all layers)."""
-        from .model import set_sampled_rank
-
-        b = self.rank_for(step, micro_step)
-        set_sampled_rank(model, b)
-        return b
-
     def state_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["train_ranks"] = list(self.train_ranks)
@@ -117,85 +109,3 @@ def prefix_loss_ranks(
     rng = np.random.default_rng(np.random.SeedSequence(key))
     chosen = rng.choice(len(below), size=sample, replace=False)
     return tuple(sorted(below[int(i)] for i in chosen)) + (train_ranks[-1],)
-
-
-def mixed_example_ranks(
-    ranks: tuple[int, ...],
-    examples: int,
-    seed: int,
-    step: int,
-    micro_step: int = 0,
-    first_example: int = 0,
-) -> tuple[int, ...]:
-    """The rank of each example of a mixed-rank prefix-loss micro-batch.
-
-    ``ranks`` is the micro-batch's draw S' (:func:`prefix_loss_ranks`, m = |S'|
-    ranks ending with R). An offset ``o`` is drawn uniformly from 0..m-1 as a pure
-    function of ``(seed, step, micro_step)`` (a stream of its own) and the example
-    at position ``j = first_example + i`` of the global batch trains at
-
-        r_j = S'[(o + j) mod m],
-
-    a balanced cycle: any m consecutive examples hold each rank of S' once, so a
-    micro-batch of n examples gives each rank floor(n/m) or ceil(n/m) of them,
-    and over the draw of ``o`` each example is at each rank with probability
-    1/m (the full rank R included, the weight ``per_rank`` gives it).
-    ``first_example`` (e.g. process index x per-process batch size) continues
-    the cycle across the processes of a data-parallel step.
-    """
-    if not ranks:
-        raise ValueError("a mixed-rank micro-batch needs at least one rank")
-    if examples < 1:
-        raise ValueError(f"a mixed-rank micro-batch needs at least one example, got {examples}")
-    key = [seed & 0xFFFFFFFF, step, micro_step, 2]  # the trailing 2 separates the streams
-    rng = np.random.default_rng(np.random.SeedSequence(key))
-    offset = int(rng.integers(len(ranks)))
-    return tuple(ranks[(offset + first_example + i) % len(ranks)] for i in range(examples))
-
-
-def geometric_keep_probability(max_rank: int, full_weight: float) -> float:
-    """The per-component continuation ``q`` of nested dropout with ``P(b = R) = full_weight``.
-
-    ``b = min(G, R)`` with ``G`` geometric on 1, 2, ...: ``P(G = b) = (1 - q) q^(b-1)``,
-    so ``P(b = R) = P(G >= R) = q^(R-1)`` and ``q = full_weight^(1/(R-1))``
-    (``R = 16``, ``full_weight = 1/5``: ``q = 0.8983``, ``P(b = 1) = 0.1017``);
-    ``full_weight = 1`` keeps every component (``b = R``).
-    """
-    check_max_rank(max_rank)
-    if not 0.0 < full_weight <= 1.0:
-        raise ValueError(f"the full rank's chance must be in (0, 1], got {full_weight!r}")
-    return 1.0 if max_rank == 1 else float(full_weight ** (1.0 / (max_rank - 1)))
-
-
-def geometric_example_ranks(
-    max_rank: int,
-    full_weight: float,
-    examples: int,
-    seed: int,
-    step: int,
-    micro_step: int = 0,
-    first_example: int = 0,
-) -> tuple[int, ...]:
-    """The rank of each example of a nested-dropout micro-batch (Rippel et al., 2014).
-
-    Example ``j = first_example + i`` of the global batch keeps the components
-    ``1..b_j`` with ``b_j = min(G_j, R)``, ``G_j`` independent and geometric:
-
-        P(b = r) = (1 - q) q^(r-1)  (r < R),   P(b = R) = q^(R-1) = full_weight,
-
-    ``q`` from :func:`geometric_keep_probability`. So component ``k`` trains in a
-    fraction ``q^(k-1)`` of the examples: the early components in all of them,
-    the last in ``full_weight`` of them. The draws are a pure function of
-    ``(seed, step, micro_step)`` (a stream of their own), the global batch's
-    draws in order of position, so every process takes its slice of the same
-    sequence.
-    """
-    if examples < 1:
-        raise ValueError(f"a nested-dropout micro-batch needs at least one example, got {examples}")
-    q = geometric_keep_probability(max_rank, full_weight)
-    if q == 1.0:
-        return (max_rank,) * examples
-    key = [seed & 0xFFFFFFFF, step, micro_step, 3]  # the trailing 3 separates the streams
-    rng = np.random.default_rng(np.random.SeedSequence(key))
-    draws = rng.geometric(1.0 - q, size=first_example + examples)[first_example:]
-    return tuple(int(min(g, max_rank)) for g in draws)

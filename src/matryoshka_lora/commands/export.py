@@ -225,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
             )
         set_inference_scale(model, args.inference_scale)
     if args.svd:
-        from ..eval.svd import svd_rebase_
+        from ..svd import svd_rebase_
 
         svd_rebase_(model)
     out = Path(args.output_dir)

@@ -128,7 +128,7 @@ def _adapter_config(spec: ComparisonSpec, key: RunKey) -> NestedLoraConfig:
 def training_passes(spec: ComparisonSpec, kind: str) -> float:
     """The forward passes of one run of ``kind`` at R, counted in micro-batches.
 
-    ``forward_passes(config) * steps * accumulation`` with the kind's steps
+    ``forward_passes * steps * accumulation`` with the kind's objective and steps
     (``steps_factor`` included): the run's training compute in units of one
     forward-backward micro-batch, exact and independent of the machine's load
     (LoRA at the spec's budget: ``steps``).
@@ -136,7 +136,8 @@ def training_passes(spec: ComparisonSpec, kind: str) -> float:
     max_steps, _ = spec.steps_of(kind)
     accumulation = int(spec.train_settings(kind).get("gradient_accumulation_steps", 1))
     config = _adapter_config(spec, RunKey(kind, spec.max_rank, 0.0, 0))
-    return forward_passes(config, max_steps, accumulation) * max_steps * accumulation
+    passes = forward_passes(spec.objective_of(kind), config, max_steps, accumulation)
+    return passes * max_steps * accumulation
 
 
 def evaluator(
@@ -187,6 +188,7 @@ def run_one(
             ),
             collate,
             resume=False,
+            objective=spec.objective_of(key.kind),
         )
         train_seconds = time.perf_counter() - started
         curves: dict[str, dict[str, dict[int, float]]] = {"val": {}, "test": {}}

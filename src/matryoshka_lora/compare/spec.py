@@ -1,9 +1,11 @@
 """What a comparison trains and how each row deploys it.
 
-A *kind* is a training method: the adapter-config fields that define it, plus an
+A *kind* is a training method: the adapter-config fields that define it, its
+``objective`` (a training objective's record or name, see
+:mod:`matryoshka_lora.train.objective`; default: the method's), plus an
 optional ``steps_factor`` (its budget as a multiple of the spec's steps, for
 equal-compute baselines; it may be fractional, and the step counts round up) and ``train`` (fields of
-:class:`~matryoshka_lora.train.loop.TrainConfig`, e.g. ``svd_rebase_every``). A *row* of the result table is a kind and a
+:class:`~matryoshka_lora.train.loop.TrainConfig`). A *row* of the result table is a kind and a
 deployment:
 
 * ``paper``: the rank-r prefix with s(r) on every component (P dropped);
@@ -29,17 +31,19 @@ from ..config import LLAMA_PROJECTIONS
 from ..nesting import powers_of_two_ranks
 
 CORE_KINDS: dict[str, dict[str, Any]] = {
-    "lora": {"method": "lora"},
+    # LoRA at R on its plain loss; its ``svd`` rows are the default path's adapter
+    # (the ``lora-svd`` objective re-bases the same factors after the last step)
+    "lora": {"method": "lora", "objective": "full"},
     # the per-rank envelope: a LoRA trained at each rank r < R
-    "lora_r": {"method": "lora"},
+    "lora_r": {"method": "lora", "objective": "full"},
     # LoRA given the training compute of a two-forward nested method: twice the steps
-    "lora_2x": {"method": "lora", "steps_factor": 2},
-    "dylora": {"method": "dylora"},
+    "lora_2x": {"method": "lora", "objective": "full", "steps_factor": 2},
+    "dylora": {"method": "dylora", "objective": "rank-sampling"},
     # the authors' objective (the full adapter's loss alone)
-    "matryoshka": {"method": "matryoshka", "prefix_loss": False},
+    "matryoshka": {"method": "matryoshka", "objective": "full"},
 }
 # keys of a kind that are not adapter-config fields
-RUN_SETTINGS: tuple[str, ...] = ("steps_factor", "train")
+RUN_SETTINGS: tuple[str, ...] = ("steps_factor", "train", "objective")
 DEPLOYMENTS: tuple[str, ...] = ("paper", "trained", "svd", "select")
 # For ``select``: the prefix deployment and the SVD deployment it chooses between.
 SELECT_FROM: dict[str, tuple[str, str]] = {
@@ -180,6 +184,10 @@ class ComparisonSpec:
     def adapter_settings(self, kind: str) -> dict[str, Any]:
         """The adapter-config fields of a kind."""
         return {k: v for k, v in self.all_kinds[kind].items() if k not in RUN_SETTINGS}
+
+    def objective_of(self, kind: str) -> dict[str, Any] | str | None:
+        """The kind's training objective (a record or a name; None: the method's default)."""
+        return self.all_kinds[kind].get("objective")
 
     def train_settings(self, kind: str) -> dict[str, Any]:
         """The training-loop fields of a kind (``TrainConfig`` overrides)."""

@@ -35,7 +35,6 @@ from .multiple_choice import (
 )
 from .plots import plot_rank_curves, rank_curve_figure
 from .results import Comparison
-from .svd import adapter_singular_values, svd_factors, svd_rebase_
 from .sweep import SweepResult, rank_sweep
 from .teacher_forced import teacher_forced_metric_fn, teacher_forced_metrics
 
@@ -45,7 +44,6 @@ __all__ = [
     "MultipleChoiceItem",
     "RankCurve",
     "SweepResult",
-    "adapter_singular_values",
     "aurac",
     "build_fewshot_prompt",
     "classification_metric_fn",
@@ -67,8 +65,6 @@ __all__ = [
     "rank_curve_figure",
     "rank_sweep",
     "score_gsm8k",
-    "svd_factors",
-    "svd_rebase_",
     "teacher_forced_metric_fn",
     "teacher_forced_metrics",
     "validate_curve",

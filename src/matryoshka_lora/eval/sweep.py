@@ -142,7 +142,7 @@ DEPLOYMENTS: tuple[str, ...] = (*INFERENCE_SCALES, "svd")
 @contextmanager
 def _svd_rebased(model: nn.Module) -> Iterator[nn.Module]:
     """The model's adapters re-based on the SVD of their full update; restored on exit."""
-    from .svd import svd_rebase_
+    from ..svd import svd_rebase_
 
     layers = adapter_layers(model)
     config = get_config(model)

@@ -8,10 +8,11 @@ mixed precision, gradient checkpointing, ``torch.compile``, DDP under
 ``torchrun`` / ``accelerate launch``, RNG and data-order restore on resume) is
 the Trainer's own.
 
-* DyLoRA's rank ``b`` comes from a :class:`~matryoshka_lora.sampling.RankSampler`
-  as a function of ``(seed, global_step, micro-batch index)``: every process
-  draws the same ``b`` without communication and a resumed run draws the same
-  sequence.
+* Each micro-batch trains the training objective's plan
+  (:mod:`matryoshka_lora.train.objective`; default: the adapter method's, for
+  ``method="lora"`` the full adapter's loss and an SVD re-basis after the last
+  step), a function of ``(seed, global_step, micro-batch index)``: every process
+  plans alike without communication and a resumed run plans the same sequence.
 * Checkpoints (``checkpoint-N/``) hold the adapter in the native format
   (``adapter_config.json`` + ``adapter.safetensors``), never the base model;
   ``resume_from_checkpoint`` reloads it, and the Trainer restores optimizer,
@@ -34,17 +35,18 @@ from transformers import Trainer, TrainerCallback
 
 from ..io import load_adapter, save_adapter
 from ..model import adapter_layers, get_config, set_sampled_rank
-from ..sampling import RankSampler
 from .distributed import gathered_adapters, is_sharded
 from .objective import (
+    FULL,
+    MicroBatch,
     MicroBatchPlan,
+    TrainingObjective,
     batch_examples,
-    micro_batch_plan,
+    end_sampling,
     plan_loss,
-    rank_sampler_for,
+    resolve_objective,
 )
 from .rank_eval import RANK_EVAL_METRICS, check_eval_ranks, rank_eval_metrics
-from .rebase import rebase_adapters_
 
 
 class NestedLoraMixin:
@@ -52,55 +54,43 @@ class NestedLoraMixin:
 
     Used by :class:`NestedLoraTrainer` and by
     :class:`~matryoshka_lora.train.trl.NestedSFTTrainer`: the adapter's own
-    objective (prefix loss, DyLoRA / prefix sampling per micro-batch),
+    training objective's plan for each micro-batch and its end of step,
     adapter-only checkpoints and their reload on resume, input gradients for
     activation checkpointing with a frozen embedding, and the rank curve at
     every evaluation (:mod:`matryoshka_lora.train.rank_eval`).
 
-    Extra keyword arguments: ``rank_sampler`` (DyLoRA only; default: b uniform over
-    the train ranks, drawn per micro-batch, seeded with ``args.seed``);
-    ``rank_eval`` (default True: each evaluation also reports the teacher-forced
+    Extra keyword arguments: ``objective`` (a
+    :class:`~matryoshka_lora.train.objective.TrainingObjective`, its record or its
+    name; default: the adapter method's, seeded with ``args.seed``); ``rank_eval`` (default True: each evaluation also reports the teacher-forced
     metrics at every eval rank and their AURAC); ``eval_ranks`` (default: the
     adapter's ``eval_ranks``); ``rank_eval_metrics`` (default ``("loss",
-    "token_accuracy")``, the first accuracy-like one gives ``eval_aurac``);
-    ``svd_rebase_every`` (default 0, never: every K optimizer steps each adapter
-    is re-based on the SVD of its update and its optimizer state dropped, before
-    that step's checkpoint, as :class:`SvdRebaseCallback` does).
+    "token_accuracy")``, the first accuracy-like one gives ``eval_aurac``).
     """
 
     def __init__(
         self,
         *args,
-        rank_sampler: RankSampler | None = None,
+        objective: TrainingObjective | dict | str | None = None,
         rank_eval: bool = True,
         eval_ranks: Sequence[int] | None = None,
         rank_eval_metrics: Sequence[str] = RANK_EVAL_METRICS,
-        svd_rebase_every: int = 0,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
-        if svd_rebase_every:
-            self.add_callback(SvdRebaseCallback(svd_rebase_every))
         model = self.model
         if not adapter_layers(model):
             raise ValueError(
                 f"{type(self).__name__} needs a model with adapters: call matryoshka_lora.attach first"
             )
         config = get_config(model)
-        if rank_sampler is None:
-            rank_sampler = rank_sampler_for(config, seed=self.args.seed)
-        elif config.method != "dylora" and not config.prefix_sampling:
-            raise ValueError(
-                f"a rank sampler applies to method 'dylora' or to an adapter with prefix_sampling > 0; "
-                f"the adapter's method is {config.method!r} without prefix_sampling"
-            )
-        self.rank_sampler = rank_sampler
+        self.objective = resolve_objective(objective, config)
+        self.add_callback(ObjectiveCallback(self.objective))
         self.adapter_config = config
         self.rank_eval = rank_eval
         self.eval_ranks = check_eval_ranks(model, eval_ranks, rank_eval_metrics)
         self.rank_eval_metric_names = tuple(rank_eval_metrics)
         self._micro_batch_position = (-1, 0)  # (global step, micro-batches seen in it)
-        self.sampled_ranks: list[tuple[int, int, int]] = []  # (step, micro, b), for inspection
+        self.sampled_ranks: list[tuple[int, int, int]] = []  # (step, micro, b) of sampled plans
         checkpointing = (
             getattr(self.args, "activation_checkpointing", False)
             or self.args.gradient_checkpointing
@@ -120,17 +110,17 @@ class NestedLoraMixin:
         last_step, seen = self._micro_batch_position
         micro = seen if step == last_step else 0
         self._micro_batch_position = (step, micro + 1)
-        if self.rank_sampler is not None:
-            b = self.rank_sampler.apply(self.model, step, micro)
-            self.sampled_ranks.append((step, micro, b))
         return super().training_step(model, inputs, num_items_in_batch)
 
     def compute_loss(self, model: nn.Module, inputs, return_outputs: bool = False, **kwargs):
-        """The Trainer's loss, or the adapter's objective for this micro-batch
-        (:func:`~matryoshka_lora.train.objective.micro_batch_plan`: the prefix loss,
-        per rank or mixed, on the micro-batches ``prefix_loss_every`` selects)."""
+        """The Trainer's loss under the training objective's plan for this micro-batch
+        (the full adapter, a sampled prefix, or several ranks' losses in one graph)."""
         plan = self._micro_batch_plan(model, inputs)
-        if plan.mode == "full":
+        if plan.mode in ("full", "sampled"):
+            b = plan.ranks[0] if plan.mode == "sampled" else None
+            set_sampled_rank(self._unwrapped(), b)
+            if b is not None:
+                self.sampled_ranks.append((*self._current_micro_batch(), b))
             return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
         outputs = {}
 
@@ -146,26 +136,19 @@ class NestedLoraMixin:
 
             return compute
 
-        loss = plan_loss(
-            self._unwrapped(), self.adapter_config, plan, loss_of(model), loss_of(self._unwrapped())
-        )
+        loss = plan_loss(self._unwrapped(), plan, loss_of(model), loss_of(self._unwrapped()))
         return (loss, outputs["last"]) if return_outputs else loss
 
     def _micro_batch_plan(self, model: nn.Module, inputs) -> MicroBatchPlan:
-        """This micro-batch's objective; the full adapter outside training."""
-        if not (self.adapter_config.prefix_loss and model.training):
-            return MicroBatchPlan("full")
-        examples = (
-            batch_examples(inputs) if self.adapter_config.prefix_loss_mode != "per_rank" else None
-        )
-        return micro_batch_plan(
-            self.adapter_config,
-            self.args.seed,
-            *self._current_micro_batch(),
-            accumulation=self.args.gradient_accumulation_steps,
-            examples=examples,
-            first_example=self.args.process_index * (examples or 0),
-        )
+        """This micro-batch's plan; the full adapter outside training."""
+        if not model.training:
+            return FULL
+        examples = batch_examples(inputs)
+        step, micro = self._current_micro_batch()
+        accumulation = self.args.gradient_accumulation_steps
+        first = self.args.process_index * examples
+        batch = MicroBatch(self.args.seed, step, micro, accumulation, examples, first)
+        return self.objective.plan(self.adapter_config, batch)
 
     def _unwrapped(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
@@ -202,8 +185,7 @@ class NestedLoraMixin:
         try:
             return super().train(*args, **kwargs)
         finally:
-            if self.rank_sampler is not None:
-                set_sampled_rank(self.model, None)
+            end_sampling(self._unwrapped())
 
     def evaluation_loop(
         self,
@@ -223,9 +205,8 @@ class NestedLoraMixin:
         sums are added (examples accelerate repeats to even out the last batch
         count twice).
         """
-        if self.rank_sampler is not None:
-            # evaluate the full function, not the last micro-batch's b (each micro-batch redraws it)
-            set_sampled_rank(self.model, None)
+        # evaluate the full function, not the last micro-batch's sampled prefix
+        end_sampling(self._unwrapped())
         output = super().evaluation_loop(
             dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
         )
@@ -250,31 +231,27 @@ class NestedLoraMixin:
         return self.accelerator.reduce(tensor, reduction="sum").tolist()
 
 
-class SvdRebaseCallback(TrainerCallback):
-    """Every ``every`` optimizer steps, re-base the adapters on the SVD of their updates.
+class ObjectiveCallback(TrainerCallback):
+    """Runs the training objective's ``after_step`` at the end of every optimizer step.
 
-    :func:`~matryoshka_lora.train.rebase.rebase_adapters_` at the end of steps
-    ``every, 2 every, ...``: the full-rank function is unchanged, each rank-r
-    prefix becomes the best rank-r approximation of its layer's update, and the
-    optimizer state of the re-based parameters is dropped. ``on_step_end`` runs
-    before the Trainer saves that step's checkpoint, so a resumed run continues
-    from the re-based factors and the dropped state.
+    ``on_step_end`` runs before the Trainer saves that step's checkpoint, so a
+    resumed run continues from what it left (e.g. the factors re-based on their
+    SVD and the dropped optimizer state). On a sharded model (FSDP2, ZeRO-3) the
+    last step's call gets whole factors, written back into the shards.
     """
 
-    def __init__(self, every: int) -> None:
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"svd_rebase_every must be an integer >= 1, got {every!r}")
-        self.every = every
+    def __init__(self, objective: TrainingObjective) -> None:
+        self.objective = objective
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if model is None or state.global_step % self.every:
+        if model is None:
             return control
-        if is_sharded(model):
-            raise ValueError(
-                "svd_rebase_every needs whole adapter factors: it does not run under FSDP or "
-                "DeepSpeed ZeRO-3; set svd_rebase_every=0 or train without sharding"
-            )
-        rebase_adapters_(model, optimizer)
+        done, total = state.global_step, state.max_steps
+        if is_sharded(model) and done == total:
+            with gathered_adapters(model, writeback=True):
+                self.objective.after_step(model, optimizer, done, total)
+        else:
+            self.objective.after_step(model, optimizer, done, total)
         return control
 
 

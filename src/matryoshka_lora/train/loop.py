@@ -10,16 +10,17 @@ processes computes the same update as one process with the same global batch.
 A model sharded with FSDP2 (:func:`~matryoshka_lora.train.distributed.shard_model`)
 trains the same way without DDP; its saves and checkpoints gather the adapter.
 
-Reproducibility: the data order of epoch ``e`` is a permutation seeded by
-``(seed, e)``, DyLoRA's rank is a function of ``(seed, step, micro_step)``
-(see :mod:`matryoshka_lora.sampling`), and checkpoints hold the RNG state, so a
-run resumed from a checkpoint ends bit-identical (on CPU, deterministic ops) to
-the uninterrupted run.
+What a micro-batch optimises is the training objective's
+(:mod:`matryoshka_lora.train.objective`; default: the adapter method's, for
+``method="lora"`` the full adapter's loss and an SVD re-basis after the last
+step). Its ``after_step`` runs at the end of each optimizer step, before that
+step's checkpoint is written.
 
-With ``svd_rebase_every = K`` every K-th optimizer step ends by re-basing each
-adapter on the SVD of its update (:mod:`matryoshka_lora.train.rebase`: the
-full-rank function is unchanged, the re-based parameters' optimizer state is
-dropped), before that step's checkpoint is written.
+Reproducibility: the data order of epoch ``e`` is a permutation seeded by
+``(seed, e)``, each micro-batch's plan is a function of ``(seed, step,
+micro_step)``, and checkpoints hold the RNG state, so a run resumed from a
+checkpoint ends bit-identical (on CPU, deterministic ops) to the uninterrupted
+run.
 
 Losses are token-weighted (:mod:`matryoshka_lora.train.token_weights`): the
 gradient of an optimizer step is that of the mean loss over all target tokens of
@@ -46,8 +47,7 @@ from tqdm.auto import tqdm
 
 from ..batches import to_device
 from ..io import atomic_write_text, save_adapter
-from ..model import get_config, require_adapters, set_sampled_rank
-from ..sampling import Distribution, Frequency, RankSampler
+from ..model import get_config, require_adapters
 from .checkpoint import (
     list_checkpoints,
     load_checkpoint,
@@ -55,14 +55,21 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .distributed import (
+    gathered_adapters,
     is_fsdp,
     load_sharded_checkpoint,
     save_adapter_sharded,
     save_sharded_checkpoint,
 )
-from .objective import batch_examples, micro_batch_plan, plan_loss, rank_sampler_for
+from .objective import (
+    MicroBatch,
+    TrainingObjective,
+    batch_examples,
+    end_sampling,
+    plan_loss,
+    resolve_objective,
+)
 from .rank_eval import check_eval_ranks, format_rank_curve, rank_eval_metrics
-from .rebase import rebase_adapters_
 from .token_weights import (
     count_loss_items,
     loss_shifts_labels,
@@ -120,18 +127,6 @@ class TrainConfig:
         default=10, metadata={"help": "append loss/lr to training_log.jsonl every N steps"}
     )
     progress: bool = field(default=True, metadata={"help": "show a progress bar on stderr"})
-    sampler_distribution: Distribution = field(
-        default="train_ranks",
-        metadata={
-            "help": "b uniform over the train ranks, or uniform over 1..R (default: train_ranks)"
-        },
-    )
-    sampler_per: Frequency = field(
-        default="micro_batch",
-        metadata={
-            "help": "draw b for every micro-batch or once per optimizer step (default: micro_batch)"
-        },
-    )
     eval_every: int | None = field(
         default=None,
         metadata={"help": "rank curve on eval_dataset every N steps (and at the end)"},
@@ -141,13 +136,6 @@ class TrainConfig:
     )
     eval_batch_size: int | None = field(
         default=None, metadata={"help": "batch size of the rank curve (default: batch_size)"}
-    )
-    svd_rebase_every: int = field(
-        default=0,
-        metadata={
-            "help": "every K optimizer steps, rotate each adapter onto the SVD of its update, "
-            "full update unchanged (0: never)"
-        },
     )
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -169,9 +157,6 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1 or None, got {getattr(self, name)}")
         if self.eval_ranks is not None:
             self.eval_ranks = tuple(self.eval_ranks)
-        k = self.svd_rebase_every
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise ValueError(f"svd_rebase_every must be an integer >= 0 (0: never), got {k!r}")
 
 
 @dataclass
@@ -244,6 +229,7 @@ def train_adapter(
     resume: bool | str = True,
     on_step: Callable[[int, float], None] | None = None,
     eval_dataset: torch.utils.data.Dataset | None = None,
+    objective: TrainingObjective | dict[str, Any] | str | None = None,
 ) -> TrainResult:
     """Train the adapters attached to ``model`` on ``dataset``.
 
@@ -252,6 +238,12 @@ def train_adapter(
     checkpoint; ``False`` starts afresh. ``on_step(step, loss)`` is called after
     every optimizer step (tests use it to simulate a crash). The final adapter
     is saved to ``<output_dir>/adapter``.
+
+    ``objective``: the :class:`~matryoshka_lora.train.objective.TrainingObjective`
+    (an object, its record or its name; default: the adapter method's, which for
+    ``method="lora"`` re-bases the factors on their SVD after the last step). It
+    is recorded in ``train_config.json`` and in checkpoints; resuming with another
+    is refused.
 
     With ``eval_dataset``, at the last step and every ``config.eval_every``
     steps the teacher-forced loss and token accuracy at each eval rank and their
@@ -269,15 +261,7 @@ def train_adapter(
     checkpoints = output / "checkpoints"
     torch.manual_seed(config.seed)
     sharded = is_fsdp(model)  # FSDP2: no DDP wrapper, collective saves and loads
-    if sharded and config.svd_rebase_every:
-        raise ValueError(
-            "svd_rebase_every needs whole adapter factors: it does not run on an FSDP-sharded "
-            "model; set svd_rebase_every=0 or train without sharding"
-        )
-
-    sampler = rank_sampler_for(
-        adapter_config, config.seed, config.sampler_distribution, config.sampler_per
-    )
+    objective = resolve_objective(objective, adapter_config)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=config.learning_rate, weight_decay=config.weight_decay, betas=config.adam_betas
@@ -299,13 +283,11 @@ def train_adapter(
         state = load(resume_path, model, optimizer, scheduler, process=rank)
         start_step = resumed_from = state["step"]
         losses = state.get("losses", [])
-        if (
-            state.get("sampler")
-            and sampler is not None
-            and RankSampler.from_state_dict(state["sampler"]) != sampler
-        ):
+        recorded = state.get("objective")
+        if recorded is not None and recorded != objective.to_dict():
             raise ValueError(
-                f"checkpoint {resume_path} was trained with another rank sampler: {state['sampler']}"
+                f"checkpoint {resume_path} was trained with objective {recorded}, not "
+                f"{objective.to_dict()}: resume with the same objective or start afresh"
             )
 
     ddp_model = model
@@ -325,7 +307,14 @@ def train_adapter(
     if rank == 0:
         atomic_write_text(
             output / "train_config.json",
-            json.dumps({"train": asdict(config), "adapter": adapter_config.to_dict()}, indent=2),
+            json.dumps(
+                {
+                    "train": asdict(config),
+                    "adapter": adapter_config.to_dict(),
+                    "objective": objective.to_dict(),
+                },
+                indent=2,
+            ),
         )
 
     eval_batches = None
@@ -354,33 +343,25 @@ def train_adapter(
         log_path.unlink()  # a fresh run starts a fresh log; a resumed one appends
     try:
         for step in range(start_step, steps):
-            step_loss, b, shown = 0.0, None, "all"
+            step_loss, shown = 0.0, "all"
             micro_batches = [to_device(next(batches)[1], device) for _ in range(accum)]
             counts = [count_loss_items(batch, shifted) for batch in micro_batches]
             weights = micro_batch_weights(counts, device)
             for micro, batch in enumerate(micro_batches):
-                if sampler is not None:
-                    b = sampler.apply(model, step, micro)
                 sync = micro == accum - 1 or world == 1
                 context = (
                     ddp_model.no_sync() if (ddp_model is not model and not sync) else nullcontext()
                 )
                 examples = batch_examples(batch)
-                plan = micro_batch_plan(
+                plan = objective.plan(
                     adapter_config,
-                    config.seed,
-                    step,
-                    micro,
-                    accumulation=accum,
-                    examples=examples,
-                    first_example=rank * examples,
+                    MicroBatch(config.seed, step, micro, accum, examples, rank * examples),
                 )
                 shown = plan.describe()
                 with context:
                     with autocast:
                         loss = plan_loss(
                             model,
-                            adapter_config,
                             plan,
                             lambda batch=batch: ddp_model(**batch).loss,
                             lambda batch=batch: model(**batch).loss,
@@ -410,13 +391,19 @@ def train_adapter(
             optimizer.zero_grad(set_to_none=True)
             losses.append(step_loss)
             done = step + 1
-            if config.svd_rebase_every and done % config.svd_rebase_every == 0:
-                rebase_adapters_(model, optimizer)  # before a checkpoint of this step is saved
+            # before a checkpoint of this step is saved; a sharded model's last step gets whole
+            # factors (an SVD re-basis), written back into the shards
+            with (
+                gathered_adapters(model, writeback=True)
+                if sharded and done == steps
+                else nullcontext()
+            ):
+                objective.after_step(model, optimizer, done, steps)
             elapsed = time.perf_counter() - started
             bar.update(1)
             bar.set_postfix(
                 loss=f"{step_loss:.4f}",
-                rank=b if b is not None else shown,
+                rank=shown,
                 tok_s=f"{tokens * world / max(elapsed, 1e-9):.0f}",
                 **eval_postfix,
             )
@@ -428,7 +415,7 @@ def train_adapter(
                                 "step": done,
                                 "loss": step_loss,
                                 "lr": scheduler.get_last_lr()[0],
-                                "rank": b,
+                                "rank": shown,
                             }
                         )
                         + "\n"
@@ -458,7 +445,7 @@ def train_adapter(
                         model,
                         optimizer,
                         scheduler,
-                        {"losses": losses, "sampler": sampler.state_dict() if sampler else None},
+                        {"losses": losses, "objective": objective.to_dict()},
                         keep=config.keep_checkpoints,
                         rng=rng_states,
                     )
@@ -468,8 +455,7 @@ def train_adapter(
                 on_step(done, step_loss)
     finally:
         bar.close()
-        if sampler is not None:
-            set_sampled_rank(model, None)
+        end_sampling(model)
         model.eval()
     adapter_dir = output / "adapter"
     if sharded:

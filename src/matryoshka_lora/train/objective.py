@@ -1,107 +1,375 @@
-"""What a training micro-batch optimises: the full adapter, a sampled prefix, or all prefixes.
+"""Training objectives: what each micro-batch optimises, and what happens after a step.
 
-Three ways to make every prefix of an adapter useful, all set in
-:class:`~matryoshka_lora.config.NestedLoraConfig`:
+An adapter config (:class:`~matryoshka_lora.config.NestedLoraConfig`) defines the
+function the weights compute; a *training objective* defines how they are trained.
+The plain loop, the Trainers and :func:`training_loss` take any object of the
+:class:`TrainingObjective` protocol: for each micro-batch it returns a
+:class:`MicroBatchPlan` (a pure function of the config and the micro-batch's place
+in the run, so every process and a resumed run plan alike), which
+:func:`plan_loss` turns into one loss (one graph, one backward); after each
+optimizer step it may change the factors (``after_step``). The objectives shipped
+here:
 
-* **fixed P** (``method="matryoshka"``): one forward of the full adapter,
-  ``h = base(x) + ((x A^T) * p) B^T``; P weights the early components more.
-* **rank sampling** (``method="dylora"``, or ``prefix_sampling = q`` on top of
-  P): each micro-batch trains a prefix ``b`` drawn by a
-  :class:`~matryoshka_lora.sampling.RankSampler` (always for DyLoRA; with
-  probability q for Matryoshka, the full adapter otherwise).
-* **prefix loss** (``prefix_loss=True``): the loss is the mean over the train
-  ranks of the deployed rank-r adapters' losses,
-  ``L = (1/|S|) sum_{r in S} loss(f_r(x))``, as in Matryoshka representation
-  learning. It costs |S| forward passes and one backward per micro-batch.
-  ``prefix_loss_sample = k`` averages R and k ranks drawn from S minus {R}
-  instead: k + 1 forwards, the full adapter weighted 1/(k+1).
-* **mixed-rank prefix loss** (``prefix_loss_mode="mixed"``): one forward in
-  which example i runs at its own rank r_i of that draw S' (a balanced cycle,
-  :func:`~matryoshka_lora.sampling.mixed_example_ranks`), through the
-  per-example scales of :meth:`~matryoshka_lora.layer.NestedLoraLinear.set_example_ranks`.
-  The loss is the model's own: a mean over the micro-batch's target tokens,
-  ``L = (1/n) sum_i n_i L_i(r_i)`` with ``n_i`` the target tokens of example i,
-  ``n = sum_i n_i`` and ``L_i(r)`` example i's mean token loss at rank r.
-* **nested dropout** (``prefix_loss_mode="geometric"``): the same one forward,
-  example i at ``b_i = min(G_i, R)`` over 1..R with ``G_i`` geometric, so
-  component k trains on a fraction ``q^(k-1)`` of the examples
-  (:func:`~matryoshka_lora.sampling.geometric_example_ranks`).
-* **prefix loss on part of the micro-batches** (``prefix_loss_every = k``): the
-  global micro-batch ``g = step * accumulation + micro`` trains the prefix loss
-  when ``g % k == 0`` and the full training function's loss alone otherwise
-  (``per_rank`` with ``prefix_loss_sample = 1``: 1 + 1/k forwards on average).
+* ``lora-svd`` (:class:`LoraSvd`, the default for ``method="lora"``): the full
+  adapter's loss, ``L = loss(f_R(x))``, one forward; after the last step each
+  adapter is re-based on the SVD of its update (:func:`~matryoshka_lora.svd.svd_rebase_`),
+  so that every prefix rank r deploys the best rank-r approximation of the
+  trained update (Eckart–Young) with the full-rank function unchanged.
+* ``full`` (:class:`FullLoss`, the default for ``method="matryoshka"``): the
+  full training function's loss alone, the authors' 1x objective.
+* ``prefix-loss`` (:class:`PrefixLoss`): the mean of the losses of the deployed
+  rank-r adapters over R and ``sample`` ranks drawn from S minus {R} per
+  micro-batch, ``L = (1/|S'|) sum_{r in S'} loss(f_r(x))`` (Matryoshka
+  representation learning's objective; ``sample + 1`` forwards; ``sample=0``:
+  every rank of S).
+* ``rank-sampling`` (:class:`RankSampling`, the default for ``method="dylora"``):
+  DyLoRA's sampled prefix, ``L = loss(f_b(x))`` with b drawn per micro-batch (or
+  per step) by a :class:`~matryoshka_lora.sampling.RankSampler`.
+
+Other objectives (research variants) implement the same protocol and register
+a name with :func:`register_objective`, e.g. those of ``experiments/``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from ..config import NestedLoraConfig
 from ..layer import NestedLoraLinear
-from ..model import get_config, set_example_ranks, set_rank
-from ..sampling import RankSampler, geometric_example_ranks, mixed_example_ranks
-from ..sampling import prefix_loss_ranks as draw_prefix_loss_ranks
+from ..model import get_config, set_example_ranks, set_rank, set_sampled_rank
+from ..sampling import Distribution, Frequency, RankSampler, prefix_loss_ranks
+from ..svd import svd_rebase_
 
 
-def rank_sampler_for(
-    config: NestedLoraConfig,
-    seed: int,
-    distribution: str = "train_ranks",
-    per: str = "micro_batch",
-) -> RankSampler | None:
-    """The rank sampler an adapter trains with (None: no sampling)."""
-    if config.method == "dylora":
-        return RankSampler(config.r, config.train_ranks, distribution, per, seed)
-    if config.prefix_sampling > 0:
-        return RankSampler(
-            config.r, config.train_ranks, distribution, per, seed, config.prefix_sampling
+@dataclass(frozen=True)
+class MicroBatch:
+    """Where a micro-batch sits in a run: all a plan may depend on.
+
+    ``step``: the optimizer step (0-based); ``micro_step``: the micro-batch's index
+    within it, of ``accumulation``; ``examples``: its batch size on this process;
+    ``first_example``: the position of its first example in the global batch
+    (process index x per-process batch size).
+    """
+
+    seed: int
+    step: int
+    micro_step: int = 0
+    accumulation: int = 1
+    examples: int | None = None
+    first_example: int = 0
+
+
+@dataclass(frozen=True)
+class MicroBatchPlan:
+    """What one training micro-batch optimises.
+
+    ``mode``: ``full`` (the full training function's loss alone), ``sampled`` (the
+    deployed rank-``ranks[0]`` prefix, set as the adapters' sampled rank for the
+    forward and its backward), ``per_rank`` (the mean of the losses at ``ranks``,
+    one forward each, weighted by ``weights`` if given) or ``mixed`` (one forward,
+    example i at rank ``ranks[i]``).
+    """
+
+    mode: str
+    ranks: tuple[int, ...] = ()
+    weights: tuple[float, ...] | None = None
+
+    MODES: ClassVar[tuple[str, ...]] = ("full", "sampled", "per_rank", "mixed")
+
+    def __post_init__(self) -> None:
+        if self.mode not in self.MODES:
+            raise ValueError(f"unknown plan mode {self.mode!r}: choose one of {self.MODES}")
+        if self.mode != "full" and not self.ranks:
+            raise ValueError(f"a {self.mode!r} plan needs ranks")
+        if self.weights is not None and len(self.weights) != len(self.ranks):
+            raise ValueError(f"{len(self.weights)} weights for {len(self.ranks)} ranks")
+
+    @property
+    def forward_passes(self) -> int:
+        """Forwards of the model this plan runs (its backward goes through all of them)."""
+        return len(self.ranks) if self.mode == "per_rank" else 1
+
+    def describe(self) -> str:
+        """A short label for progress bars: ``all``, ``b=4``, ``1+8`` or ``mixed:1+8``."""
+        if self.mode == "full":
+            return "all"
+        if self.mode == "sampled":
+            return f"b={self.ranks[0]}"
+        shown = "+".join(map(str, sorted(set(self.ranks))))
+        return shown if self.mode == "per_rank" else f"mixed:{shown}"
+
+
+FULL = MicroBatchPlan("full")
+
+
+@runtime_checkable
+class TrainingObjective(Protocol):
+    """How an adapter is trained: the hook the loop, the Trainers and :func:`training_loss` take.
+
+    ``name`` identifies it in run outputs and on the command line; ``check``
+    refuses an adapter config it cannot train (with a message naming the fix);
+    ``plan`` gives each micro-batch's :class:`MicroBatchPlan`, a pure function of
+    its arguments; ``after_step`` runs after optimizer step ``done`` of ``total``
+    (1-based) and before that step's checkpoint is written; ``to_dict`` records
+    the objective (``{"name": ..., **settings}``, JSON).
+    """
+
+    name: ClassVar[str]
+
+    def check(self, config: NestedLoraConfig) -> None: ...
+
+    def plan(self, config: NestedLoraConfig, batch: MicroBatch) -> MicroBatchPlan: ...
+
+    def after_step(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None, done: int, total: int
+    ) -> None: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+class _Objective:
+    """Defaults of the protocol for dataclass objectives: no check, nothing after a step."""
+
+    name: ClassVar[str]
+
+    def check(self, config: NestedLoraConfig) -> None:
+        pass
+
+    def after_step(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None, done: int, total: int
+    ) -> None:
+        pass
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **dataclasses.asdict(self)}
+
+
+@dataclass(frozen=True)
+class FullLoss(_Objective):
+    """The full training function's loss alone: ``L = loss(f(x))`` with the method's P."""
+
+    name: ClassVar[str] = "full"
+
+    def plan(self, config: NestedLoraConfig, batch: MicroBatch) -> MicroBatchPlan:
+        return FULL
+
+
+@dataclass(frozen=True)
+class LoraSvd(FullLoss):
+    """The full adapter's loss, then an SVD re-basis of every adapter after the last step.
+
+    The re-basis (:func:`~matryoshka_lora.svd.svd_rebase_`) keeps the full-rank
+    function and makes each rank-r prefix, at the trained scales, the best rank-r
+    approximation of its layer's update: ``B'[:, :r] diag(p[:r]) A'[:r] =
+    sum_{k <= r} sigma_k u_k v_k^T``. It costs one small SVD per layer, once.
+    """
+
+    name: ClassVar[str] = "lora-svd"
+
+    def after_step(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None, done: int, total: int
+    ) -> None:
+        if done == total:
+            svd_rebase_(model, optimizer)
+
+
+@dataclass(frozen=True)
+class PrefixLoss(_Objective):
+    """The mean loss of the deployed prefixes at R and ``sample`` drawn ranks of S below R.
+
+    ``L = (1/|S'|) sum_{r in S'} loss(f_r(x))``, ``S'`` from
+    :func:`~matryoshka_lora.sampling.prefix_loss_ranks` (a new draw per
+    micro-batch; ``sample=0``: every rank of S): ``|S'|`` forwards, one backward.
+    """
+
+    name: ClassVar[str] = "prefix-loss"
+    sample: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sample, bool) or not isinstance(self.sample, int) or self.sample < 0:
+            raise ValueError(
+                f"the prefix loss's sample must be an integer >= 0 (0: every train rank), "
+                f"got {self.sample!r}"
+            )
+
+    def check(self, config: NestedLoraConfig) -> None:
+        below = len(config.train_ranks) - 1
+        if self.sample > below:
+            raise ValueError(
+                f"the prefix loss draws {self.sample} ranks below R but the train ranks "
+                f"{list(config.train_ranks)} have {below}: lower sample, or 0 for every rank"
+            )
+        if config.method == "dylora":
+            raise ValueError(
+                "the prefix loss and DyLoRA's rank sampling are two ways to train prefixes: "
+                "use the prefix loss with method 'matryoshka' or 'lora'"
+            )
+
+    def plan(self, config: NestedLoraConfig, batch: MicroBatch) -> MicroBatchPlan:
+        ranks = prefix_loss_ranks(
+            tuple(config.train_ranks), self.sample, batch.seed, batch.step, batch.micro_step
         )
-    return None
+        return MicroBatchPlan("per_rank", ranks)
+
+
+@dataclass(frozen=True)
+class RankSampling(_Objective):
+    """DyLoRA's objective: the loss of the deployed prefix b, ``L = loss(f_b(x))``.
+
+    b is drawn by a :class:`~matryoshka_lora.sampling.RankSampler` from
+    ``(seed, step, micro_step)``: uniform over the train ranks (``distribution=
+    "train_ranks"``) or over 1..R (``uniform``), per micro-batch or per step.
+    """
+
+    name: ClassVar[str] = "rank-sampling"
+    distribution: Distribution = "train_ranks"
+    per: Frequency = "micro_batch"
+
+    def __post_init__(self) -> None:
+        RankSampler(1, (1,), self.distribution, self.per)  # validates both choices
+
+    def sampler(self, config: NestedLoraConfig, seed: int) -> RankSampler:
+        return RankSampler(config.r, tuple(config.train_ranks), self.distribution, self.per, seed)
+
+    def plan(self, config: NestedLoraConfig, batch: MicroBatch) -> MicroBatchPlan:
+        b = self.sampler(config, batch.seed).rank_for(batch.step, batch.micro_step)
+        return FULL if b is None else MicroBatchPlan("sampled", (b,))
+
+
+OBJECTIVES: dict[str, type] = {}
+
+
+def register_objective(objective_type: type) -> type:
+    """Make an objective class known by its ``name`` (run outputs, ``--objective``).
+
+    Usable as a class decorator; registering the same class again is a no-op, another
+    class under a taken name is refused.
+    """
+    name = getattr(objective_type, "name", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{objective_type!r} has no objective name (a class attribute 'name')")
+    if OBJECTIVES.get(name, objective_type) is not objective_type:
+        raise ValueError(f"objective name {name!r} is taken by {OBJECTIVES[name]!r}")
+    OBJECTIVES[name] = objective_type
+    return objective_type
+
+
+for _shipped in (LoraSvd, FullLoss, PrefixLoss, RankSampling):
+    register_objective(_shipped)
+
+
+def default_objective(config: NestedLoraConfig) -> TrainingObjective:
+    """The objective an adapter trains with when none is named.
+
+    ``lora``: :class:`LoraSvd` (LoRA at R, SVD re-based at the end: the
+    equal-compute winner of the benchmarks); ``matryoshka``: :class:`FullLoss`
+    (the authors' objective); ``dylora``: :class:`RankSampling`.
+    """
+    if config.method == "dylora":
+        return RankSampling()
+    if config.method == "matryoshka":
+        return FullLoss()
+    return LoraSvd()
+
+
+def objective_from_dict(data: Mapping[str, Any] | str | None) -> TrainingObjective | None:
+    """An objective from its :meth:`to_dict` record or its name (None: None, the default)."""
+    if data is None:
+        return None
+    data = {"name": data} if isinstance(data, str) else dict(data)
+    name = data.pop("name", None)
+    if name not in OBJECTIVES:
+        raise ValueError(
+            f"unknown training objective {name!r}: choose one of {', '.join(OBJECTIVES)}"
+            " (a research objective must be registered first, e.g. by importing its module)"
+        )
+    return OBJECTIVES[name](**data)
+
+
+def resolve_objective(
+    objective: TrainingObjective | Mapping[str, Any] | str | None, config: NestedLoraConfig
+) -> TrainingObjective:
+    """``objective`` (an object, a record or a name) or the config's default, checked against it."""
+    if objective is None or isinstance(objective, str | Mapping):
+        objective = objective_from_dict(objective) or default_objective(config)
+    if not isinstance(objective, TrainingObjective):
+        raise TypeError(
+            f"{objective!r} is not a training objective: it needs name, check, plan, after_step "
+            "and to_dict (see matryoshka_lora.train.objective.TrainingObjective)"
+        )
+    objective.check(config)
+    return objective
+
+
+def plan_loss(
+    model: nn.Module,
+    plan: MicroBatchPlan,
+    full_loss: Callable[[], torch.Tensor],
+    prefix_loss_at: Callable[[], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The loss ``plan`` trains, as one graph (so one backward).
+
+    ``full_loss()`` computes the loss of the model as it is (e.g. through a DDP
+    wrapper); ``prefix_loss_at()`` (default: ``full_loss``) the loss at the ranks
+    below R of a ``per_rank`` plan, e.g. through the unwrapped model, so that only
+    the last forward goes through DDP. ``per_rank``: ``sum_r w_r loss_r`` over the
+    plan's ranks (sorted, ending with R), ``w_r = 1/|S'|`` unless the plan weighs
+    them; ``mixed``: one forward with per-example ranks; ``sampled``: one forward
+    at the sampled prefix, which stays set for the backward (activation
+    checkpointing recomputes at it) until the next plan or :func:`end_sampling`.
+    """
+    if plan.mode == "full":
+        set_sampled_rank(model, None)
+        return full_loss()
+    if plan.mode == "sampled":
+        set_sampled_rank(model, plan.ranks[0])
+        return full_loss()
+    set_sampled_rank(model, None)
+    if plan.mode == "mixed":
+        return mixed_rank_loss(model, full_loss, plan.ranks)
+    return prefix_loss(model, plan.ranks, full_loss, prefix_loss_at, plan.weights)
+
+
+def end_sampling(model: nn.Module) -> None:
+    """Back to the full training function after training with sampled prefixes."""
+    set_sampled_rank(model, None)
 
 
 def prefix_loss(
     model: nn.Module,
-    config: NestedLoraConfig,
+    ranks: tuple[int, ...],
     full_loss: Callable[[], torch.Tensor],
     prefix_loss_at: Callable[[], torch.Tensor] | None = None,
-    ranks: tuple[int, ...] | None = None,
+    weights: tuple[float, ...] | None = None,
 ) -> torch.Tensor:
-    """``(1/|S'|) sum_{r in S'} loss at rank r``, as one graph (so one backward).
+    """``sum_{r in S'} w_r loss at rank r`` (``w_r = 1/|S'|`` by default), as one graph.
 
-    ``S'`` is ``ranks`` (sorted, ending with R; default: the train ranks S), e.g.
-    from :func:`prefix_loss_ranks_for`. With ``config.prefix_loss_full_weight = w``
-    the full rank's loss weighs ``w`` and each of the other m - 1 ranks
-    ``(1 - w) / (m - 1)`` (a draw of R alone is its loss).
-
-    ``full_loss()`` computes the loss of the model as it is; the ranks below R
-    are computed by ``prefix_loss_at()`` (default: ``full_loss``) with the
-    model's adapters deployed at rank r, e.g. the unwrapped model under DDP, so
-    that only the last forward goes through the DDP wrapper. The model is left
-    at the full training function.
+    ``ranks`` (S') is sorted and ends with R; at each r the adapters are deployed at
+    rank r (``deployed_scales(r)``); R runs ``full_loss()``, each lower r
+    ``prefix_loss_at()``. The model is left at the full training function.
     """
-    compute_prefix = prefix_loss_at or full_loss
-    ranks = tuple(config.train_ranks) if ranks is None else tuple(ranks)
+    config = get_config(model)
     if not ranks or ranks[-1] != config.r:
         raise ValueError(f"the prefix loss's ranks must end with R = {config.r}, got {ranks}")
-    w = config.prefix_loss_full_weight
-    weighted = w is not None and len(ranks) > 1
+    compute_prefix = prefix_loss_at or full_loss
+    weights = weights or (1.0 / len(ranks),) * len(ranks)
     total = None
     with _recompute_at_forward_rank(model):
         try:
-            for r in ranks:  # sorted, ending with R
+            for r, w in zip(ranks, weights, strict=True):
                 set_rank(model, r)
-                loss = full_loss() if r == config.r else compute_prefix()
-                if weighted:
-                    loss = loss * (w if r == config.r else (1.0 - w) / (len(ranks) - 1))
+                loss = (full_loss() if r == config.r else compute_prefix()) * w
                 total = loss if total is None else total + loss
         finally:
             set_rank(model, None)
-    return total if weighted else total / len(ranks)
+    return total
 
 
 def mixed_rank_loss(
@@ -183,89 +451,6 @@ def _set_rank_states(layers: list[NestedLoraLinear], states: list[_RankState]) -
         layer.example_scales = scales  # the scale table built by set_example_ranks
 
 
-@dataclass(frozen=True)
-class MicroBatchPlan:
-    """What one training micro-batch optimises.
-
-    ``mode``: ``full`` (the full training function's loss alone), ``per_rank``
-    (the mean of the losses at ``ranks``, one forward each) or ``mixed`` (one
-    forward, example i at ``ranks[i]``).
-    """
-
-    mode: str
-    ranks: tuple[int, ...] = ()
-
-    def describe(self) -> str:
-        """A short label for progress bars: ``all``, ``1+8`` or ``mixed:1+8``."""
-        if self.mode == "full":
-            return "all"
-        shown = "+".join(map(str, sorted(set(self.ranks))))
-        return shown if self.mode == "per_rank" else f"mixed:{shown}"
-
-
-def micro_batch_plan(
-    config: NestedLoraConfig,
-    seed: int,
-    step: int,
-    micro_step: int = 0,
-    *,
-    accumulation: int = 1,
-    examples: int | None = None,
-    first_example: int = 0,
-) -> MicroBatchPlan:
-    """The objective of micro-batch ``micro_step`` of optimizer step ``step``.
-
-    A pure function of the config and ``(seed, step, micro_step)``: every process
-    and a resumed run plan alike. Without ``prefix_loss``, before step
-    ``prefix_loss_start``, or on a micro-batch that
-    ``prefix_loss_every`` skips (``(step * accumulation + micro_step) %
-    prefix_loss_every != 0``), the full adapter; else the ranks S' of
-    :func:`prefix_loss_ranks_for`, averaged (``per_rank``) or assigned to the
-    ``examples`` examples of the batch (``mixed``, which needs ``examples``), or
-    each example's nested-dropout rank over 1..R (``geometric``, a ``mixed`` plan;
-    ``first_example``: the position of the batch's first example in the global
-    batch, see :func:`~matryoshka_lora.sampling.mixed_example_ranks`).
-    """
-    if not config.prefix_loss:
-        return MicroBatchPlan("full")
-    if step < config.prefix_loss_start:
-        return MicroBatchPlan("full")
-    if (step * accumulation + micro_step) % config.prefix_loss_every:
-        return MicroBatchPlan("full")
-    if config.prefix_loss_mode == "per_rank":
-        return MicroBatchPlan("per_rank", prefix_loss_ranks_for(config, seed, step, micro_step))
-    if examples is None:
-        raise ValueError(
-            f"prefix_loss_mode={config.prefix_loss_mode!r} assigns a rank to each example: "
-            "pass examples= (the batch size of the micro-batch)"
-        )
-    if config.prefix_loss_mode == "geometric":
-        full_weight = config.prefix_loss_full_weight or 1.0 / len(config.train_ranks)
-        drawn = geometric_example_ranks(
-            config.r, full_weight, examples, seed, step, micro_step, first_example
-        )
-        return MicroBatchPlan("mixed", drawn)
-    ranks = prefix_loss_ranks_for(config, seed, step, micro_step)
-    return MicroBatchPlan(
-        "mixed", mixed_example_ranks(ranks, examples, seed, step, micro_step, first_example)
-    )
-
-
-def plan_loss(
-    model: nn.Module,
-    config: NestedLoraConfig,
-    plan: MicroBatchPlan,
-    full_loss: Callable[[], torch.Tensor],
-    prefix_loss_at: Callable[[], torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """The loss ``plan`` trains; ``full_loss`` / ``prefix_loss_at`` as in :func:`prefix_loss`."""
-    if plan.mode == "full":
-        return full_loss()
-    if plan.mode == "per_rank":
-        return prefix_loss(model, config, full_loss, prefix_loss_at, plan.ranks)
-    return mixed_rank_loss(model, full_loss, plan.ranks)
-
-
 def batch_examples(batch: Mapping[str, torch.Tensor]) -> int:
     """The number of examples of a model-input batch (the first dimension of its inputs)."""
     for key in ("input_ids", "inputs_embeds", "labels"):
@@ -285,77 +470,72 @@ def training_loss(
     micro_step: int = 0,
     seed: int = 0,
     *,
+    objective: TrainingObjective | Mapping[str, Any] | str | None = None,
     accumulation: int = 1,
     examples: int | None = None,
     first_example: int = 0,
 ) -> torch.Tensor:
-    """The loss ``model``'s adapter config trains, for a hand-written training loop.
+    """The loss ``objective`` trains for this micro-batch, for a hand-written training loop.
 
-    ``compute_loss()`` runs the model on the batch and returns its loss. The
-    objective is :func:`micro_batch_plan`'s for ``(seed, step, micro_step)``: with
-    ``prefix_loss`` (the default for ``method="matryoshka"``) the mean of that loss
-    at the drawn ranks, or one mixed-rank forward (``prefix_loss_mode="mixed"``,
-    which needs ``examples``, the batch size); else, or on a micro-batch that
-    ``prefix_loss_every`` skips (``accumulation``: micro-batches per optimizer
-    step), ``compute_loss()`` of the full training function. (DyLoRA's and
-    ``prefix_sampling``'s sampled rank is set by a
-    :class:`~matryoshka_lora.sampling.RankSampler` before the forward.)
+    ``compute_loss()`` runs the model on the batch and returns its loss.
+    ``objective``: a :class:`TrainingObjective`, its record or its name (default:
+    the adapter's :func:`default_objective`). After each optimizer step a
+    hand-written loop calls ``objective.after_step(model, optimizer, done,
+    total)`` (the default ``lora-svd`` re-bases the factors after the last step),
+    and :func:`end_sampling` after training with ``rank-sampling``.
     """
     config = get_config(model)
-    plan = micro_batch_plan(
-        config,
-        seed,
-        step,
-        micro_step,
-        accumulation=accumulation,
-        examples=examples,
-        first_example=first_example,
-    )
-    return plan_loss(model, config, plan, compute_loss)
-
-
-def prefix_loss_ranks_for(
-    config: NestedLoraConfig, seed: int, step: int, micro_step: int = 0
-) -> tuple[int, ...]:
-    """The ranks the prefix loss averages at this micro-batch (``prefix_loss_sample``)."""
-    return draw_prefix_loss_ranks(
-        tuple(config.train_ranks), config.prefix_loss_sample, seed, step, micro_step
-    )
+    objective = resolve_objective(objective, config)
+    batch = MicroBatch(seed, step, micro_step, accumulation, examples, first_example)
+    return plan_loss(model, objective.plan(config, batch), compute_loss)
 
 
 def forward_passes(
-    config: NestedLoraConfig, steps: int, accumulation: int = 1, seed: int = 0
+    objective: TrainingObjective | Mapping[str, Any] | str | None,
+    config: NestedLoraConfig,
+    steps: int,
+    accumulation: int = 1,
+    seed: int = 0,
+    examples: int = 1,
 ) -> float:
     """Mean forward passes per micro-batch over a run of ``steps`` optimizer steps.
 
-    Each micro-batch's plan (:func:`micro_batch_plan`) runs ``len(ranks)`` forwards
-    under ``per_rank`` and one under ``full`` and the one-forward forms (``mixed``,
-    ``geometric``); the backward goes through the graph of those forwards, so the
-    training compute of a run is proportional to ``forward_passes * steps *
-    accumulation``. Exact, and independent of the machine's load: e.g. 2 for the
-    default (R and one drawn rank), 1.5 with ``prefix_loss_every=2``, 1 for LoRA.
+    Each micro-batch's plan runs ``len(ranks)`` forwards under ``per_rank`` and one
+    otherwise; the backward goes through the graph of those forwards, so a run's
+    training compute is proportional to ``forward_passes * steps * accumulation``:
+    exact, and independent of the machine's load (1 for ``lora-svd``, 2 for
+    ``prefix-loss`` with ``sample=1``).
     """
     if steps < 1 or accumulation < 1:
         raise ValueError(f"steps and accumulation must be >= 1, got {steps} and {accumulation}")
+    objective = resolve_objective(objective, config)
     total = 0
     for step in range(steps):
         for micro in range(accumulation):
-            plan = micro_batch_plan(
-                config, seed, step, micro, accumulation=accumulation, examples=1
-            )
-            total += len(plan.ranks) if plan.mode == "per_rank" else 1
+            batch = MicroBatch(seed, step, micro, accumulation, examples)
+            total += objective.plan(config, batch).forward_passes
     return total / (steps * accumulation)
 
 
 __all__ = [
+    "FULL",
+    "OBJECTIVES",
+    "FullLoss",
+    "LoraSvd",
+    "MicroBatch",
     "MicroBatchPlan",
+    "PrefixLoss",
+    "RankSampling",
+    "TrainingObjective",
     "batch_examples",
+    "default_objective",
+    "end_sampling",
     "forward_passes",
-    "micro_batch_plan",
     "mixed_rank_loss",
+    "objective_from_dict",
     "plan_loss",
     "prefix_loss",
-    "prefix_loss_ranks_for",
-    "rank_sampler_for",
+    "register_objective",
+    "resolve_objective",
     "training_loss",
 ]

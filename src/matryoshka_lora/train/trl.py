@@ -40,7 +40,7 @@ class NestedSFTTrainer(NestedLoraMixin, SFTTrainer):
     """``trl.SFTTrainer`` for a model with a nested-LoRA adapter attached.
 
     Takes ``SFTTrainer``'s arguments (``peft_config`` must be None: the adapter
-    is ``matryoshka_lora.attach``'s) and the mixin's ``rank_sampler``,
+    is ``matryoshka_lora.attach``'s) and the mixin's ``objective``,
     ``rank_eval``, ``eval_ranks`` and ``rank_eval_metrics``.
     """
 
@@ -55,7 +55,7 @@ class NestedSFTTrainer(NestedLoraMixin, SFTTrainer):
 
     def compute_loss(self, model: nn.Module, inputs, return_outputs: bool = False, **kwargs):
         """The mixin's loss; TRL's per-forward metrics kept for the full adapter only."""
-        if not (self.adapter_config.prefix_loss and model.training):
+        if not model.training:
             return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
         metrics = self._metrics["train"]
         lengths = {key: len(values) for key, values in metrics.items()}
