@@ -170,3 +170,176 @@ def test_hub_loading_uses_datasets(monkeypatch):
     assert calls == {"name": "openai/gsm8k", "subset": "main", "split": "test"}
     assert records[0].fields == {"question": "q", "answer": "a"}
     assert torch.is_tensor(PaddingCollator(0)([{"input_ids": [1], "labels": [1]}])["labels"])
+
+
+# ---------------------------------------------------------------------------- TRL formats
+# A chat template in the char tokenizer's alphabet: "<bos>role: content\n" per turn
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+def chat_tokenizer(add_bos: bool = False):
+    """The char tokenizer with :data:`CHAT_TEMPLATE`; ``add_bos``: it prepends BOS itself."""
+    from conftest import make_char_tokenizer
+    from tokenizers import processors
+
+    tokenizer = make_char_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    if add_bos:
+        tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", special_tokens=[("<bos>", tokenizer.bos_token_id)]
+        )
+    return tokenizer
+
+
+def supervised_text(tokenizer, example) -> str:
+    return tokenizer.decode([t for t in example["labels"] if t != -100])
+
+
+def test_prompt_completion_masks_the_prompt(char_tokenizer):
+    record = Record({"prompt": "2+3=", "completion": "5"}, "x")
+    assert prompt_and_target(record, "prompt-completion") == ("2+3=", "5")
+    example = SFTDataset([record], char_tokenizer, "prompt-completion")[0]
+    assert example["input_ids"] == char_tokenizer("2+3=5")["input_ids"] + [2]
+    assert example["labels"] == [-100] * 4 + char_tokenizer("5")["input_ids"] + [2]
+
+
+def test_conversational_prompt_completion_masks_the_templated_prompt():
+    tokenizer = chat_tokenizer()
+    record = Record(
+        {
+            "prompt": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "2+3?"},
+            ],
+            "completion": [{"role": "assistant", "content": "5"}],
+        },
+        "x",
+    )
+    prompt, target = prompt_and_target(record, "prompt-completion", tokenizer)
+    assert prompt == "<bos>system: Be brief.\nuser: 2+3?\nassistant: "
+    assert target == "5\n"
+    example = SFTDataset([record], tokenizer, "prompt-completion")[0]
+    n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert example["labels"][:n_prompt] == [-100] * n_prompt
+    assert example["labels"][n_prompt:] == tokenizer("5\n")["input_ids"] + [2]
+    mixed = Record({"prompt": "2+3?", "completion": [{"role": "assistant", "content": "5"}]}, "y")
+    with pytest.raises(DatasetFormatError, match="y: 'prompt' and 'completion' must both be"):
+        prompt_and_target(mixed, "prompt-completion", tokenizer)
+
+
+def test_messages_target_only_the_last_assistant_turn():
+    tokenizer = chat_tokenizer()
+    messages = [
+        {"role": "system", "content": "Add."},
+        {"role": "user", "content": "1+1?"},
+        {"role": "assistant", "content": "2"},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+    ]
+    example = SFTDataset([Record({"messages": messages}, "x")], tokenizer, "messages")[0]
+    assert supervised_text(tokenizer, example) == "4\n<eos>"  # the earlier answer "2" is masked
+    n_prompt = sum(1 for t in example["labels"] if t == -100)
+    assert example["labels"][:n_prompt] == [-100] * n_prompt
+    assert tokenizer.decode(example["input_ids"][:n_prompt]) == (
+        "<bos>system: Add.\nuser: 1+1?\nassistant: 2\nuser: 2+2?\nassistant: "
+    )
+    # "chat" is the same format under another name
+    again = SFTDataset([Record({"messages": messages}, "x")], tokenizer, "chat")[0]
+    assert again == example
+    bad = Record({"messages": messages[:-1]}, "data.jsonl line 3")
+    with pytest.raises(DatasetFormatError, match="data.jsonl line 3: 'messages' must be a list"):
+        prompt_and_target(bad, "messages", tokenizer)
+    with pytest.raises(ValueError, match="needs a tokenizer with a chat template"):
+        prompt_and_target(Record({"messages": messages}, "x"), "messages", chat_tokenizer_none())
+
+
+def chat_tokenizer_none():
+    from conftest import make_char_tokenizer
+
+    return make_char_tokenizer()  # no chat template
+
+
+def test_templated_prompts_get_no_second_bos():
+    tokenizer = chat_tokenizer(add_bos=True)  # BOS from the tokenizer and from the template
+    bos = tokenizer.bos_token_id
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    chat = SFTDataset([Record({"messages": messages}, "x")], tokenizer, "messages")[0]
+    plain = SFTDataset(
+        [Record({"prompt": "hi", "completion": "yo"}, "x")], tokenizer, "prompt-completion"
+    )[0]
+    assert chat["input_ids"].count(bos) == 1 and chat["input_ids"][0] == bos
+    assert plain["input_ids"].count(bos) == 1 and plain["input_ids"][0] == bos
+
+
+# ---------------------------------------------------------------------------- files via datasets
+def test_local_files_are_memory_mapped_arrow_tables(tmp_path):
+    import datasets
+
+    path = tmp_path / "d.jsonl"
+    path.write_text(
+        "".join(json.dumps({"question": f"{i}?", "answer": str(i)}) + "\n" for i in range(5))
+    )
+    records = load_records(str(path), size=3)
+    assert isinstance(records.rows, datasets.Dataset)
+    assert records.rows.cache_files  # read from an Arrow file on disk, not held in memory
+    assert len(records) == 3 and [r.fields["answer"] for r in records] == ["0", "1", "2"]
+    assert [r.fields["answer"] for r in records[1:]] == ["1", "2"]
+    assert records[-1].origin == f"{path} line 3"
+
+
+def test_a_bad_record_names_its_line_past_blank_lines(tmp_path, char_tokenizer):
+    good = json.dumps({"question": "a", "answer": "b"})
+    path = tmp_path / "gaps.jsonl"
+    path.write_text(f"{good}\n\n   \n{good}\n\n" + json.dumps({"question": "c"}) + f"\n{good}\n")
+    records = load_records(str(path))
+    assert [r.origin.rsplit(" ", 1)[1] for r in records] == ["1", "4", "6", "7"]
+    with pytest.raises(DatasetFormatError, match="gaps.jsonl line 6: missing field 'answer'"):
+        SFTDataset(records, char_tokenizer, "gsm8k")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(f"{good}\n\n{good}\n[1, 2]\n")
+    with pytest.raises(DatasetFormatError, match="broken.jsonl line 4: expected a JSON object"):
+        load_records(str(broken))
+
+
+def test_json_list_data_key_and_csv_text_cells(tmp_path):
+    rows = [{"question": "1+1?", "answer": "2"}, {"question": "2+2?", "answer": "4"}]
+    (tmp_path / "list.json").write_text(json.dumps(rows, indent=2))
+    records = load_records(str(tmp_path / "list.json"))
+    assert [r.fields for r in records] == rows and records[1].origin.endswith("list.json item 1")
+    (tmp_path / "wrapped.json").write_text(json.dumps({"data": rows}))
+    assert [r.fields for r in load_records(str(tmp_path / "wrapped.json"))] == rows
+    # CSV cells stay the text written: no numbers, no NaN; a quoted cell may span lines
+    (tmp_path / "t.csv").write_text('question,answer,input\n"a\nb",0.50,\nc,007,NA\n')
+    records = load_records(str(tmp_path / "t.csv"))
+    assert [r.fields for r in records] == [
+        {"question": "a\nb", "answer": "0.50", "input": ""},
+        {"question": "c", "answer": "007", "input": "NA"},
+    ]
+    assert [r.origin.rsplit(" ", 1)[1] for r in records] == ["3", "4"]
+    (tmp_path / "long.csv").write_text("question,answer\na,b\nc,d,e\n")
+    with pytest.raises(DatasetFormatError, match="long.csv line 3: more values than header"):
+        load_records(str(tmp_path / "long.csv"))
+
+
+def test_messages_jsonl_with_uneven_message_keys(tmp_path):
+    # Arrow gives every message every key seen in the file (None where absent); a chat
+    # template must see the messages as written
+    tokenizer = chat_tokenizer()
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}{% if 'name' in m %}({{ m['name'] }}){% endif %}: "
+        "{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    first = [
+        {"role": "user", "content": "hi", "name": "bo"},
+        {"role": "assistant", "content": "yo"},
+    ]
+    second = [{"role": "user", "content": "ok"}, {"role": "assistant", "content": "k"}]
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in (first, second)))
+    records = load_records(str(path))
+    prompt, target = prompt_and_target(records[1], "messages", tokenizer)
+    assert (prompt, target) == ("user: ok\nassistant: ", "k\n")
+    assert prompt_and_target(records[0], "messages", tokenizer)[0].startswith("user(bo): hi")
