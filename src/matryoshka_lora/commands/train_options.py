@@ -20,6 +20,7 @@ from typing import Any, Literal
 from ..config import PRESETS, NestedLoraConfig
 from ..train.data import DatasetFormat
 from ..train.loop import TrainConfig
+from ..train.objective import OBJECTIVES, PrefixLoss, RankSampling
 from .option_spec import Option, option
 from .option_types import (
     name_list,
@@ -110,6 +111,16 @@ class RunOptions:
             "method formula for formula); a config file and explicit options override it"
         },
     )
+    objective: str | None = field(
+        default=None,
+        metadata={
+            "help": "how the adapter is trained (default: the method's; lora: lora-svd, LoRA "
+            "at R re-based on its SVD after the last step, the best measured at equal compute; "
+            "matryoshka: full, the authors' 1x objective; dylora: rank-sampling). "
+            "prefix-loss: the nested prefix loss, 2 forwards per micro-batch, behind "
+            "lora-svd at equal compute in every benchmark (BENCHMARKS.md)"
+        },
+    )
     target_regex: str | None = field(
         default=None,
         metadata={
@@ -148,33 +159,27 @@ GROUPS: dict[str, tuple[Option, ...]] = {
         option(RUN, "text_field"),
         option(RUN, "label_field"),
     ),
-    "adapter": (
+    "adapter (the default path needs only --r and --target-modules)": (
+        option(ADAPTER, "r", type=positive_int),
+        # None: the config's default targets; a regex comes from --target-regex
+        option(ADAPTER, "target_modules", type=name_list, default=None, metavar="NAME,..."),
+        option(RUN, "target_regex", metavar="REGEX"),
+        option(ADAPTER, "dropout", type=probability),
+    ),
+    "method and objective (research: the defaults are LoRA at R, SVD re-based)": (
         option(RUN, "preset", choices=list(PRESETS)),
         option(ADAPTER, "method"),
-        option(ADAPTER, "r", type=positive_int),
+        option(RUN, "objective", choices=list(OBJECTIVES)),
+        option(PrefixLoss, "sample", dest="prefix_loss_sample", default=None, metavar="K"),
+        option(RankSampling, "distribution", dest="sampler_distribution", default=None),
+        option(RankSampling, "per", dest="sampler_per", default=None),
         option(ADAPTER, "train_ranks", metavar=RANKS),
         option(ADAPTER, "eval_ranks", metavar=RANKS),
         option(ADAPTER, "scaling"),
         option(ADAPTER, "alpha", type=positive_float),
         option(ADAPTER, "normalize"),
-        # None: the config's default targets; a regex comes from --target-regex
-        option(ADAPTER, "target_modules", type=name_list, default=None, metavar="NAME,..."),
-        option(RUN, "target_regex", metavar="REGEX"),
-        option(ADAPTER, "dropout", type=probability),
         option(ADAPTER, "init_a"),
         option(ADAPTER, "inference_scale"),
-        option(ADAPTER, "prefix_sampling", type=probability),
-        option(ADAPTER, "prefix_loss"),
-        option(ADAPTER, "prefix_loss_sample", metavar="K"),
-        option(ADAPTER, "prefix_loss_full_weight", type=probability, metavar="W"),
-        option(ADAPTER, "prefix_loss_mode"),
-        option(ADAPTER, "prefix_loss_every", type=positive_int, metavar="K"),
-        option(ADAPTER, "prefix_loss_start", type=non_negative_int, metavar="STEP"),
-        option(ADAPTER, "dylora_update", default=None),  # None: not given (dylora only)
-    ),
-    "DyLoRA rank sampler (method dylora only)": (
-        option(TRAIN, "sampler_distribution", default=None),
-        option(TRAIN, "sampler_per", default=None),
     ),
     "optimisation": (
         option(TRAIN, "learning_rate", dest="lr", aliases=["--learning-rate"], type=positive_float),
@@ -186,7 +191,6 @@ GROUPS: dict[str, tuple[Option, ...]] = {
         option(TRAIN, "gradient_accumulation_steps", dest="grad_accum", type=positive_int),
         option(TRAIN, "max_grad_norm", type=non_negative_float),
         option(TRAIN, "seed"),
-        option(TRAIN, "svd_rebase_every", type=non_negative_int, metavar="K"),
     ),
     "output": (
         option(TRAIN, "output_dir"),

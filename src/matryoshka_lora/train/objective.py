@@ -190,7 +190,13 @@ class PrefixLoss(_Objective):
     """
 
     name: ClassVar[str] = "prefix-loss"
-    sample: int = 1
+    sample: int = dataclasses.field(
+        default=1,
+        metadata={
+            "help": "prefix loss: average the full rank and K ranks drawn from the train ranks "
+            "below R per micro-batch (K + 1 forwards; 0: every train rank)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.sample, bool) or not isinstance(self.sample, int) or self.sample < 0:
@@ -229,8 +235,14 @@ class RankSampling(_Objective):
     """
 
     name: ClassVar[str] = "rank-sampling"
-    distribution: Distribution = "train_ranks"
-    per: Frequency = "micro_batch"
+    distribution: Distribution = dataclasses.field(
+        default="train_ranks",
+        metadata={"help": "rank sampling: b uniform over the train ranks, or over 1..R"},
+    )
+    per: Frequency = dataclasses.field(
+        default="micro_batch",
+        metadata={"help": "rank sampling: draw b for every micro-batch or once per step"},
+    )
 
     def __post_init__(self) -> None:
         RankSampler(1, (1,), self.distribution, self.per)  # validates both choices
