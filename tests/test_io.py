@@ -58,7 +58,7 @@ def test_round_trip_identical_at_every_rank(tmp_path, input_ids, inference_scale
 
 
 def test_saved_files_hold_adapter_only_and_full_config(tmp_path):
-    model = trained_llama(train_ranks=(2, 4, 8), normalize="mean")
+    model = trained_llama(method="matryoshka", train_ranks=(2, 4, 8), normalize="mean")
     ml.save_adapter(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     for key, value in {
@@ -88,7 +88,7 @@ def test_load_into_model_with_adapter_checks_config(tmp_path):
         ({"r": 16}, "r: checkpoint 8 vs model 16"),
         ({"train_ranks": (4, 8)}, "train_ranks"),
         ({"scaling": "rank"}, "scaling"),
-        ({"method": "lora"}, "method"),
+        ({"method": "matryoshka"}, "method"),
         ({"target_modules": ["q_proj", "v_proj"]}, "target_modules"),
     ]:
         other = make_tiny_llama()

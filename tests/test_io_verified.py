@@ -19,7 +19,7 @@ from matryoshka_lora.model import adapter_layers, get_config, set_inference_scal
 # each edit makes a valid config that is not the one the weights were trained with
 TAMPERED = {
     "r": {"r": 16, "train_ranks": [1, 2, 4, 8, 16], "eval_ranks": [1, 2, 4, 8, 16]},
-    "method": {"method": "lora"},
+    "method": {"method": "matryoshka"},
     "train_ranks": {"train_ranks": [1, 8]},
     "scaling": {"scaling": "rank"},
     "alpha": {"alpha": 2.0},
@@ -27,14 +27,6 @@ TAMPERED = {
     "target_modules": {"target_modules": ["q_proj", "v_proj"]},
     "dropout": {"dropout": 0.1},
     "init_a": {"init_a": "authors"},
-    "dylora_update": {"dylora_update": "last"},
-    "prefix_sampling": {"prefix_sampling": 0.5},
-    "prefix_loss": {"prefix_loss": False, "prefix_loss_sample": 0},
-    "prefix_loss_sample": {"prefix_loss_sample": 0},
-    "prefix_loss_mode": {"prefix_loss_mode": "mixed"},
-    "prefix_loss_every": {"prefix_loss_every": 2},
-    "prefix_loss_start": {"prefix_loss_start": 3},
-    "prefix_loss_full_weight": {"prefix_loss_full_weight": 0.75},
     "adapter_dtype": {"adapter_dtype": "bfloat16"},
 }
 
@@ -138,3 +130,59 @@ def test_save_interrupted_between_weights_and_config_loads_the_previous_adapter(
     torch.testing.assert_close(
         all_rank_logits(again, input_ids)[None], all_rank_logits(new, input_ids)[None]
     )
+
+
+# what an adapter_config.json written before the training objective left the config held
+EARLIER_TRAINING_FIELDS = {
+    "dylora_update": "prefix",
+    "prefix_loss": True,
+    "prefix_loss_every": 1,
+    "prefix_loss_full_weight": None,
+    "prefix_loss_mode": "per_rank",
+    "prefix_loss_sample": 1,
+    "prefix_loss_start": 0,
+    "prefix_sampling": 0.0,
+}
+
+
+def write_as_earlier_version(folder, **changes) -> None:
+    """Rewrite a saved adapter in the earlier format: the training fields in both the
+    JSON config and the config recorded in the weights' metadata, the hash updated."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = folder / "adapter_config.json"
+    payload = {**json.loads(path.read_text()), **EARLIER_TRAINING_FIELDS, **changes}
+    weights = folder / payload["weights_file"]
+    with safe_open(str(weights), "pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        metadata = dict(handle.metadata())
+    recorded = {**json.loads(metadata["config"]), **EARLIER_TRAINING_FIELDS, **changes}
+    metadata["config"] = json.dumps(recorded, indent=2, sort_keys=True)
+    save_file(tensors, str(weights), metadata=metadata)
+    payload["weights_sha256"] = mlio.file_sha256(weights)
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True))
+
+
+@pytest.mark.parametrize(
+    "config, earlier",
+    [
+        ({"method": "matryoshka"}, {}),
+        ({"method": "matryoshka"}, {"method": "matryoshka_exact"}),  # the same function
+        ({"method": "lora", "inference_scale": "paper"}, {"prefix_loss": False}),
+        ({"method": "dylora", "inference_scale": "paper"}, {"dylora_update": "last"}),
+    ],
+)
+def test_adapter_saved_by_an_earlier_version_loads_and_computes_the_same(
+    tmp_path, input_ids, config, earlier
+):
+    model = trained_llama(**config)
+    ml.save_adapter(model, tmp_path)
+    write_as_earlier_version(tmp_path, **earlier)
+    assert "prefix_loss" in json.loads((tmp_path / "adapter_config.json").read_text())
+    loaded = make_tiny_llama()
+    ml.load_adapter(loaded, tmp_path)
+    assert get_config(loaded) == get_config(model)
+    want, got = all_rank_logits(model, input_ids), all_rank_logits(loaded, input_ids)
+    for rank, logits in want.items():
+        torch.testing.assert_close(got[rank], logits, atol=0, rtol=0)

@@ -34,6 +34,23 @@ def make_layer(dtype=torch.float32, seed=0, **config) -> NestedLoraLinear:
     return layer
 
 
+def masked_sum(layer: NestedLoraLinear, x: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+    """The MatryoshkaLoRA update as the authors define it: a masked sum of |S| sub-adapters,
+    ``weight * sum_{r in S} s(r) x A[:r]^T B[:, :r]^T`` (|S| LoRA forwards; the test oracle)."""
+    out = layer.base_layer(x)
+    for r in layer.train_ranks:
+        term = (x @ layer.lora_A[:r].T) @ layer.lora_B[:, :r].T
+        out = out + term * (weight * rank_scale(r, layer.scaling, layer.alpha))
+    return out
+
+
+def masked_sum_grads(layer, x, weight: float = 1.0):
+    layer.zero_grad()
+    out = masked_sum(layer, x, weight)
+    (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape).to(out.dtype)).sum().backward()
+    return out.detach(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
+
+
 def x_input(dtype=torch.float32, seed=1):
     return torch.randn(3, 5, IN, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
@@ -49,27 +66,23 @@ def grads(layer, x):
 @pytest.mark.parametrize("scaling", ["none", "rank", "sqrt"])
 def test_diag_form_equals_masked_sum(scaling, dtype, atol):
     diag = make_layer(dtype, method="matryoshka", scaling=scaling)
-    exact = make_layer(dtype, method="matryoshka_exact", scaling=scaling)
-    exact.load_state_dict(diag.state_dict())
     x = x_input(dtype)
-    for got, want in zip(grads(diag, x), grads(exact, x), strict=True):
-        torch.testing.assert_close(got, want, atol=atol, rtol=atol)
+    want = masked_sum_grads(diag, x)
+    for got, expected in zip(grads(diag, x), want, strict=True):
+        torch.testing.assert_close(got, expected, atol=atol, rtol=atol)
 
 
 @pytest.mark.parametrize("scaling", ["none", "rank", "sqrt"])
 def test_authors_masked_sum_is_diag_over_n(scaling):
     """The authors' masked sum divides by n = |S|; their diag form does not."""
     diag = make_layer(torch.float64, method="matryoshka", scaling=scaling, normalize="none")
-    exact_mean = make_layer(
-        torch.float64, method="matryoshka_exact", scaling=scaling, normalize="mean"
-    )
-    exact_mean.load_state_dict(diag.state_dict())
     x = x_input(torch.float64)
     base = diag.base_layer(x)
-    torch.testing.assert_close(diag(x) - base, len(S) * (exact_mean(x) - base))
+    authors = masked_sum(diag, x, weight=1 / len(S)).detach()
+    torch.testing.assert_close(diag(x) - base, len(S) * (authors - base))
     diag_mean = make_layer(torch.float64, method="matryoshka", scaling=scaling, normalize="mean")
     diag_mean.load_state_dict(diag.state_dict())
-    torch.testing.assert_close(diag_mean(x), exact_mean(x))
+    torch.testing.assert_close(diag_mean(x), authors)
 
 
 def test_matryoshka_full_rank_uses_trained_p():
@@ -118,20 +131,7 @@ def test_dylora_slices_instead_of_masking():
     assert flops[8] == 8 * flops[1]
 
 
-def test_dylora_last_mode_only_component_b_learns():
-    layer = make_layer(method="dylora", dylora_update="last")
-    layer.set_sampled_rank(4)
-    x = x_input()
-    _, grad_a, grad_b = grads(layer, x)
-    changed_a = (grad_a.abs().sum(1) > 0).nonzero().flatten().tolist()
-    changed_b = (grad_b.abs().sum(0) > 0).nonzero().flatten().tolist()
-    assert changed_a == [3] and changed_b == [3]
-    # forward is still the rank-4 LoRA
-    want = plain_lora(x, layer.base_layer, layer.lora_A[:4], layer.lora_B[:, :4], 0.5)
-    torch.testing.assert_close(layer(x), want)
-
-
-@pytest.mark.parametrize("method", ["matryoshka", "matryoshka_exact", "lora", "dylora"])
+@pytest.mark.parametrize("method", ["matryoshka", "lora", "dylora"])
 @pytest.mark.parametrize("inference_scale", ["paper", "trained"])
 @pytest.mark.parametrize("r", [1, 3, 4, 8])
 def test_inference_at_rank_is_plain_rank_r_lora(method, inference_scale, r):
@@ -287,7 +287,7 @@ def test_autocast_bf16():
     assert layer.lora_A.grad.dtype == torch.float32 and torch.isfinite(layer.lora_A.grad).all()
 
 
-@pytest.mark.parametrize("method", ["matryoshka", "lora", "dylora", "matryoshka_exact"])
+@pytest.mark.parametrize("method", ["matryoshka", "lora", "dylora"])
 def test_torch_compile_has_no_graph_breaks(method):
     import torch._dynamo
 

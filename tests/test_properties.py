@@ -43,7 +43,7 @@ def scale(r: int, scaling: str, alpha: float) -> float:
 def reference_p(c: NestedLoraConfig) -> list[float]:
     """The training P of the method, from its definition (DyLoRA at b = R)."""
     R, S = c.r, c.train_ranks
-    if c.method not in ("matryoshka", "matryoshka_exact"):
+    if c.method != "matryoshka":
         return [scale(R, c.scaling, c.alpha)] * R
     p = [sum(scale(r, c.scaling, c.alpha) for r in S if r >= k) for k in range(1, R + 1)]
     if c.normalize == "mean":
@@ -65,7 +65,7 @@ def reference_q(c: NestedLoraConfig, rank: int) -> list[float]:
 def configs(draw, max_rank: int = 12) -> NestedLoraConfig:
     R = draw(st.integers(1, max_rank))
     below = draw(st.sets(st.integers(1, R - 1), max_size=4)) if R > 1 else set()
-    method = draw(st.sampled_from(["matryoshka", "matryoshka_exact", "lora", "dylora"]))
+    method = draw(st.sampled_from(["matryoshka", "lora", "dylora"]))
     return NestedLoraConfig(
         r=R,
         method=method,
@@ -74,7 +74,6 @@ def configs(draw, max_rank: int = 12) -> NestedLoraConfig:
         alpha=draw(st.sampled_from([0.5, 1.0, 3.0, 16.0])),
         normalize=draw(st.sampled_from(["none", "mean", "rms"])),
         inference_scale=draw(st.sampled_from(["paper", "trained"])),
-        prefix_loss=False,
         adapter_dtype=None,
         target_modules=LLAMA_TARGETS,
     )
