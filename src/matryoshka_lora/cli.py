@@ -17,11 +17,11 @@ import sys
 from typing import Any, NoReturn
 
 from ._version import __version__
-from .commands import evaluate, export, info, train
+from .commands import evaluate, export, info, slice_adapter, train
 from .commands._common import HelpFormatter, one_line
 
 PROG = "matryoshka-lora"
-COMMANDS = (train, evaluate, export, info)
+COMMANDS = (train, evaluate, export, info, slice_adapter)
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
 # Exceptions that report bad input (CLIError, DatasetFormatError, AdapterCheckpointError and

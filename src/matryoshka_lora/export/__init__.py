@@ -4,6 +4,7 @@
   ``"active"`` or per module), and import of a PEFT LoRA folder as a nested adapter.
 * :mod:`.merged`: save a plain transformers model with the rank-r update merged in.
 * :mod:`.ranks`: the rank each module is deployed at (:data:`RankSpec`).
+* :mod:`.slice`: cut a rank-r PEFT folder out of a larger-rank export, without a model.
 """
 
 from .merged import merged_state_dict, save_merged
@@ -22,6 +23,7 @@ from .peft import (
     task_type_of,
 )
 from .ranks import RankSpec, resolve_module_ranks
+from .slice import slice_peft_adapter
 
 __all__ = [
     "PEFT_CONFIG_NAME",
@@ -39,5 +41,6 @@ __all__ = [
     "read_peft_lora",
     "resolve_module_ranks",
     "save_merged",
+    "slice_peft_adapter",
     "task_type_of",
 ]
