@@ -26,8 +26,8 @@ from matryoshka_lora.budget import allocate_by_energy, apply_allocation, uniform
 from matryoshka_lora.compare.run import eval_batches
 from matryoshka_lora.eval.teacher_forced import teacher_forced_metrics
 from matryoshka_lora.model import set_inference_scale
+from matryoshka_lora.svd import svd_rebase_
 from matryoshka_lora.train import PaddingCollator, build_sft_dataset
-from matryoshka_lora.train.rebase import rebase_adapters_
 
 
 def main() -> None:
@@ -55,7 +55,7 @@ def main() -> None:
     model, tokenizer = load_causal_lm(args.model)
     ml.load_adapter(model, args.adapter)
     if args.rebase:
-        rebase_adapters_(model)
+        svd_rebase_(model)
     set_inference_scale(model, args.inference_scale)
     data = build_sft_dataset(
         args.dataset, tokenizer, size=args.size, seed=args.data_seed, max_length=args.max_length

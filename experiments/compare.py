@@ -7,7 +7,9 @@
 Every field of :class:`matryoshka_lora.compare.ComparisonSpec` has a flag, and the
 MatryoshkaLoRA variants and learning-rate grids of ``research.py`` are added; the run
 log (``runs.jsonl``) makes the command resumable: run it again with the same
-flags to continue, with ``--max-runs`` to stop after a few runs.
+flags to continue, with ``--max-runs`` to stop after a few runs. ``--report``
+rewrites the tables and figures of a folder from its runs and its recorded spec
+(``spec.json``, kinds of earlier versions read in today's form).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import argparse
 import json
 
 import torch
-from research import RESEARCH_ROWS, complete_records, research_spec, write_report
+from research import RESEARCH_ROWS, complete_records, research_spec, saved_spec, write_report
 
 from matryoshka_lora.assets import load_causal_lm, load_sequence_classifier
 from matryoshka_lora.compare import METHOD_ROWS, ComparisonRunner
@@ -77,7 +79,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--report",
         action="store_true",
-        help="only rewrite results.* and the figures from the runs recorded so far (no training)",
+        help="only rewrite results.* and the figures from the runs recorded so far and the "
+        "folder's spec.json (no training; the comparison flags are not read)",
     )
     p.add_argument(
         "--kinds",
@@ -91,6 +94,12 @@ def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.report:
+        spec = saved_spec(args.output)
+        runner = ComparisonRunner(spec, args.output)
+        write_report(runner, title=f"{spec.model} on {spec.dataset}")
+        print((runner.output_dir / "results.md").read_text())
+        return
     rates = {}
     for item in args.lr:
         kind, _, values = item.partition("=")
@@ -120,10 +129,6 @@ def main() -> None:
         **({"target_modules": args.target_modules.split(",")} if args.target_modules else {}),
     )
     runner = ComparisonRunner(spec, args.output)
-    if args.report:
-        write_report(runner, title=f"{spec.model} on {spec.dataset}")
-        print((runner.output_dir / "results.md").read_text())
-        return
     if spec.task == "seq-cls":
         model, tokenizer = load_sequence_classifier(spec.model, spec.num_labels)
     else:

@@ -7,7 +7,8 @@
 The trained adapter is exported as a standard PEFT LoRA at R and loaded with
 ``PeftModel.from_pretrained``; ``peft.tuners.lora.conversion.convert_to_lora`` then
 builds its rank-r approximation, which is compared, module by module, with ours
-(``eval.svd.svd_factors`` of the same update): the relative Frobenius distance
+(the SVD of the same update, ``matryoshka_lora.svd.svd_components``, truncated to r
+components): the relative Frobenius distance
 ``||dW_peft(r) - dW_ours(r)||_F / ||dW_ours(r)||_F`` and each one's truncation error
 against the Eckart–Young optimum ``sqrt(sum_{k > r} sigma_k^2)``.
 """
@@ -20,13 +21,11 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import torch
-
 from matryoshka_lora.assets import load_causal_lm
-from matryoshka_lora.eval.svd import svd_factors
 from matryoshka_lora.export import export_peft
 from matryoshka_lora.io import load_adapter
 from matryoshka_lora.model import adapter_layers, detach
+from matryoshka_lora.svd import svd_components
 
 
 def parse_args() -> argparse.Namespace:
@@ -49,6 +48,11 @@ def main() -> None:
         name: layer.delta_weight(None).detach().double()
         for name, layer in adapter_layers(model).items()
     }
+    # (u, sigma, v) of each update B diag(p) A, computed from its factors
+    components = {
+        name: svd_components(layer.lora_A, layer.lora_B, layer.train_p)
+        for name, layer in adapter_layers(model).items()
+    }
     with tempfile.TemporaryDirectory() as tmp:
         full_rank = max(layer.max_rank for layer in adapter_layers(model).values())
         folder = export_peft(model, full_rank, Path(tmp) / "peft")
@@ -68,9 +72,8 @@ def main() -> None:
                 a = state[f"{key}.lora_A.weight"].double()
                 b = state[f"{key}.lora_B.weight"].double()
                 theirs = (b @ a) * (config.lora_alpha / config.r)
-                a_ours, b_ours = svd_factors(delta, rank)
-                mine = b_ours @ a_ours
-                sigma = torch.linalg.svdvals(delta)
+                u, sigma, v = components[name]
+                mine = (u[:, :rank] * sigma[:rank]) @ v[:, :rank].T
                 distances.append(float((theirs - mine).norm() / mine.norm()))
                 ours_err.append(float((delta - mine).norm()))
                 peft_err.append(float((delta - theirs).norm()))

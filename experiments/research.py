@@ -1,9 +1,11 @@
 """The research comparison: MatryoshkaLoRA variants, their grids, and the report.
 
 The library's :mod:`matryoshka_lora.compare` runs the protocol for any set of
-training methods; this module adds the variants studied in BENCHMARKS.md, the
-learning-rate grids chosen for them, the completion of run logs written before a
-deployment existed, and the report (paired differences, training cost, figures).
+training methods; this module adds the variants studied in BENCHMARKS.md (their
+research objectives are registered by importing ``objectives.py``), the
+learning-rate grids chosen for them, the reading of specs and completion of run
+logs written by earlier versions, and the report (paired differences, training
+cost, figures).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import objectives  # noqa: F401  (registers the research objectives the kinds name)
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -22,73 +25,71 @@ from matryoshka_lora.eval.sweep import rank_sweep
 from matryoshka_lora.io import load_adapter
 from matryoshka_lora.model import detach
 
-# MatryoshkaLoRA variants: adapter-config fields on top of method="matryoshka".
+# MatryoshkaLoRA variants: adapter-config fields, the training objective (a record of
+# matryoshka_lora.train.objective or of objectives.py) and run settings.
 VARIANT_KINDS: dict[str, dict[str, Any]] = {
     # P rescaled to LoRA's step size (so LoRA's learning rate applies)
-    "mat_rms": {"method": "matryoshka", "normalize": "rms", "prefix_loss": False},
+    "mat_rms": {"method": "matryoshka", "normalize": "rms", "objective": "full"},
     # steeper P (s(r) = 1/r), at LoRA's step size
     "mat_steep": {
         "method": "matryoshka",
         "scaling": "rank",
         "normalize": "rms",
-        "prefix_loss": False,
+        "objective": "full",
     },
     # rank sampling on top of P: half of the micro-batches train a sampled prefix
-    "mat_sampled": {"method": "matryoshka", "prefix_sampling": 0.5, "prefix_loss": False},
+    "mat_sampled": {
+        "method": "matryoshka",
+        "objective": {"name": "prefix-sampling", "probability": 0.5},
+    },
     # the prefix-loss objective (mean of the train ranks' losses)
-    "mat_prefix": {"method": "matryoshka", "prefix_loss": True, "prefix_loss_sample": 0},
+    "mat_prefix": {"method": "matryoshka", "objective": {"name": "prefix-loss", "sample": 0}},
     # the prefix loss over R and one rank drawn from S minus {R} per micro-batch:
-    # 2 forwards instead of |S| (the library default)
-    "mat_prefix1": {"method": "matryoshka", "prefix_loss": True, "prefix_loss_sample": 1},
-    # cheaper forms of the default: the prefix loss on every second micro-batch (1.5
-    # forwards), and one forward with each example at its own drawn rank
+    # 2 forwards instead of |S|
+    "mat_prefix1": {"method": "matryoshka", "objective": {"name": "prefix-loss", "sample": 1}},
+    # cheaper forms of it: the prefix loss on every second micro-batch (1.5 forwards),
+    # and one forward with each example at its own drawn rank
     "mat_prefix1_every2": {
         "method": "matryoshka",
-        "prefix_loss": True,
-        "prefix_loss_sample": 1,
-        "prefix_loss_every": 2,
+        "objective": {"name": "prefix-loss-variant", "sample": 1, "every": 2},
     },
     "mat_mixed": {
         "method": "matryoshka",
-        "prefix_loss": True,
-        "prefix_loss_sample": 0,
-        "prefix_loss_mode": "mixed",
+        "objective": {"name": "prefix-loss-variant", "sample": 0, "mode": "mixed"},
     },
     # nested dropout over components: one forward, each example at its own rank
     # min(G, R) over 1..R with G geometric, the full rank in 1/|S| of the examples
     "mat_geometric": {
         "method": "matryoshka",
-        "prefix_loss": True,
-        "prefix_loss_mode": "geometric",
+        "objective": {"name": "prefix-loss-variant", "mode": "geometric"},
     },
     # the authors' objective with the factors re-based on the SVD of the update every
     # 25 steps, so that prefixes follow its singular directions
     "mat_rebase": {
         "method": "matryoshka",
-        "prefix_loss": False,
-        "train": {"svd_rebase_every": 25},
+        "objective": {"name": "periodic-svd-rebase", "every": 25, "objective": "full"},
     },
-    # the default with the full rank weighted 3/4 (the drawn rank 1/4) instead of 1/2
+    # the sampled prefix loss with the full rank weighted 3/4 (the drawn rank 1/4)
+    # instead of 1/2
     "mat_prefix1_w75": {
         "method": "matryoshka",
-        "prefix_loss": True,
-        "prefix_loss_sample": 1,
-        "prefix_loss_full_weight": 0.75,
+        "objective": {"name": "prefix-loss-variant", "sample": 1, "full_weight": 0.75},
     },
     # train wide, nest late: the full adapter alone for the first 3/4 of a 150-step run,
-    # the factors re-based on the SVD of the update at step 112, then the default prefix
-    # loss (1.25 forwards per micro-batch on average)
+    # the factors re-based on the SVD of the update after step 112, then the sampled
+    # prefix loss (1.25 forwards per micro-batch on average)
     "mat_late": {
         "method": "matryoshka",
-        "prefix_loss": True,
-        "prefix_loss_sample": 1,
-        "prefix_loss_start": 112,
-        "train": {"svd_rebase_every": 112},
+        "objective": {
+            "name": "periodic-svd-rebase",
+            "every": 112,
+            "objective": {"name": "prefix-loss-variant", "sample": 1, "start": 112},
+        },
     },
     # LoRA at the training compute of the variants that run between 1 and 2 forward
     # passes per micro-batch: mat_late (1 + 38/150, about 1.25) and mat_prefix1_every2 (1.5)
-    "lora_1p25x": {"method": "lora", "steps_factor": 1.25},
-    "lora_1p5x": {"method": "lora", "steps_factor": 1.5},
+    "lora_1p25x": {"method": "lora", "objective": "full", "steps_factor": 1.25},
+    "lora_1p5x": {"method": "lora", "objective": "full", "steps_factor": 1.5},
 }
 RESEARCH_ROWS: tuple[str, ...] = (  # every deployment of every variant
     "lora_trunc_paper",
@@ -139,6 +140,82 @@ def research_spec(**fields: Any) -> ComparisonSpec:
     return ComparisonSpec(
         kinds={**VARIANT_KINDS, **fields.pop("kinds", {})}, learning_rates=rates, **fields
     )
+
+
+# ----------------------------------------------------------------------------- saved specs
+# adapter-config fields that shaped the prefix loss before objectives left the config,
+# and the field of ``prefix-loss-variant`` each became
+LEGACY_PREFIX_LOSS_FIELDS: dict[str, str] = {
+    "prefix_loss_sample": "sample",
+    "prefix_loss_mode": "mode",
+    "prefix_loss_full_weight": "full_weight",
+    "prefix_loss_every": "every",
+    "prefix_loss_start": "start",
+}
+# TrainConfig fields of DyLoRA's sampler then, and the rank-sampling field each became
+LEGACY_SAMPLER_FIELDS: dict[str, str] = {
+    "sampler_distribution": "distribution",
+    "sampler_per": "per",
+}
+
+
+def kind_from_legacy(fields: dict[str, Any]) -> dict[str, Any]:
+    """A kind as recorded before training objectives existed, in today's form.
+
+    A kind with an ``"objective"`` is returned as it is; a kind without one was
+    written when the adapter config held the objective (every kind of
+    :data:`VARIANT_KINDS` and of the core names its objective), and its fields map
+    to the objective they trained: ``prefix_loss`` (default: on for method
+    ``matryoshka``, the default method then) to ``prefix-loss`` with
+    ``prefix_loss_sample`` (default 1), or to ``prefix-loss-variant`` when a mode,
+    full weight, ``every`` or ``start`` was set; ``prefix_sampling = q > 0`` to
+    ``prefix-sampling`` with probability q; otherwise ``full`` (DyLoRA:
+    ``rank-sampling``, with the sampler's ``train`` settings). ``train.svd_rebase_every
+    = K`` wraps the objective in ``periodic-svd-rebase`` every K steps.
+    ``matryoshka_exact`` becomes ``matryoshka`` (the same function).
+    """
+    if "objective" in fields:
+        return dict(fields)
+    kind = dict(fields)
+    kind["method"] = {"matryoshka_exact": "matryoshka"}.get(
+        kind.get("method", "matryoshka"), kind.get("method", "matryoshka")
+    )
+    if kind.pop("dylora_update", "prefix") != "prefix":
+        raise ValueError(
+            f"kind {fields}: DyLoRA's 'last' update mode no longer exists, so this kind "
+            "cannot be trained or costed again"
+        )
+    prefix_loss = kind.pop("prefix_loss", kind["method"] == "matryoshka")
+    probability = kind.pop("prefix_sampling", 0.0)
+    shape = {new: kind.pop(old) for old, new in LEGACY_PREFIX_LOSS_FIELDS.items() if old in kind}
+    train = dict(kind.pop("train", {}))
+    sampler = {new: train.pop(old) for old, new in LEGACY_SAMPLER_FIELDS.items() if old in train}
+    rebase_every = train.pop("svd_rebase_every", 0)
+    objective: dict[str, Any] | str
+    if prefix_loss and set(shape) - {"sample"}:
+        objective = {"name": "prefix-loss-variant", **shape}
+    elif prefix_loss:
+        objective = {"name": "prefix-loss", "sample": shape.get("sample", 1)}
+    elif probability:
+        objective = {"name": "prefix-sampling", "probability": probability, **sampler}
+    elif kind["method"] == "dylora":
+        objective = {"name": "rank-sampling", **sampler} if sampler else "rank-sampling"
+    else:
+        objective = "full"
+    if rebase_every:
+        objective = {"name": "periodic-svd-rebase", "every": rebase_every, "objective": objective}
+    kind["objective"] = objective
+    if train:
+        kind["train"] = train
+    return kind
+
+
+def saved_spec(folder: str | Path) -> ComparisonSpec:
+    """The research spec recorded in ``<folder>/spec.json``, its kinds in today's form
+    (:func:`kind_from_legacy`), so a report can be rewritten from any results folder."""
+    fields = json.loads((Path(folder) / "spec.json").read_text())
+    fields["kinds"] = {k: kind_from_legacy(v) for k, v in (fields.get("kinds") or {}).items()}
+    return research_spec(**fields)
 
 
 # ----------------------------------------------------------------------------- old run logs
