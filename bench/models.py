@@ -6,7 +6,8 @@ Base models are the packaged SmolLM2-135M-Instruct or a Llama built from a
 worker in a fresh process can rebuild it) naming its ``kind``:
 
 - ``nested``: this library's adapter (``method``, max rank ``r``; optionally more
-  ``NestedLoraConfig`` fields in ``config``, a sampled rank ``b``, a deployed
+  ``NestedLoraConfig`` fields in ``config``, a training ``objective`` record that
+  :func:`workload.make_train_step` trains it with, a sampled rank ``b``, a deployed
   ``rank``, ``merged``, or ``patch="addmm"``);
 - ``peft``: PEFT LoRA at rank ``r`` with ``lora_alpha = r`` (scale 1, as ours);
 - ``base``: the frozen model with no adapter.
@@ -129,18 +130,14 @@ def variant(name: str, kind: str, **fields: Any) -> dict[str, Any]:
     return {"name": name, "kind": kind, **fields}
 
 
-def effective_rank(spec: dict[str, Any], train_ranks: Sequence[int] | None = None) -> float:
+def effective_rank(spec: dict[str, Any]) -> float:
     """Components whose matmuls run in one training forward (for the FLOP fraction)."""
     if spec["kind"] == "base":
         return 0.0
     if spec.get("rank"):
         return float(spec["rank"])
-    if spec.get("method") == "dylora" and spec.get("b"):
+    if spec.get("b"):
         return float(spec["b"])
-    if spec.get("method") == "matryoshka_exact":
-        from matryoshka_lora.nesting import powers_of_two_ranks
-
-        return float(sum(train_ranks or powers_of_two_ranks(spec["r"])))
     return float(spec["r"])
 
 
@@ -209,13 +206,15 @@ def addmm_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     Same function as the library's full-rank training path, with the final
     ``result + adapter`` folded into the second adapter matmul:
     ``addmm(result, (x A^T) * p, B^T)``. This saves one out-of-place (tokens x out)
-    add and its allocation per layer. Other states (a rank set, DyLoRA, merged,
-    disabled, dtype mismatch, mixed-rank batches) fall back to the library forward.
+    add and its allocation per layer. Other states (a rank set, a sampled prefix,
+    DyLoRA, merged, disabled, dtype mismatch, mixed-rank batches) fall back to the
+    library forward.
     """
     fallback = (
         self.merged
         or self.disabled
         or self.active_rank is not None
+        or self.sampled_rank is not None
         or self.method not in ("matryoshka", "lora")
         or getattr(self, "example_scales", None) is not None
         or torch.is_autocast_enabled(x.device.type)

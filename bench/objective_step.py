@@ -1,14 +1,16 @@
-"""The cost of each training objective: a nested objective's step against a LoRA step.
+"""The cost of each training objective: a step of each shipped objective against the default's.
 
 The quality comparisons count a run's compute as forward-backward passes per
-micro-batch (``matryoshka_lora.train.objective.forward_passes``: 2 for the default,
-1 for LoRA). This measures what those passes cost on a real step: every objective
-trains the same adapter (R, the seven projections) on the same batch, one timed call
-being optimizer steps 0 .. n-1 of its plan (``workload.objective_steps``), so a plan
-that changes from step to step (the drawn rank, ``prefix_loss_every``) is averaged
-inside the call. All objectives are timed round-robin in one process over one set of
-frozen weights; the ratios are paired per round against LoRA and against the default
-of the same run. Peak memory: one fresh process per objective.
+micro-batch (``matryoshka_lora.train.objective.forward_passes``: 1 for the default
+``lora-svd``, 2 for the prefix loss with one drawn rank). This measures what those
+passes cost on a real step: every objective trains the same adapter shape (R, the
+seven projections) on the same batch, one timed call being optimizer steps
+0 .. n-1 of its plan with its ``after_step`` (``workload.objective_steps``), so a
+plan that changes from step to step (the drawn ranks) is averaged inside the call.
+All objectives are timed round-robin in one process over one set of frozen weights;
+the ratios are paired per round against the default of the same run. The default's
+SVD re-basis, once after the last step, is timed by ``train_step.py``. Peak memory:
+one fresh process per objective.
 
     python bench/objective_step.py                     # SmolLM2 + wide Llama, CPU, 1 thread
     python bench/objective_step.py --write             # also update BENCHMARKS.md and JSON
@@ -34,58 +36,46 @@ from timing import interleaved_timing, paired_ratio, summarize
 from workload import make_batch, make_train_step
 
 from matryoshka_lora import NestedLoraConfig
-from matryoshka_lora.train.objective import forward_passes
+from matryoshka_lora.train.objective import (
+    FullLoss,
+    LoraSvd,
+    PrefixLoss,
+    RankSampling,
+    TrainingObjective,
+    forward_passes,
+)
 
-# name -> (label, method, NestedLoraConfig fields); every one trains the same adapter shape
-OBJECTIVES: dict[str, tuple[str, str, dict]] = {
-    "lora": ("LoRA", "lora", {}),
-    "plain": ("authors' objective (`matryoshka-plain`)", "matryoshka", {"prefix_loss": False}),
-    "default": ("default: R + one drawn rank (`mat_prefix1`)", "matryoshka", {}),
-    "every2": (
-        "default on every 2nd micro-batch (`prefix_loss_every=2`)",
+# key -> (label, method, objective); every one trains the same adapter shape
+OBJECTIVES: dict[str, tuple[str, str, TrainingObjective]] = {
+    "default": ("default: LoRA at R (`lora-svd`)", "lora", LoraSvd()),
+    "full": ("MatryoshkaLoRA as published (`full`)", "matryoshka", FullLoss()),
+    "prefix1": ("prefix loss, R + one drawn rank (`prefix-loss`)", "matryoshka", PrefixLoss()),
+    "prefix_all": (
+        "prefix loss, every rank of S (`prefix-loss`, sample 0)",
         "matryoshka",
-        {"prefix_loss_every": 2},
+        PrefixLoss(sample=0),
     ),
-    "mixed": (
-        'mixed-rank batch (`prefix_loss_mode="mixed"`)',
-        "matryoshka",
-        {"prefix_loss_sample": 0, "prefix_loss_mode": "mixed"},
-    ),
-    "geometric": (
-        'nested dropout (`prefix_loss_mode="geometric"`)',
-        "matryoshka",
-        {"prefix_loss_mode": "geometric"},
-    ),
-    "w75": (
-        "default, full rank weighted 3/4 (`prefix_loss_full_weight=0.75`)",
-        "matryoshka",
-        {"prefix_loss_full_weight": 0.75},
-    ),
-    "all_ranks": (
-        "every rank of S (`matryoshka-prefix`)",
-        "matryoshka",
-        {"prefix_loss_sample": 0},
-    ),
+    "rank_sampling": ("DyLoRA's sampled prefix (`rank-sampling`)", "dylora", RankSampling()),
 }
-REFERENCE, DEFAULT = "lora", "default"
+REFERENCE = "default"
 
 
 def objective_variants(rank: int, names: list[str], steps: int) -> list[dict]:
     """The benchmark variants of the objectives ``names`` (``models.variant`` dicts)."""
     out = []
     for name in names:
-        label, method, fields = OBJECTIVES[name]
-        config = NestedLoraConfig(r=rank, method=method, **fields)
+        label, method, objective = OBJECTIVES[name]
+        config = NestedLoraConfig(r=rank, method=method)
         out.append(
             variant(
                 label,
                 "nested",
                 method=method,
                 r=rank,
-                config=fields,
-                objective=name,
+                objective=objective.to_dict(),
+                key=name,
                 objective_steps=steps,
-                passes=forward_passes(config, steps),
+                passes=forward_passes(objective, config, steps),
             )
         )
     return out
@@ -102,13 +92,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--objectives",
         default=",".join(OBJECTIVES),
-        help=f"comma list of {', '.join(OBJECTIVES)} (must include {REFERENCE} and {DEFAULT})",
+        help=f"comma list of {', '.join(OBJECTIVES)} (must include {REFERENCE})",
     )
     p.add_argument(
         "--steps-per-call",
         type=int,
         default=2,
-        help="optimizer steps per timed call (even, so prefix_loss_every=2 is averaged)",
+        help="optimizer steps per timed call (the drawn ranks are averaged over them)",
     )
     p.add_argument(
         "--memory",
@@ -127,8 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(names) - set(OBJECTIVES)
     if unknown:
         p.error(f"unknown objectives {sorted(unknown)}: choose from {', '.join(OBJECTIVES)}")
-    if not {REFERENCE, DEFAULT} <= set(names):
-        p.error(f"--objectives must include {REFERENCE} and {DEFAULT}: the ratios are against them")
+    if REFERENCE not in names:
+        p.error(f"--objectives must include {REFERENCE}: the ratios are against it")
     if args.steps_per_call < 1:
         p.error("--steps-per-call must be >= 1")
     return args
@@ -174,23 +164,25 @@ def run_model(args: argparse.Namespace, model_name: str, device: torch.device) -
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Paired ratios against LoRA and the default, time per pass, and memory against LoRA."""
-    by_objective = {r["spec"]["objective"]: r for r in rows}
-    lora, default = by_objective[REFERENCE], by_objective[DEFAULT]
+    """Paired ratios against the default, time per pass, and memory against the default."""
+    reference = next(r for r in rows if r["spec"]["key"] == REFERENCE)
     for r in rows:
-        r["x_lora"] = paired_ratio(r["times_s"], lora["times_s"])
-        r["x_default"] = paired_ratio(r["times_s"], default["times_s"])
-        r["pass_x_lora"] = r["x_lora"]["median"] / r["spec"]["passes"]
-        mem, lmem = r["memory"], lora["memory"]
+        r["x_default"] = paired_ratio(r["times_s"], reference["times_s"])
+        r["pass_x_default"] = r["x_default"]["median"] / r["spec"]["passes"]
+        mem, lmem = r["memory"], reference["memory"]
         if mem and lmem:
-            r["mem_x_lora_peak"] = mem["peak"] / lmem["peak"]
-            r["mem_x_lora_delta"] = mem["delta"] / lmem["delta"] if lmem["delta"] > 0 else None
+            r["mem_x_default_peak"] = mem["peak"] / lmem["peak"]
+            r["mem_x_default_delta"] = mem["delta"] / lmem["delta"] if lmem["delta"] > 0 else None
             tp, ltp = mem.get("tensor_peak"), lmem.get("tensor_peak")
-            r["mem_x_lora_tensor_peak"] = tp / ltp if tp and ltp else None
+            r["mem_x_default_tensor_peak"] = tp / ltp if tp and ltp else None
 
 
 def _paired(p: dict) -> str:
     return f"{p['median']:.3f} [{p['p25']:.3f}, {p['p75']:.3f}]"
+
+
+def _ci(p: dict) -> str:
+    return f"[{p['ci_low']:.3f}, {p['ci_high']:.3f}]"
 
 
 def markdown(result: dict, args: argparse.Namespace) -> str:
@@ -201,9 +193,9 @@ def markdown(result: dict, args: argparse.Namespace) -> str:
             f"{r['spec']['passes']:.2f}",
             fmt_ms(r["time"]["median_s"]),
             f"{fmt_ms(r['time']['p25_s'])}-{fmt_ms(r['time']['p75_s'])}",
-            _paired(r["x_lora"]),
             _paired(r["x_default"]),
-            f"{r['pass_x_lora']:.3f}",
+            _ci(r["x_default"]),
+            f"{r['pass_x_default']:.3f}",
         ]
         for r in rows
     ]
@@ -217,9 +209,9 @@ def markdown(result: dict, args: argparse.Namespace) -> str:
                 "passes per micro-batch",
                 "median ms/step",
                 "IQR ms",
-                "× LoRA paired [IQR]",
                 "× default paired [IQR]",
-                "time per pass × LoRA",
+                "× default paired, 95% CI of the median",
+                "time per pass × default",
             ],
             time_rows,
         ),
@@ -229,9 +221,9 @@ def markdown(result: dict, args: argparse.Namespace) -> str:
             r["name"],
             fmt_mib(r["memory"]["peak"]),
             fmt_mib(r["memory"]["delta"]),
-            fmt_ratio(r.get("mem_x_lora_delta")),
+            fmt_ratio(r.get("mem_x_default_delta")),
             fmt_mib(r["memory"].get("tensor_peak")),
-            fmt_ratio(r.get("mem_x_lora_tensor_peak")),
+            fmt_ratio(r.get("mem_x_default_tensor_peak")),
         ]
         for r in rows
         if r["memory"]
@@ -250,9 +242,9 @@ def markdown(result: dict, args: argparse.Namespace) -> str:
                     "objective",
                     "peak MiB",
                     "over model MiB",
-                    "× LoRA (over model)",
+                    "× default (over model)",
                     "step tensor peak MiB",
-                    "× LoRA (tensor peak)",
+                    "× default (tensor peak)",
                 ],
                 mem_rows,
             ),

@@ -52,7 +52,7 @@ def build(rank: int):
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**MODEL))
-    ml.attach(model, ml.NestedLoraConfig(r=rank, target_modules=TARGETS, prefix_loss=False))
+    ml.attach(model, ml.NestedLoraConfig(r=rank, target_modules=TARGETS))
     return model
 
 

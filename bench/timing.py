@@ -22,17 +22,34 @@ the minimum. Between two configurations measured in the same run:
 ``a_k / b_k``, which cancels load that changes between rounds. Quartiles are
 ``statistics.quantiles(method="inclusive")``: linear interpolation at position
 ``q (n - 1)`` of the sorted samples (the default of NumPy and ``torch.quantile``).
+
+**Confidence interval of a median** (:func:`median_ci`), distribution-free: with
+``x_(1) <= ... <= x_(n)`` the sorted samples and K ~ Binomial(n, 1/2) the number
+of samples below the true median m, ``P(x_(k) <= m <= x_(n-k+1)) = 1 - 2 P(K <= k-1)``.
+The interval is ``[x_(k), x_(n-k+1)]`` for the largest k whose coverage is at least
+the level asked (95 %: k = 2 for n = 9, coverage 96.1 %; k = 3 for n = 13, 97.8 %).
+Below n = 6 no pair of order statistics reaches 95 %: the interval is then
+``[min, max]`` with its own, lower coverage ``1 - 2^(1-n)``. It assumes the rounds
+are independent draws, which interleaving makes closer to true.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch.utils.benchmark import timer as device_clock
 
-__all__ = ["device_clock", "interleaved_timing", "paired_ratio", "quartiles", "summarize"]
+__all__ = [
+    "device_clock",
+    "interleaved_timing",
+    "median_ci",
+    "paired_ratio",
+    "quartiles",
+    "summarize",
+]
 
 
 def interleaved_timing(
@@ -86,8 +103,41 @@ def summarize(times: Sequence[float]) -> dict[str, float]:
     }
 
 
+def median_ci(values: Sequence[float], level: float = 0.95) -> dict[str, float]:
+    """Order-statistic confidence interval of the median: ``low``, ``high``, ``coverage``.
+
+    ``[x_(k), x_(n-k+1)]`` with the largest k such that ``1 - 2 P(K <= k-1) >= level``,
+    K ~ Binomial(n, 1/2); ``[min, max]`` when even k = 1 falls short (n < 6 at 95 %).
+    ``coverage`` is the interval's exact coverage, not ``level``.
+    """
+    if not values:
+        raise ValueError("a confidence interval needs at least one sample")
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    xs = sorted(values)
+    n = len(xs)
+
+    def coverage(k: int) -> float:
+        below = sum(math.comb(n, i) for i in range(k)) / 2**n
+        return 1 - 2 * below
+
+    k = 1
+    while k + 1 <= (n + 1) // 2 and coverage(k + 1) >= level:
+        k += 1
+    return {"low": xs[k - 1], "high": xs[n - k], "coverage": coverage(k)}
+
+
 def paired_ratio(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
-    """Per-round ratios a_k / b_k (same round, so the same machine load): median and IQR."""
+    """Per-round ratios a_k / b_k (same round, so the same machine load): median, IQR and
+    the 95 % confidence interval of the median (:func:`median_ci`)."""
     ratios = [x / y for x, y in zip(a, b, strict=True)]
     p25, p75 = quartiles(ratios)
-    return {"median": statistics.median(ratios), "p25": p25, "p75": p75}
+    ci = median_ci(ratios)
+    return {
+        "median": statistics.median(ratios),
+        "p25": p25,
+        "p75": p75,
+        "ci_low": ci["low"],
+        "ci_high": ci["high"],
+        "ci_coverage": ci["coverage"],
+    }

@@ -1,10 +1,15 @@
-"""Training-step speed and peak memory: matryoshka vs lora/dylora/exact, PEFT LoRA, frozen base.
+"""Training-step speed and peak memory: the default path vs PEFT LoRA, matryoshka, dylora, base.
 
-One step = zero grads, forward with the LM loss, backward, AdamW step. All
+One step = zero grads, forward with the LM loss, backward, AdamW step. The
+default path (``NestedLoraConfig()``: LoRA at R, trained with the ``lora-svd``
+objective) runs its steps through ``training_loss`` and the objective's
+``after_step`` as the training loop does; its SVD re-basis of every adapter runs
+once, after the last step, and is timed apart as a one-off cost. All
 configurations share one set of frozen base weights in one process and are timed
 round-robin (A B C ... A B C ...), so machine noise hits them alike; the table
-gives medians and ratios to PEFT LoRA from the same run. Peak memory is measured
-per configuration in a fresh subprocess (CPU: RSS high-water mark; CUDA:
+gives medians and ratios to PEFT LoRA from the same run, the paired ratio with
+the 95 % confidence interval of its median. Peak memory is measured per
+configuration in a fresh subprocess (CPU: RSS high-water mark; CUDA:
 torch.cuda.max_memory_allocated). See bench/README.md.
 
     python bench/train_step.py                      # SmolLM2 + wide Llama, CPU, 1 thread
@@ -41,40 +46,45 @@ from report import (
     md_table,
 )
 from script_run import run_script
-from timing import interleaved_timing, paired_ratio, summarize
-from workload import make_batch, make_train_step
+from timing import interleaved_timing, median_ci, paired_ratio, summarize
+from workload import make_batch, make_rebase, make_train_step
+
+from matryoshka_lora.model import adapter_layers
+from matryoshka_lora.train.objective import FullLoss, LoraSvd
 
 ALL_CONFIGS = (
+    "default",
     "matryoshka",
-    "lora",
     "dylora_bR",
     "dylora_b1",
-    "matryoshka_exact",
     "peft_lora",
     "base",
-    "matryoshka_addmm",
+    "default_addmm",
 )
 DEFAULT_CONFIGS = ALL_CONFIGS[:-1]  # the addmm candidate is measured by layer.py
+DEFAULT_LABEL = "default: lora, `lora-svd` (per step)"
+TARGET_X_PEFT = 1.10  # the default path's step, at most this many PEFT LoRA steps
 
 
 def variants(rank: int, names: list[str]) -> list[dict]:
+    default = dict(method="lora", r=rank, objective=LoraSvd().to_dict())
     table = {
-        "matryoshka": variant("matryoshka", "nested", method="matryoshka", r=rank),
-        "lora": variant("lora", "nested", method="lora", r=rank),
-        "dylora_bR": variant(f"dylora b={rank}", "nested", method="dylora", r=rank, b=rank),
-        "dylora_b1": variant("dylora b=1", "nested", method="dylora", r=rank, b=1),
-        "matryoshka_exact": variant(
-            "matryoshka_exact", "nested", method="matryoshka_exact", r=rank
-        ),
-        "peft_lora": variant("PEFT LoRA", "peft", r=rank),
-        "base": variant("frozen base (no adapter)", "base"),
-        # a proposed layer.py change, patched into this model instance only (see models.addmm_forward)
-        "matryoshka_addmm": variant(
-            "matryoshka, proposed addmm forward",
+        "default": variant(DEFAULT_LABEL, "nested", **default),
+        "matryoshka": variant(
+            "matryoshka, `full`",
             "nested",
             method="matryoshka",
             r=rank,
-            patch="addmm",
+            objective=FullLoss().to_dict(),
+        ),
+        # DyLoRA's layer at a fixed sampled prefix b (its objective draws b per micro-batch)
+        "dylora_bR": variant(f"dylora b={rank}", "nested", method="dylora", r=rank, b=rank),
+        "dylora_b1": variant("dylora b=1", "nested", method="dylora", r=rank, b=1),
+        "peft_lora": variant("PEFT LoRA", "peft", r=rank),
+        "base": variant("frozen base (no adapter)", "base"),
+        # a proposed layer.py change, patched into this model instance only (see models.addmm_forward)
+        "default_addmm": variant(
+            "default, proposed addmm forward", "nested", patch="addmm", **default
         ),
     }
     return [table[n] for n in names]
@@ -99,7 +109,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "one after another (quick, CPU numbers then include earlier allocations)",
     )
     p.add_argument("--memory-steps", type=int, default=2, help="training steps per memory run")
-    p.add_argument("--profile-configs", default="matryoshka,peft_lora,base")
+    p.add_argument("--profile-configs", default="default,peft_lora,base")
+    p.add_argument(
+        "--rebase-repeats",
+        type=int,
+        default=7,
+        help="timed SVD re-bases of the default adapter (its one-off cost after the last step; "
+        "0: not timed)",
+    )
     add_common_args(p, repeats=7, warmup=2)
     args = p.parse_args(argv)
     if args.smoke:
@@ -107,6 +124,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.memory == "subprocess":
             args.memory = "inprocess"
         args.memory_steps = 2
+        args.rebase_repeats = min(args.rebase_repeats, 1)
     unknown = set(args.configs.split(",")) - set(ALL_CONFIGS)
     if unknown:
         p.error(f"unknown configs {sorted(unknown)}")
@@ -127,6 +145,10 @@ def run_model(args: argparse.Namespace, model_name: str, device: torch.device) -
     steps = {s["name"]: make_train_step(models[s["name"]], s, ids) for s in specs}
     log(f"[{model_name}] timing {len(specs)} configurations, interleaved")
     times = interleaved_timing(steps, args.repeats, args.warmup, log=log)
+
+    rebase = None
+    if "default" in names and args.rebase_repeats > 0:
+        rebase = time_rebase(args, base, specs[names.index("default")], ids, targets, model_name)
 
     log(f"[{model_name}] counting FLOPs")
     flops = {name: count_flops(fn) for name, fn in steps.items()}
@@ -178,10 +200,35 @@ def run_model(args: argparse.Namespace, model_name: str, device: torch.device) -
         "adapted_layers": per_layer["layers"],
         "rows": rows,
         "profile": profile,
+        "rebase": rebase,
     }
     add_ratios(result)
     gc.collect()
     return result
+
+
+def time_rebase(
+    args: argparse.Namespace,
+    base: torch.nn.Module,
+    spec: dict,
+    ids: torch.Tensor,
+    targets: list[str],
+    model_name: str,
+) -> dict:
+    """The default objective's end of run: the SVD re-basis of every adapter, timed alone.
+
+    A fresh default adapter over ``base`` with a random (non-zero) B, after one AdamW
+    step, so that each layer's update has rank R and the optimizer holds state to drop;
+    each timed call is ``LoraSvd().after_step`` at the last step (``svd_rebase_``).
+    """
+    model = build_variant(base, spec, targets, random_b=True)
+    rebase = make_rebase(model, ids)
+    log(f"[{model_name}] timing the SVD re-basis ({args.rebase_repeats} rounds)")
+    times = interleaved_timing({"rebase": rebase}, args.rebase_repeats, 1, log=log)["rebase"]
+    layers = len(adapter_layers(model))
+    del model, rebase
+    gc.collect()
+    return {"adapters": layers, "time": summarize(times), "ci": median_ci(times), "times_s": times}
 
 
 def _find(rows: list[dict], kind: str) -> dict | None:
@@ -191,6 +238,11 @@ def _find(rows: list[dict], kind: str) -> dict | None:
 def add_ratios(result: dict) -> None:
     rows = result["rows"]
     peft, base = _find(rows, "peft"), _find(rows, "base")
+    default = next((r for r in rows if r["name"] == DEFAULT_LABEL), None)
+    if result.get("rebase") and default:
+        result["rebase"]["x_default_step"] = (
+            result["rebase"]["time"]["median_s"] / default["time"]["median_s"]
+        )
     for r in rows:
         t = r["time"]["median_s"]
         if peft:
@@ -226,6 +278,7 @@ def markdown(result: dict, args: argparse.Namespace) -> str:
                 "n/a"
                 if paired is None
                 else f"{paired['median']:.3f} [{paired['p25']:.3f}, {paired['p75']:.3f}]",
+                "n/a" if paired is None else f"[{paired['ci_low']:.3f}, {paired['ci_high']:.3f}]",
                 pct(r.get("overhead_vs_base")) if r["spec"]["kind"] != "base" else "(floor)",
                 pct(r["flop_fraction_mean"]) if r["spec"]["kind"] != "base" else "",
                 pct(r.get("flop_overhead_counted")) if r["spec"]["kind"] != "base" else "",
@@ -235,6 +288,7 @@ def markdown(result: dict, args: argparse.Namespace) -> str:
         f"**{result['description']}**; {result['adapted_layers']} adapted layers, "
         f"{result['tokens_per_step']} tokens per step.",
         "",
+        *headline(result),
         md_table(
             [
                 "config",
@@ -242,6 +296,7 @@ def markdown(result: dict, args: argparse.Namespace) -> str:
                 "IQR ms",
                 "× PEFT (medians)",
                 "× PEFT paired [IQR]",
+                "× PEFT paired, 95% CI of the median",
                 "time over frozen base",
                 "adapter FLOP fraction r(in+out)/(in·out)",
                 "counted FLOPs over base",
@@ -302,6 +357,32 @@ def markdown(result: dict, args: argparse.Namespace) -> str:
             result["profile"],
         ]
     return "\n".join(out)
+
+
+def headline(result: dict) -> list[str]:
+    """The default path's step against PEFT LoRA's and its one-off re-basis, in words."""
+    lines = []
+    default = next((r for r in result["rows"] if r["name"] == DEFAULT_LABEL), None)
+    paired = default and default.get("x_peft_paired")
+    if paired:
+        met = "met" if paired["ci_high"] <= TARGET_X_PEFT else "not shown"
+        lines.append(
+            f"- Default step ÷ PEFT LoRA step, paired per round: **{paired['median']:.3f}**, "
+            f"95% CI of the median [{paired['ci_low']:.3f}, {paired['ci_high']:.3f}] "
+            f"(exact coverage {100 * paired['ci_coverage']:.1f}%); target ≤ {TARGET_X_PEFT:.2f}: "
+            f"{met}."
+        )
+    rebase = result.get("rebase")
+    if rebase:
+        t, ci = rebase["time"], rebase["ci"]
+        steps = rebase.get("x_default_step")
+        lines.append(
+            f"- One-off, after the last step: the SVD re-basis of all {rebase['adapters']} "
+            f"adapters (`svd_rebase_`) takes {fmt_ms(t['median_s'])} ms (median of {t['n']}, "
+            f"95% CI [{fmt_ms(ci['low'])}, {fmt_ms(ci['high'])}] ms)"
+            + (f", {steps:.3f} × one default step." if steps is not None else ".")
+        )
+    return [*lines, ""] if lines else []
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from matryoshka_lora.train.objective import training_loss
+from matryoshka_lora.model import get_config
+from matryoshka_lora.train.objective import (
+    LoraSvd,
+    TrainingObjective,
+    resolve_objective,
+    training_loss,
+)
 
 
 def make_batch(model: nn.Module, batch: int, seq: int, device: torch.device, seed: int):
@@ -25,12 +31,12 @@ def make_train_step(model: nn.Module, spec: dict[str, Any], ids: torch.Tensor) -
     ``inputs_embeds`` that require grad so that the backward pass runs through
     every layer (the floor an adapter cannot beat), and has no optimizer step.
 
-    With ``spec["objective_steps"] = n`` one call runs optimizer steps 0 .. n-1 of
-    the adapter's training objective (:func:`matryoshka_lora.train.objective.training_loss`,
-    seed 0: the prefix loss's forwards at the ranks it draws, a mixed-rank forward, or
-    the full adapter's loss alone), so every call does the same work and a plan
-    that changes from step to step (``prefix_loss_every``, the drawn ranks) is
-    averaged inside the call. Without it a call is one forward of the full adapter.
+    With ``spec["objective"]`` (a training objective's record or name) one call
+    runs optimizer steps 0 .. n-1 (``n = spec.get("objective_steps", 1)``) of that
+    objective as the training loop does (:func:`objective_steps`), so a plan that
+    changes from step to step (the drawn ranks) is averaged inside the call.
+    Without it a call is one forward of the adapters as they are set (a PEFT model,
+    or ours at a fixed sampled rank).
     """
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -51,8 +57,9 @@ def make_train_step(model: nn.Module, spec: dict[str, Any], ids: torch.Tensor) -
     if not params:
         raise RuntimeError(f"{spec['name']}: no trainable parameters")
     opt = torch.optim.AdamW(params, lr=1e-4)
-    if spec.get("objective_steps"):
-        return objective_steps(model, opt, ids, spec["objective_steps"])
+    if spec.get("objective") is not None:
+        objective = resolve_objective(spec["objective"], get_config(model))
+        return objective_steps(model, opt, ids, objective, spec.get("objective_steps", 1))
 
     def step() -> float:
         opt.zero_grad(set_to_none=True)
@@ -64,10 +71,24 @@ def make_train_step(model: nn.Module, spec: dict[str, Any], ids: torch.Tensor) -
     return step
 
 
+# The timed steps are the first steps of a run this long, so a hook that fires at the
+# end of a run (lora-svd's re-basis) never runs inside them: it is timed on its own.
+RUN_STEPS = 1_000_000
+
+
 def objective_steps(
-    model: nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor, steps: int
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    ids: torch.Tensor,
+    objective: TrainingObjective,
+    steps: int,
 ) -> Callable:
-    """Optimizer steps ``0 .. steps-1`` of the adapter's own training objective."""
+    """Optimizer steps ``0 .. steps-1`` of ``objective``, as the training loop runs them.
+
+    Each step: zero grads, the micro-batch's loss under the objective's plan
+    (:func:`~matryoshka_lora.train.objective.training_loss`, seed 0), backward,
+    AdamW step, then ``objective.after_step`` of a run of :data:`RUN_STEPS` steps.
+    """
 
     def run() -> float:
         for step in range(steps):
@@ -76,10 +97,32 @@ def objective_steps(
                 model,
                 lambda: model(input_ids=ids, labels=ids, use_cache=False).loss,
                 step=step,
+                objective=objective,
                 examples=ids.shape[0],
             )
             loss.backward()
             opt.step()
+            objective.after_step(model, opt, step + 1, RUN_STEPS)
         return 0.0
 
     return run
+
+
+def make_rebase(model: nn.Module, ids: torch.Tensor) -> Callable:
+    """The ``lora-svd`` objective's end of run on ``model``, as a call to time.
+
+    Runs one AdamW step of the full adapter's loss first, so that the optimizer
+    holds the state the re-basis drops; each call is ``LoraSvd().after_step`` at
+    the last step, i.e. :func:`~matryoshka_lora.svd.svd_rebase_` of every adapter.
+    """
+    objective = LoraSvd()
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    opt.step()
+
+    def rebase() -> float:
+        objective.after_step(model, opt, 1, 1)
+        return 0.0
+
+    return rebase
