@@ -1,99 +1,77 @@
-"""Cheaper forms of the prefix loss: a mixed-rank micro-batch, the prefix loss on every k-th
-micro-batch, and the prefix loss from a later step on (train wide, nest late)."""
+"""The research objectives of experiments/objectives.py through the objective hook: cheaper
+forms of the prefix loss (a mixed-rank micro-batch, every k-th micro-batch, from a later
+step on, a weighted full rank) and a periodic SVD re-basis."""
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, cpu_trainer_settings, make_tiny_llama
+from conftest import cpu_trainer_settings
 from ddp_worker import fixed_length_dataset, varied_length_dataset
+from per_example import COLLATE, assert_trains_like_one_at_a_time, one_at_a_time, trained_tiny
 from transformers import TrainingArguments
 
 from matryoshka_lora.config import NestedLoraConfig
-from matryoshka_lora.model import adapter_layers, at_rank, attach, get_config
-from matryoshka_lora.sampling import mixed_example_ranks
-from matryoshka_lora.train.data import PaddingCollator
+from matryoshka_lora.model import adapter_layers, adapter_state_dict, at_rank, get_config
+from matryoshka_lora.train.checkpoint import list_checkpoints
 from matryoshka_lora.train.hf_trainer import NestedLoraTrainer
 from matryoshka_lora.train.loop import TrainConfig, epoch_order, train_adapter
 from matryoshka_lora.train.objective import (
+    MicroBatch,
+    PrefixLoss,
     forward_passes,
-    micro_batch_plan,
+    objective_from_dict,
     prefix_loss,
-    prefix_loss_ranks_for,
     training_loss,
 )
 
-COLLATE = PaddingCollator(0)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+from draws import mixed_example_ranks  # noqa: E402
+from objectives import PeriodicSvdRebase, PrefixLossVariant  # noqa: E402
+
+MIXED = PrefixLossVariant(sample=0, mode="mixed")
 
 
-def trained_tiny(**config):
-    model = make_tiny_llama()
-    attach(model, NestedLoraConfig(r=8, target_modules=LLAMA_TARGETS, **config))
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for layer in adapter_layers(model).values():
-            layer.lora_B.normal_(std=0.5)  # a large update: ranks and examples differ
-    return model
+def drawn_ranks(config, seed, step, micro=0, sample=1):
+    """The prefix loss's draw S' (R and ``sample`` ranks of S below it) at a micro-batch."""
+    return PrefixLoss(sample).plan(config, MicroBatch(seed, step, micro)).ranks
 
 
-def targets(example: dict) -> int:
-    """Target tokens of one example under the causal shift (labels[1:] != -100)."""
-    return sum(label != -100 for label in example["labels"][1:])
-
-
-def one_at_a_time(model, examples, ranks):
-    """sum_i (n_i / n) L_i(r_i), each example run alone at its rank; and that loss's gradients."""
-    total = sum(targets(e) for e in examples)
-    model.zero_grad()
-    loss, per_example = 0.0, []
-    for example, rank in zip(examples, ranks, strict=True):
-        with at_rank(model, rank):
-            alone = model(**COLLATE([example])).loss
-        (alone * targets(example) / total).backward()
-        loss += alone.item() * targets(example) / total
-        per_example.append(alone.item())
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    return loss, grads, per_example
-
-
-def assert_trains_like_one_at_a_time(model, loss, expected, expected_grads):
-    """``loss`` and its gradients equal :func:`one_at_a_time`'s; the example ranks are cleared."""
-    loss.backward()
-    assert loss.item() == pytest.approx(expected, rel=1e-6, abs=1e-6)
-    for name, grad in expected_grads.items():
-        torch.testing.assert_close(
-            dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6
-        )
-    assert all(layer.example_scales is None for layer in adapter_layers(model).values())
+def plan_of(objective, config, seed, step, micro=0, accumulation=1, examples=None):
+    return objective.plan(config, MicroBatch(seed, step, micro, accumulation, examples))
 
 
 # ----------------------------------------------------------------------------- mixed-rank batch
 def test_mixed_example_ranks_are_a_balanced_seeded_cycle():
     ranks = (1, 2, 4, 8)
     drawn = mixed_example_ranks(ranks, 6, seed=3, step=2, micro_step=1)
+    assert drawn == (2, 4, 8, 1, 2, 4)  # the stream the recorded runs trained with
     offset = ranks.index(drawn[0])
     assert drawn == tuple(ranks[(offset + i) % 4] for i in range(6))
     assert sorted(Counter(drawn).values()) == [1, 1, 2, 2]  # floor / ceil of 6 / 4
     # a pure function of (seed, step, micro-batch); the cycle continues across processes
     assert drawn == mixed_example_ranks(ranks, 6, 3, 2, 1)
     assert mixed_example_ranks(ranks, 3, 3, 2, 1, first_example=3) == drawn[3:]
+    assert mixed_example_ranks((1, 4, 16), 5, 7, 0, 0) == (16, 1, 4, 16, 1)
     firsts = Counter(mixed_example_ranks(ranks, 1, 0, s)[0] for s in range(400))
     for rank in ranks:  # the offset is uniform: each rank, R included, starts 1/4 of the batches
         assert firsts[rank] / 400 == pytest.approx(0.25, abs=0.06)
+    with pytest.raises(ValueError, match="at least one example"):
+        mixed_example_ranks(ranks, 0, 0, 0)
 
 
 @pytest.mark.parametrize("method, sample", [("matryoshka", 0), ("matryoshka", 1), ("lora", 0)])
 def test_mixed_rank_loss_is_the_token_mean_of_each_example_alone_at_its_rank(method, sample):
     examples = varied_length_dataset(n=6)
-    model = trained_tiny(
-        method=method, prefix_loss=True, prefix_loss_sample=sample, prefix_loss_mode="mixed"
-    )
+    model = trained_tiny(method)
     config = get_config(model)
-    plan = micro_batch_plan(config, seed=3, step=4, micro_step=1, examples=len(examples))
-    drawn = prefix_loss_ranks_for(config, seed=3, step=4, micro_step=1)
+    objective = PrefixLossVariant(sample=sample, mode="mixed")
+    plan = plan_of(objective, config, seed=3, step=4, micro=1, examples=len(examples))
+    drawn = drawn_ranks(config, seed=3, step=4, micro=1, sample=sample)
     assert plan.mode == "mixed" and set(plan.ranks) == set(drawn) and len(plan.ranks) == 6
     expected, expected_grads, alone = one_at_a_time(model, examples, plan.ranks)
     # the data tell the token mean from the example mean and from the full rank (> 100x the
@@ -105,36 +83,41 @@ def test_mixed_rank_loss_is_the_token_mean_of_each_example_alone_at_its_rank(met
 
     batch = COLLATE(examples)
     loss = training_loss(
-        model, lambda: model(**batch).loss, step=4, micro_step=1, seed=3, examples=len(examples)
+        model,
+        lambda: model(**batch).loss,
+        step=4,
+        micro_step=1,
+        seed=3,
+        objective=objective,
+        examples=len(examples),
     )
     assert_trains_like_one_at_a_time(model, loss, expected, expected_grads)
 
 
-def test_mixed_rank_loss_needs_the_batch_size():
-    config = NestedLoraConfig(r=8, prefix_loss=True, prefix_loss_mode="mixed", target_modules=["q"])
-    with pytest.raises(ValueError, match="pass examples="):
-        micro_batch_plan(config, seed=0, step=0)
+def test_mixed_rank_plan_needs_the_batch_size():
+    config = NestedLoraConfig(r=8, method="matryoshka", target_modules=["q"])
+    with pytest.raises(ValueError, match="give the micro-batch's examples"):
+        plan_of(MIXED, config, seed=0, step=0)
 
 
 def test_loop_and_trainer_train_the_mixed_rank_loss(tmp_path):
     data = varied_length_dataset(n=6)
     seed = 7
-    model = trained_tiny(prefix_loss=True, prefix_loss_sample=0, prefix_loss_mode="mixed")
-    config = get_config(model)
+    model = trained_tiny()
     ordered = [data[i] for i in epoch_order(len(data), seed, 0)]  # the loop's first batch
-    plan = micro_batch_plan(config, seed, 0, 0, examples=len(data))
+    plan = plan_of(MIXED, get_config(model), seed, 0, examples=len(data))
     expected, _, _ = one_at_a_time(model, ordered, plan.ranks)
     train_config = TrainConfig(
         output_dir=str(tmp_path / "loop"), max_steps=1, batch_size=6, progress=False, seed=seed
     )
-    result = train_adapter(model, data, train_config, COLLATE)
+    result = train_adapter(model, data, train_config, COLLATE, objective=MIXED)
     assert result.losses[0] == pytest.approx(expected, rel=1e-5)
 
-    model = trained_tiny(prefix_loss=True, prefix_loss_sample=0, prefix_loss_mode="mixed")
+    model = trained_tiny()
     args = TrainingArguments(
         output_dir=str(tmp_path / "trainer"), use_cpu=True, report_to=[], disable_tqdm=True, seed=7
     )
-    trainer = NestedLoraTrainer(model=model, args=args, data_collator=COLLATE)
+    trainer = NestedLoraTrainer(model=model, args=args, data_collator=COLLATE, objective=MIXED)
     model.train()
     assert trainer.compute_loss(model, COLLATE(ordered)).item() == pytest.approx(expected, rel=1e-5)
 
@@ -145,12 +128,14 @@ def test_mixed_rank_gradients_survive_gradient_checkpointing(reentrant):
     batch = COLLATE(varied_length_dataset(n=4))
     grads = []
     for checkpointing in (False, True):
-        model = trained_tiny(prefix_loss=True, prefix_loss_sample=0, prefix_loss_mode="mixed")
+        model = trained_tiny()
         model.train()
         if checkpointing:
             model.activation_checkpointing_enable({"use_reentrant": reentrant})
             model.enable_input_require_grads()
-        loss = training_loss(model, lambda model=model: model(**batch).loss, examples=4)
+        loss = training_loss(
+            model, lambda model=model: model(**batch).loss, objective=MIXED, examples=4
+        )
         loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and grads[0]
@@ -161,61 +146,69 @@ def test_mixed_rank_gradients_survive_gradient_checkpointing(reentrant):
 # ----------------------------------------------------------------------------- every k-th
 def test_prefix_loss_every_alternates_between_the_two_objectives():
     batch = COLLATE(fixed_length_dataset(n=4))
-    model = trained_tiny(prefix_loss=True, prefix_loss_every=2)
+    model = trained_tiny()
     config = get_config(model)
+    every2 = PrefixLossVariant(every=2)
     with torch.no_grad():
         full = model(**batch).loss.item()
         for g in range(6):
             step, micro = divmod(g, 2)
             loss = training_loss(
-                model, lambda: model(**batch).loss, step, micro, seed=5, accumulation=2
+                model,
+                lambda: model(**batch).loss,
+                step,
+                micro,
+                seed=5,
+                objective=every2,
+                accumulation=2,
             ).item()
             if g % 2:
-                assert micro_batch_plan(config, 5, step, micro, accumulation=2).mode == "full"
+                assert plan_of(every2, config, 5, step, micro, accumulation=2).mode == "full"
                 assert loss == pytest.approx(full, rel=1e-6)
             else:  # the same draw as the prefix loss on every micro-batch
-                ranks = prefix_loss_ranks_for(config, 5, step, micro)
-                explicit = prefix_loss(model, config, lambda: model(**batch).loss, ranks=ranks)
+                ranks = drawn_ranks(config, 5, step, micro)
+                explicit = prefix_loss(model, ranks, lambda: model(**batch).loss)
                 assert loss == pytest.approx(explicit.item(), rel=1e-6)
                 assert loss != pytest.approx(full, rel=1e-4)
 
 
-def test_prefix_loss_every_one_is_the_default_objective(tmp_path):
-    default = NestedLoraConfig(r=8, target_modules=["q"])
-    assert default.prefix_loss_every == 1 and default.prefix_loss_mode == "per_rank"
+@pytest.mark.parametrize("sample", [0, 1, 2])
+def test_the_variant_at_its_defaults_is_the_prefix_loss(tmp_path, sample):
+    """every=1, start=0, per_rank, no weight: the plans and a run of ``prefix-loss``."""
+    variant, core = PrefixLossVariant(sample=sample), PrefixLoss(sample)
+    config = NestedLoraConfig(r=8, method="matryoshka", target_modules=["q"])
     for step in range(4):
         for micro in range(2):
-            plan = micro_batch_plan(default, 5, step, micro, accumulation=2)
-            assert plan.mode == "per_rank"
-            assert plan.ranks == prefix_loss_ranks_for(default, 5, step, micro)
+            plan = plan_of(variant, config, 5, step, micro, accumulation=2)
+            assert plan == plan_of(core, config, 5, step, micro, accumulation=2)
+            assert plan.mode == "per_rank" and plan.weights is None
     losses = []
-    for every in (None, 1):
-        model = trained_tiny(**({} if every is None else {"prefix_loss_every": every}))
-        config = TrainConfig(
-            output_dir=str(tmp_path / str(every)), max_steps=3, batch_size=4, progress=False
+    for name, objective in (("variant", variant), ("core", core)):
+        train = TrainConfig(
+            output_dir=str(tmp_path / name), max_steps=3, batch_size=4, progress=False
         )
-        losses.append(train_adapter(model, fixed_length_dataset(n=8), config, COLLATE).losses)
+        model = trained_tiny()
+        data = fixed_length_dataset(n=8)
+        losses.append(train_adapter(model, data, train, COLLATE, objective=objective).losses)
     assert losses[0] == losses[1]
 
 
 def test_loop_and_trainer_alternate_within_an_accumulated_step(tmp_path):
     data, seed = fixed_length_dataset(n=4), 5
-    model = trained_tiny(prefix_loss=True, prefix_loss_every=2)
+    every2 = PrefixLossVariant(every=2)
+    model = trained_tiny()
     config = get_config(model)
     order = epoch_order(len(data), seed, 0)
     first, second = (COLLATE([data[i] for i in order[j : j + 2]]) for j in (0, 2))
     with torch.no_grad():
-        ranks = prefix_loss_ranks_for(config, seed, 0, 0)
-        prefix = prefix_loss(model, config, lambda: model(**first).loss, ranks=ranks).item()
+        ranks = drawn_ranks(config, seed, 0, 0)
+        prefix = prefix_loss(model, ranks, lambda: model(**first).loss).item()
         full = model(**second).loss.item()
         swapped = (
             0.5 * model(**first).loss.item()
             + 0.5
             * prefix_loss(
-                model,
-                config,
-                lambda: model(**second).loss,
-                ranks=prefix_loss_ranks_for(config, seed, 0, 1),
+                model, drawn_ranks(config, seed, 0, 1), lambda: model(**second).loss
             ).item()
         )
     expected = 0.5 * prefix + 0.5 * full  # equal target counts: weights 1/2
@@ -228,153 +221,289 @@ def test_loop_and_trainer_alternate_within_an_accumulated_step(tmp_path):
         progress=False,
         seed=seed,
     )
-    result = train_adapter(model, data, train_config, COLLATE)
+    result = train_adapter(model, data, train_config, COLLATE, objective=every2)
     assert result.losses[0] == pytest.approx(expected, rel=1e-5)
 
     # the Trainer shuffles on its own: identical examples make its order irrelevant
     same = [data[0]] * 4
-    model = trained_tiny(prefix_loss=True, prefix_loss_every=2)
+    model = trained_tiny()
     batch = COLLATE(same[:2])
     with torch.no_grad():
-        ranks = prefix_loss_ranks_for(config, seed, 0, 0)
-        prefix = prefix_loss(model, config, lambda: model(**batch).loss, ranks=ranks).item()
-        expected = 0.5 * prefix + 0.5 * model(**batch).loss.item()
+        prefix = prefix_loss(model, drawn_ranks(config, seed, 0, 0), lambda: model(**batch).loss)
+        expected = 0.5 * prefix.item() + 0.5 * model(**batch).loss.item()
     settings = dict(seed=seed, max_steps=1, per_device_train_batch_size=2)
     args = TrainingArguments(
         **cpu_trainer_settings(tmp_path / "trainer", gradient_accumulation_steps=2, **settings)
     )
-    trainer = NestedLoraTrainer(model=model, args=args, train_dataset=same, data_collator=COLLATE)
+    trainer = NestedLoraTrainer(
+        model=model, args=args, train_dataset=same, data_collator=COLLATE, objective=every2
+    )
     trainer.train()
     assert trainer.state.log_history[0]["loss"] == pytest.approx(expected, rel=1e-4)
 
 
 # ----------------------------------------------------------------------------- full weight
 @pytest.mark.parametrize(
-    ("ranks", "w"), [((2, 8), 0.75), ((1, 2, 4, 8), 0.4), ((1, 8), 0.5), ((8,), 0.3)]
+    ("train_ranks", "sample", "w"),
+    [((1, 2, 4, 8), 1, 0.75), ((1, 2, 4, 8), 0, 0.4), ((1, 2, 4, 8), 2, 0.5), ((8,), 0, 0.3)],
 )
-def test_full_weight_weighs_the_full_rank_and_shares_the_rest(ranks, w):
+def test_full_weight_weighs_the_full_rank_and_shares_the_rest(train_ranks, sample, w):
     """``w L_R + (1 - w)/(m - 1) sum_{r < R} L_r``, each L_r from an explicit forward at r."""
     batch = COLLATE(fixed_length_dataset(n=4))
-    model = trained_tiny(prefix_loss=True, prefix_loss_full_weight=w)
-    config = get_config(model)
+    model = trained_tiny(train_ranks=train_ranks)
+    objective = PrefixLossVariant(sample=sample, full_weight=w)
+    ranks = plan_of(objective, get_config(model), seed=3, step=2).ranks
+    assert len(ranks) == (len(train_ranks) if sample == 0 else sample + 1)
     with torch.no_grad():
         alone = {}
         for r in ranks:
             with at_rank(model, r if r < 8 else None):
                 alone[r] = model(**batch).loss.item()
-        loss = prefix_loss(model, config, lambda: model(**batch).loss, ranks=ranks).item()
+        loss = training_loss(
+            model, lambda: model(**batch).loss, step=2, seed=3, objective=objective
+        ).item()
     lower = [alone[r] for r in ranks if r < 8]
     expected = w * alone[8] + (1 - w) * sum(lower) / len(lower) if lower else alone[8]
     assert loss == pytest.approx(expected, rel=1e-6)
+    if lower:  # the weight changes the loss
+        assert loss != pytest.approx(sum(alone.values()) / len(alone), rel=1e-4)
 
 
 def test_full_weight_of_one_over_m_is_the_plain_mean():
     batch = COLLATE(fixed_length_dataset(n=4))
-    plain = trained_tiny(prefix_loss=True, prefix_loss_sample=0)
-    weighted = trained_tiny(prefix_loss=True, prefix_loss_sample=0, prefix_loss_full_weight=0.25)
+    model = trained_tiny()
     with torch.no_grad():  # S = (1, 2, 4, 8): m = 4
         losses = [
-            prefix_loss(m, get_config(m), lambda m=m: m(**batch).loss).item()
-            for m in (plain, weighted)
+            training_loss(model, lambda: model(**batch).loss, objective=objective).item()
+            for objective in (
+                PrefixLossVariant(sample=0),
+                PrefixLossVariant(sample=0, full_weight=0.25),
+            )
         ]
     assert losses[1] == pytest.approx(losses[0], rel=1e-6)
 
 
-def test_prefix_loss_start_plans_the_full_adapter_before_it_and_the_default_from_it():
-    late = NestedLoraConfig(r=8, prefix_loss=True, prefix_loss_start=3, target_modules=["q"])
-    default = late.replace(prefix_loss_start=0)
+# ----------------------------------------------------------------------------- late start
+def test_start_plans_the_full_adapter_before_it_and_the_same_draw_from_it():
+    late, default = PrefixLossVariant(start=3), PrefixLossVariant()
+    config = NestedLoraConfig(r=8, method="matryoshka", target_modules=["q"])
     for step in range(6):
         for micro in range(2):
-            plan = micro_batch_plan(late, 5, step, micro, accumulation=2)
+            plan = plan_of(late, config, 5, step, micro, accumulation=2)
             if step < 3:
                 assert plan.mode == "full" and plan.ranks == ()
             else:  # the same draw as a run that trained the prefix loss from the start
-                assert plan == micro_batch_plan(default, 5, step, micro, accumulation=2)
+                assert plan == plan_of(default, config, 5, step, micro, accumulation=2)
                 assert plan.mode == "per_rank" and len(plan.ranks) == 2
 
 
 @pytest.mark.parametrize("trainer", ["loop", "hf"])
-def test_late_prefix_loss_trains_the_full_objective_then_the_default(tmp_path, trainer):
-    """Steps before ``prefix_loss_start`` equal a run without the prefix loss (the 1x
-    objective), bit for bit; from it on the losses leave that run (the prefix loss)."""
+def test_late_prefix_loss_trains_the_full_objective_then_the_prefix_loss(tmp_path, trainer):
+    """Steps before ``start`` equal a run of the ``full`` objective (the 1x objective), bit
+    for bit; from it on the losses leave that run."""
     data = fixed_length_dataset(n=8)
 
-    def losses(name, **config):
-        model = trained_tiny(**config)
+    def losses(name, objective):
+        model = trained_tiny()
         if trainer == "loop":
             train = TrainConfig(
                 output_dir=str(tmp_path / name), max_steps=4, batch_size=2, progress=False, seed=5
             )
-            return train_adapter(model, data, train, COLLATE).losses
+            return train_adapter(model, data, train, COLLATE, objective=objective).losses
         settings = dict(seed=5, max_steps=4, per_device_train_batch_size=2)
         args = TrainingArguments(**cpu_trainer_settings(tmp_path / name, **settings))
-        run = NestedLoraTrainer(model=model, args=args, train_dataset=data, data_collator=COLLATE)
+        run = NestedLoraTrainer(
+            model=model, args=args, train_dataset=data, data_collator=COLLATE, objective=objective
+        )
         run.train()
         return [entry["loss"] for entry in run.state.log_history if "loss" in entry]
 
-    plain = losses("plain", prefix_loss=False)
-    late = losses("late", prefix_loss=True, prefix_loss_start=2)
+    plain = losses("plain", "full")
+    late = losses("late", PrefixLossVariant(start=2))
     assert late[:2] == plain[:2]
     assert late[2] != pytest.approx(plain[2], rel=1e-4)
-    assert (
-        late[2:] != losses("default", prefix_loss=True)[2:]
-    )  # an earlier start trains another adapter
+    # an earlier start trains another adapter
+    assert late[2:] != losses("default", PrefixLossVariant())[2:]
 
 
-def test_prefix_loss_schedule_fields_are_validated():
-    config = NestedLoraConfig(
-        r=8, prefix_loss=True, prefix_loss_mode="mixed", prefix_loss_every=3, target_modules=["q"]
-    )
-    assert NestedLoraConfig.from_dict(config.to_dict()) == config
-    with pytest.raises(ValueError, match="unknown prefix_loss_mode 'batch'"):
-        NestedLoraConfig(r=8, prefix_loss=True, prefix_loss_mode="batch")
+# ----------------------------------------------------------------------------- settings
+def test_variant_settings_are_validated_and_recorded():
+    variant = PrefixLossVariant(sample=2, mode="mixed", every=3, start=4)
+    record = variant.to_dict()
+    assert record == {
+        "name": "prefix-loss-variant",
+        "sample": 2,
+        "mode": "mixed",
+        "full_weight": None,
+        "every": 3,
+        "start": 4,
+    }
+    assert objective_from_dict(record) == variant
+    assert PrefixLossVariant().sample == 1 and PrefixLossVariant(mode="geometric").sample == 0
+    with pytest.raises(ValueError, match="unknown prefix-loss mode 'batch'"):
+        PrefixLossVariant(mode="batch")
     for bad in (0, -1, True, 1.5):
-        with pytest.raises(ValueError, match="prefix_loss_every must be an integer >= 1"):
-            NestedLoraConfig(r=8, prefix_loss=True, prefix_loss_every=bad)
+        with pytest.raises(ValueError, match="every must be an integer >= 1"):
+            PrefixLossVariant(every=bad)
     for bad in (0.0, 1.0, -0.5, True, "0.5"):
-        with pytest.raises(ValueError, match="prefix_loss_full_weight must be a number in"):
-            NestedLoraConfig(r=8, prefix_loss=True, prefix_loss_full_weight=bad)
-    with pytest.raises(ValueError, match="weighs the per-rank prefix loss"):
-        NestedLoraConfig(
-            r=8, prefix_loss=True, prefix_loss_mode="mixed", prefix_loss_full_weight=0.5
-        )
-    with pytest.raises(ValueError, match="weighs the per-rank prefix loss"):
-        NestedLoraConfig(r=8, prefix_loss=False, prefix_loss_full_weight=0.5)
+        with pytest.raises(ValueError, match="full_weight must be a number in"):
+            PrefixLossVariant(full_weight=bad)
+    with pytest.raises(ValueError, match="mode='mixed' gives each rank"):
+        PrefixLossVariant(mode="mixed", full_weight=0.5)
     for bad in (-1, True, 2.0):
-        with pytest.raises(ValueError, match="prefix_loss_start must be an integer >= 0"):
-            NestedLoraConfig(r=8, prefix_loss=True, prefix_loss_start=bad)
-    for field in (
-        {"prefix_loss_mode": "mixed"},
-        {"prefix_loss_every": 2},
-        {"prefix_loss_start": 5},
-    ):
-        with pytest.raises(ValueError, match="they need prefix_loss=True"):
-            NestedLoraConfig(r=8, prefix_loss=False, **field)
-    # turning the prefix loss off (as an SVD re-basis to LoRA does) resets its schedule
-    plain = config.replace(prefix_loss=False)
-    assert (plain.prefix_loss_mode, plain.prefix_loss_every) == ("per_rank", 1)
-    late = NestedLoraConfig(r=8, prefix_loss=True, prefix_loss_start=7, target_modules=["q"])
-    assert NestedLoraConfig.from_dict(late.to_dict()) == late
-    assert late.replace(prefix_loss=False).prefix_loss_start == 0
+        with pytest.raises(ValueError, match="start must be an integer >= 0"):
+            PrefixLossVariant(start=bad)
+    with pytest.raises(ValueError, match="sample must be an integer >= 0"):
+        PrefixLossVariant(sample=-1)
+    # checked against the adapter: ranks to draw below R, and no DyLoRA
+    with pytest.raises(ValueError, match="draws 4 ranks below R"):
+        PrefixLossVariant(sample=4).check(NestedLoraConfig(r=8, target_modules=["q"]))
+    with pytest.raises(ValueError, match="DyLoRA's rank sampling"):
+        training_loss(trained_tiny("dylora"), lambda: None, objective=PrefixLossVariant())
 
 
 # ----------------------------------------------------------------------------- compute
 @pytest.mark.parametrize(
-    "settings, steps, accumulation, expected",
+    "objective, steps, accumulation, expected",
     [
-        ({"method": "lora"}, 10, 1, 1.0),
-        ({"prefix_loss": False}, 10, 1, 1.0),  # the authors' objective
-        ({}, 10, 1, 2.0),  # the default: R and one drawn rank
-        ({"prefix_loss_sample": 0}, 10, 1, 4.0),  # every rank of S = {1, 2, 4, 8}
-        ({"prefix_loss_every": 2}, 10, 1, 1.5),
-        ({"prefix_loss_every": 3}, 4, 2, 11 / 8),  # global micro-batches 0, 3, 6 of 8
-        ({"prefix_loss_start": 6}, 10, 1, 1.4),  # steps 6..9 at 2 forwards
-        ({"prefix_loss_mode": "mixed"}, 10, 2, 1.0),
-        ({"prefix_loss_mode": "geometric"}, 10, 2, 1.0),
+        ("full", 10, 1, 1.0),  # the authors' objective
+        (PrefixLossVariant(), 10, 1, 2.0),  # R and one drawn rank
+        (PrefixLossVariant(sample=0), 10, 1, 4.0),  # every rank of S = {1, 2, 4, 8}
+        (PrefixLossVariant(every=2), 10, 1, 1.5),
+        (PrefixLossVariant(every=3), 4, 2, 11 / 8),  # global micro-batches 0, 3, 6 of 8
+        (PrefixLossVariant(start=6), 10, 1, 1.4),  # steps 6..9 at 2 forwards
+        (PrefixLossVariant(mode="mixed"), 10, 2, 1.0),
+        (PrefixLossVariant(mode="geometric"), 10, 2, 1.0),
+        # mat_late: 112 steps at 1 forward, 38 at 2 (the re-basis costs no forward)
+        (PeriodicSvdRebase(112, PrefixLossVariant(start=112)), 150, 1, 188 / 150),
     ],
 )
-def test_forward_passes_count_each_plans_forwards(settings, steps, accumulation, expected):
-    config = NestedLoraConfig(r=8, target_modules=["q"], **settings)
-    assert forward_passes(config, steps, accumulation) == pytest.approx(expected)
+def test_forward_passes_count_each_plans_forwards(objective, steps, accumulation, expected):
+    config = NestedLoraConfig(r=8, method="matryoshka", target_modules=["q"])
+    assert forward_passes(objective, config, steps, accumulation) == pytest.approx(expected)
     with pytest.raises(ValueError, match="must be >= 1"):
-        forward_passes(config, 0)
+        forward_passes(objective, config, 0)
+
+
+# ----------------------------------------------------------------------------- SVD re-basis
+def deltas(model):
+    return {
+        n: layer.delta_weight(None).detach().double() for n, layer in adapter_layers(model).items()
+    }
+
+
+def is_rebased(model) -> bool:
+    """Every adapter's A has orthogonal rows of one norm (the re-basis's gauge)."""
+    for layer in adapter_layers(model).values():
+        a = layer.lora_A.detach().double()
+        gram = a @ a.T
+        if not torch.allclose(gram, gram[0, 0] * torch.eye(len(a), dtype=gram.dtype), atol=1e-5):
+            return False
+    return True
+
+
+def test_after_step_rebases_on_every_kth_step_only():
+    model = trained_tiny()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    model(**COLLATE(fixed_length_dataset(n=2))).loss.backward()
+    optimizer.step()
+    objective = PeriodicSvdRebase(every=2)
+    before = deltas(model)
+    objective.after_step(model, optimizer, done=1, total=4)
+    assert not is_rebased(model) and optimizer.state_dict()["state"]
+    objective.after_step(model, optimizer, done=2, total=4)
+    assert is_rebased(model) and not optimizer.state_dict()["state"]
+    for name, delta in deltas(model).items():  # the full update is unchanged
+        torch.testing.assert_close(delta, before[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("every, rebased", [(2, True), (3, False)])
+def test_loop_rebases_every_k_steps(tmp_path, every, rebased):
+    """4 steps: a re-basis after steps 2 and 4 leaves SVD factors; after step 3 only, the
+    last step moves them off again."""
+    model = trained_tiny()
+    config = TrainConfig(output_dir=str(tmp_path), max_steps=4, batch_size=4, progress=False)
+    objective = PeriodicSvdRebase(every=every)
+    train_adapter(model, fixed_length_dataset(n=8), config, COLLATE, objective=objective)
+    assert is_rebased(model) is rebased
+
+
+def test_trainer_rebases_every_k_steps(tmp_path):
+    model = trained_tiny()
+    args = TrainingArguments(
+        **cpu_trainer_settings(tmp_path, max_steps=2, per_device_train_batch_size=4)
+    )
+    trainer = NestedLoraTrainer(
+        model=model,
+        args=args,
+        train_dataset=fixed_length_dataset(n=8),
+        data_collator=COLLATE,
+        objective={"name": "periodic-svd-rebase", "every": 2},
+    )
+    trainer.train()
+    assert is_rebased(model)
+    assert not trainer.optimizer.state_dict()["state"]  # dropped at the last step
+
+
+def test_rebase_wraps_another_objective():
+    late = PrefixLossVariant(start=2)
+    objective = PeriodicSvdRebase(every=2, objective=late.to_dict())
+    record = objective.to_dict()
+    assert record == {"name": "periodic-svd-rebase", "every": 2, "objective": late.to_dict()}
+    assert objective_from_dict(record) == objective and objective.objective == late
+    config = NestedLoraConfig(r=8, method="matryoshka", target_modules=["q"])
+    for step in range(4):
+        assert plan_of(objective, config, 1, step) == plan_of(late, config, 1, step)
+    assert PeriodicSvdRebase().objective.to_dict() == {"name": "full"}
+    with pytest.raises(ValueError, match="DyLoRA's rank sampling"):
+        objective.check(NestedLoraConfig(r=8, method="dylora", target_modules=["q"]))
+    for bad in (0, True, 2.5):
+        with pytest.raises(ValueError, match="every must be an integer >= 1"):
+            PeriodicSvdRebase(every=bad)
+    with pytest.raises(ValueError, match="unknown training objective 'nope'"):
+        PeriodicSvdRebase(objective="nope")
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_train_wide_nest_late_resumes_bit_identical(tmp_path):
+    """mat_late's objective: the full loss, a re-basis after step 3 (before its checkpoint),
+    then the prefix loss; a run killed after step 5 and resumed from step 3 ends where the
+    uninterrupted run does."""
+    objective = PeriodicSvdRebase(every=3, objective=PrefixLossVariant(start=3))
+
+    def run(name, on_step=None):
+        model = trained_tiny(std=0.05)
+        config = TrainConfig(
+            output_dir=str(tmp_path / name),
+            max_steps=6,
+            batch_size=4,
+            save_every=3,
+            learning_rate=5e-3,
+            progress=False,
+            seed=1,
+        )
+        train_adapter(
+            model, fixed_length_dataset(), config, COLLATE, on_step=on_step, objective=objective
+        )
+        return {k: v.detach().clone() for k, v in adapter_state_dict(model).items()}
+
+    def crash_at_5(step, loss):
+        if step == 5:
+            raise Crash("simulated kill")
+
+    torch.use_deterministic_algorithms(True)
+    try:
+        whole = run("whole")
+        with pytest.raises(Crash):
+            run("crash", on_step=crash_at_5)
+        assert [s for s, _ in list_checkpoints(tmp_path / "crash" / "checkpoints")] == [3]
+        torch.manual_seed(12345)  # whatever RNG state the new process has
+        resumed = run("crash")
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for key, value in resumed.items():
+        assert torch.equal(value, whole[key]), key
