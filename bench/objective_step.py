@@ -33,7 +33,7 @@ from models import MODEL_DESCRIPTIONS, SEVEN_TARGETS, build_variant, load_base, 
 from report import fmt_mib, fmt_ms, fmt_ratio, log, md_table
 from script_run import run_script
 from timing import interleaved_timing, paired_ratio, summarize
-from workload import make_batch, make_train_step
+from workload import make_batch, make_train_step, register_research_objectives
 
 from matryoshka_lora import NestedLoraConfig
 from matryoshka_lora.train.objective import (
@@ -58,6 +58,43 @@ OBJECTIVES: dict[str, tuple[str, str, TrainingObjective]] = {
     "rank_sampling": ("DyLoRA's sampled prefix (`rank-sampling`)", "dylora", RankSampling()),
 }
 REFERENCE = "default"
+
+
+def _research_objectives() -> dict[str, tuple[str, str, TrainingObjective]]:
+    """The research objectives of ``experiments/objectives.py`` (registered by importing it)."""
+    register_research_objectives()
+    from objectives import PrefixLossVariant, PrefixSampling
+
+    return {
+        "every2": (
+            "research: prefix loss on every 2nd micro-batch (`prefix-loss-variant`, every 2)",
+            "matryoshka",
+            PrefixLossVariant(every=2),
+        ),
+        "mixed": (
+            "research: mixed-rank batch (`prefix-loss-variant`, mixed, sample 0)",
+            "matryoshka",
+            PrefixLossVariant(sample=0, mode="mixed"),
+        ),
+        "geometric": (
+            "research: nested dropout (`prefix-loss-variant`, geometric)",
+            "matryoshka",
+            PrefixLossVariant(mode="geometric"),
+        ),
+        "w75": (
+            "research: prefix loss, R weighted 3/4 (`prefix-loss-variant`, full_weight 0.75)",
+            "matryoshka",
+            PrefixLossVariant(full_weight=0.75),
+        ),
+        "prefix_sampling": (
+            "research: a sampled prefix on half the micro-batches (`prefix-sampling`)",
+            "matryoshka",
+            PrefixSampling(),
+        ),
+    }
+
+
+OBJECTIVES |= _research_objectives()
 
 
 def objective_variants(rank: int, names: list[str], steps: int) -> list[dict]:

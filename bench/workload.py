@@ -2,19 +2,43 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from report import REPO_ROOT
 from torch import nn
 
 from matryoshka_lora.model import get_config
 from matryoshka_lora.train.objective import (
+    OBJECTIVES,
     LoraSvd,
     TrainingObjective,
     resolve_objective,
     training_loss,
 )
+
+EXPERIMENTS = REPO_ROOT / "experiments"
+
+
+def register_research_objectives() -> None:
+    """Import ``experiments/objectives.py``, which registers the research objectives by name.
+
+    The folder goes last on ``sys.path``, so none of its modules hides a bench module.
+    """
+    if str(EXPERIMENTS) not in sys.path:
+        sys.path.append(str(EXPERIMENTS))
+    import objectives  # noqa: F401
+
+
+def objective_of(record: Mapping[str, Any] | str, model: nn.Module) -> TrainingObjective:
+    """The objective a variant's record names, checked against ``model``'s adapters; a name
+    the library does not ship is looked up among the research objectives of ``experiments/``."""
+    name = record if isinstance(record, str) else record.get("name")
+    if name not in OBJECTIVES:
+        register_research_objectives()
+    return resolve_objective(record, get_config(model))
 
 
 def make_batch(model: nn.Module, batch: int, seq: int, device: torch.device, seed: int):
@@ -58,7 +82,7 @@ def make_train_step(model: nn.Module, spec: dict[str, Any], ids: torch.Tensor) -
         raise RuntimeError(f"{spec['name']}: no trainable parameters")
     opt = torch.optim.AdamW(params, lr=1e-4)
     if spec.get("objective") is not None:
-        objective = resolve_objective(spec["objective"], get_config(model))
+        objective = objective_of(spec["objective"], model)
         return objective_steps(model, opt, ids, objective, spec.get("objective_steps", 1))
 
     def step() -> float:

@@ -105,6 +105,8 @@ def test_objective_step_smoke(tmp_path):
     table = table_rows(target.read_text())
     # R = 4 in smoke mode: S = {1, 2, 4}
     passes = {"default": 1, "full": 1, "prefix1": 2, "prefix_all": 3, "rank_sampling": 1}
+    # the research objectives of experiments/objectives.py, through the objective hook
+    passes |= {"every2": 1.5, "mixed": 1, "geometric": 1, "w75": 2, "prefix_sampling": 1}
     assert {k: row["spec"]["passes"] for k, row in rows.items()} == passes
     for row in rows.values():
         cells = table[row["name"]]
