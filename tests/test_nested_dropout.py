@@ -1,29 +1,32 @@
-"""Nested dropout over components (``prefix_loss_mode="geometric"``): each example of a
-micro-batch trains at its own rank ``min(G, R)`` with ``G`` geometric, in one forward."""
+"""Nested dropout over components (``prefix-loss-variant`` with ``mode="geometric"``): each
+example of a micro-batch trains at its own rank ``min(G, R)`` with ``G`` geometric, in one
+forward."""
 
 from __future__ import annotations
 
 import math
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from ddp_worker import varied_length_dataset
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_objective_variants import (
-    COLLATE,
-    assert_trains_like_one_at_a_time,
-    one_at_a_time,
-    trained_tiny,
-)
+from per_example import COLLATE, assert_trains_like_one_at_a_time, one_at_a_time, trained_tiny
 from transformers import TrainingArguments
 
 from matryoshka_lora.config import NestedLoraConfig
 from matryoshka_lora.model import get_config
-from matryoshka_lora.sampling import geometric_example_ranks, geometric_keep_probability
 from matryoshka_lora.train.hf_trainer import NestedLoraTrainer
 from matryoshka_lora.train.loop import TrainConfig, epoch_order, train_adapter
-from matryoshka_lora.train.objective import micro_batch_plan, training_loss
+from matryoshka_lora.train.objective import MicroBatch, training_loss
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+from draws import geometric_example_ranks, geometric_keep_probability  # noqa: E402
+from objectives import PrefixLossVariant  # noqa: E402
+
+GEOMETRIC = PrefixLossVariant(mode="geometric", full_weight=0.3)
 
 
 def test_keep_probability_golden_value():
@@ -59,6 +62,9 @@ def test_drawn_ranks_follow_the_law_and_are_seeded():
     assert batch == geometric_example_ranks(r, w, 8, 3, 2, 1)
     assert geometric_example_ranks(r, w, 4, 3, 2, 1, first_example=4) == batch[4:]
     assert batch != geometric_example_ranks(r, w, 8, 3, 3, 1)
+    # the streams the recorded runs trained with
+    assert geometric_example_ranks(16, 0.2, 8, 5, 3, 1) == (16, 3, 7, 16, 16, 8, 13, 1)
+    assert geometric_example_ranks(8, 0.25, 6, 3, 1, 0) == (2, 6, 8, 8, 2, 8)
 
 
 def test_bad_inputs_name_the_problem():
@@ -67,74 +73,66 @@ def test_bad_inputs_name_the_problem():
     assert geometric_example_ranks(8, 1.0, 3, 0, 0) == (8, 8, 8)  # S = {R}: no dropout
     with pytest.raises(ValueError, match="at least one example"):
         geometric_example_ranks(8, 0.2, 0, 0, 0)
-    with pytest.raises(ValueError, match="leave prefix_loss_sample unset"):
-        NestedLoraConfig(r=8, prefix_loss=True, prefix_loss_mode="geometric", prefix_loss_sample=1)
+    with pytest.raises(ValueError, match="leave sample unset"):
+        PrefixLossVariant(mode="geometric", sample=1)
 
 
-def test_config_defaults_and_full_weight():
-    config = NestedLoraConfig(r=8, prefix_loss=True, prefix_loss_mode="geometric")
-    assert config.prefix_loss_sample == 0
-    weighted = config.replace(prefix_loss_full_weight=0.5)
-    assert weighted.prefix_loss_full_weight == 0.5
-    # switching back to per_rank re-derives the sample count of the default
-    assert config.replace(prefix_loss_mode="per_rank").prefix_loss_sample == 1
-    with pytest.raises(ValueError, match="'per_rank' or 'geometric'"):
-        NestedLoraConfig(
-            r=8, prefix_loss=True, prefix_loss_mode="mixed", prefix_loss_full_weight=0.5
-        )
+def test_objective_defaults_and_full_weight():
+    objective = PrefixLossVariant(mode="geometric")
+    assert objective.sample == 0 and objective.full_weight is None
+    assert PrefixLossVariant(mode="geometric", full_weight=0.5).full_weight == 0.5
+    assert PrefixLossVariant(mode="per_rank").sample == 1  # the per-rank default draws one
 
 
 def test_plan_uses_the_full_weight_or_one_over_the_train_ranks():
-    config = NestedLoraConfig(r=8, prefix_loss=True, prefix_loss_mode="geometric")
-    plan = micro_batch_plan(config, seed=3, step=1, micro_step=0, examples=6)
+    config = NestedLoraConfig(r=8, method="matryoshka", target_modules=["q"])
+    objective = PrefixLossVariant(mode="geometric")
+    plan = objective.plan(config, MicroBatch(seed=3, step=1, micro_step=0, examples=6))
     # S = {1, 2, 4, 8}: the full rank's chance is 1/4
     assert plan.mode == "mixed"
     assert plan.ranks == geometric_example_ranks(8, 0.25, 6, 3, 1, 0)
-    weighted = micro_batch_plan(config.replace(prefix_loss_full_weight=0.9), 3, 1, 0, examples=6)
-    assert weighted.ranks == geometric_example_ranks(8, 0.9, 6, 3, 1, 0)
-    with pytest.raises(ValueError, match="pass examples="):
-        micro_batch_plan(config, seed=0, step=0)
+    weighted = PrefixLossVariant(mode="geometric", full_weight=0.9)
+    plan = weighted.plan(config, MicroBatch(seed=3, step=1, micro_step=0, examples=6))
+    assert plan.ranks == geometric_example_ranks(8, 0.9, 6, 3, 1, 0)
+    second = objective.plan(config, MicroBatch(3, 1, 0, examples=3, first_example=3))
+    assert second.ranks == geometric_example_ranks(8, 0.25, 6, 3, 1, 0)[3:]  # process 1 of 2
+    with pytest.raises(ValueError, match="give the micro-batch's examples"):
+        objective.plan(config, MicroBatch(seed=0, step=0))
 
 
 def test_nested_dropout_loss_is_the_token_mean_of_each_example_alone_at_its_rank():
     examples = varied_length_dataset(n=6)
-    model = trained_tiny(
-        prefix_loss=True, prefix_loss_mode="geometric", prefix_loss_full_weight=0.3
-    )
+    model = trained_tiny()
     config = get_config(model)
+
+    def ranks_at(step):
+        return GEOMETRIC.plan(config, MicroBatch(3, step, 0, examples=6)).ranks
+
     # a step whose draw holds several ranks, some outside S = {1, 2, 4, 8}
     step = next(
-        s
-        for s in range(200)
-        if len(set(micro_batch_plan(config, 3, s, 0, examples=6).ranks)) >= 3
-        and set(micro_batch_plan(config, 3, s, 0, examples=6).ranks) - {1, 2, 4, 8}
+        s for s in range(200) if len(set(ranks_at(s))) >= 3 and set(ranks_at(s)) - {1, 2, 4, 8}
     )
-    plan = micro_batch_plan(config, seed=3, step=step, micro_step=0, examples=6)
-    expected, expected_grads, _ = one_at_a_time(model, examples, plan.ranks)
+    expected, expected_grads, _ = one_at_a_time(model, examples, ranks_at(step))
     batch = COLLATE(examples)
-    loss = training_loss(model, lambda: model(**batch).loss, step=step, seed=3, examples=6)
+    loss = training_loss(
+        model, lambda: model(**batch).loss, step=step, seed=3, objective=GEOMETRIC, examples=6
+    )
     assert_trains_like_one_at_a_time(model, loss, expected, expected_grads)
 
 
 def test_loop_and_trainer_train_nested_dropout(tmp_path):
     data, seed = varied_length_dataset(n=6), 7
-    settings_ = {
-        "prefix_loss": True,
-        "prefix_loss_mode": "geometric",
-        "prefix_loss_full_weight": 0.3,
-    }
-    model = trained_tiny(**settings_)
+    model = trained_tiny()
     ordered = [data[i] for i in epoch_order(len(data), seed, 0)]  # the loop's first batch
-    plan = micro_batch_plan(get_config(model), seed, 0, 0, examples=len(data))
+    plan = GEOMETRIC.plan(get_config(model), MicroBatch(seed, 0, 0, examples=len(data)))
     assert len(set(plan.ranks)) > 1
     expected, _, _ = one_at_a_time(model, ordered, plan.ranks)
     train_config = TrainConfig(
         output_dir=str(tmp_path / "loop"), max_steps=1, batch_size=6, progress=False, seed=seed
     )
-    assert train_adapter(model, data, train_config, COLLATE).losses[0] == pytest.approx(
-        expected, rel=1e-5
-    )
-    model = trained_tiny(**settings_)
+    result = train_adapter(model, data, train_config, COLLATE, objective=GEOMETRIC)
+    assert result.losses[0] == pytest.approx(expected, rel=1e-5)
+    model = trained_tiny()
     args = TrainingArguments(
         output_dir=str(tmp_path / "trainer"),
         use_cpu=True,
@@ -142,6 +140,8 @@ def test_loop_and_trainer_train_nested_dropout(tmp_path):
         disable_tqdm=True,
         seed=seed,
     )
-    trainer = NestedLoraTrainer(model=model, args=args, data_collator=COLLATE)
+    trainer = NestedLoraTrainer(
+        model=model, args=args, data_collator=COLLATE, objective=GEOMETRIC.to_dict()
+    )
     model.train()
     assert trainer.compute_loss(model, COLLATE(ordered)).item() == pytest.approx(expected, rel=1e-5)
