@@ -35,6 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ._peft_type import PEFT_TYPE_NAME
 from ._version import __version__
 from .config import NestedLoraConfig
 from .model import adapter_layers, attach, detach, get_config
@@ -213,6 +214,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
             tensors, weights_path, metadata={"format": FORMAT_NAME, "config": config.to_json()}
         )
         payload = {
+            # PEFT recognises the folder by this key; matryoshka_lora.peft registers it
+            "peft_type": PEFT_TYPE_NAME,
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "library_version": __version__,
@@ -344,6 +347,19 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         ) from err
 
 
+def read_adapter(
+    directory: str | os.PathLike,
+) -> tuple[NestedLoraConfig, dict[str, torch.Tensor]]:
+    """The verified config and tensors (``<module path>.lora_A`` / ``.lora_B``) of a saved
+    adapter, without a model: what :func:`load_adapter` reads."""
+    directory = Path(directory)
+    config, payload, weights = _read_verified(directory)
+    if weights is None:
+        missing = directory / payload.get("weights_file", WEIGHTS_NAME)
+        raise AdapterCheckpointError(f"{missing} not found: the adapter folder is incomplete")
+    return config, _read_weights(weights)
+
+
 def _config_differences(saved: NestedLoraConfig, current: NestedLoraConfig) -> list[str]:
     return [
         f"{field}: checkpoint {getattr(saved, field)!r} vs model {getattr(current, field)!r}"
@@ -361,11 +377,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     edited outside :data:`EDITABLE_FIELDS` (see :func:`read_adapter_config`).
     """
     directory = Path(directory)
-    saved_config, payload, weights = _read_verified(directory)
-    if weights is None:
-        missing = directory / payload.get("weights_file", WEIGHTS_NAME)
-        raise AdapterCheckpointError(f"{missing} not found: the adapter folder is incomplete")
-    tensors = _read_weights(weights)
+    saved_config, tensors = read_adapter(directory)
     attached_here = not adapter_layers(model)
     if not attached_here:
         diffs = _config_differences(saved_config, get_config(model))
