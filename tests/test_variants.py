@@ -1,14 +1,19 @@
-"""The MatryoshkaLoRA training variants: step-size-normalised P, prefix sampling, prefix loss."""
+"""The MatryoshkaLoRA training variants: step-size-normalised P, prefix sampling on top of P
+(``prefix-sampling``), and the prefix loss (``prefix-loss-variant``) through the objective
+hook."""
 
 from __future__ import annotations
 
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import LLAMA_TARGETS, cpu_trainer_settings, make_tiny_llama
 from ddp_worker import fixed_length_dataset
+from masked_sum import masked_sum_layer_output
 from transformers import TrainingArguments
 
 import matryoshka_lora as ml
@@ -18,9 +23,13 @@ from matryoshka_lora.nesting import matryoshka_p, rank_scale
 from matryoshka_lora.sampling import RankSampler, prefix_loss_ranks
 from matryoshka_lora.train import PaddingCollator, TrainConfig, train_adapter
 from matryoshka_lora.train.hf_trainer import NestedLoraTrainer
-from matryoshka_lora.train.objective import prefix_loss, prefix_loss_ranks_for, rank_sampler_for
+from matryoshka_lora.train.objective import MicroBatch, MicroBatchPlan, objective_from_dict
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+from objectives import PrefixLossVariant, PrefixSampling  # noqa: E402
 
 COLLATE = PaddingCollator(0)
+SAMPLED_HALF = PrefixSampling(probability=0.5)
 
 # ----------------------------------------------------------------------------- normalize="rms"
 # R = 8, S = {1, 2, 4, 8}, sqrt: method.md's P divided by rms(P) / s(8), by hand:
@@ -49,15 +58,23 @@ def test_rms_normalised_p_has_loras_step_size_and_p_shape(scaling, alpha):
 def test_rms_normalised_layer_matches_masked_sum_oracle():
     torch.manual_seed(0)
     base = torch.nn.Linear(12, 10).double()
-    kwargs = dict(r=8, normalize="rms", adapter_dtype=None, target_modules=["x"])
-    diag = NestedLoraLinear(base, ml.NestedLoraConfig(method="matryoshka", **kwargs))
-    exact = NestedLoraLinear(base, ml.NestedLoraConfig(method="matryoshka_exact", **kwargs))
+    config = ml.NestedLoraConfig(
+        r=8, method="matryoshka", normalize="rms", adapter_dtype=None, target_modules=["x"]
+    )
+    layer = NestedLoraLinear(base, config)
     with torch.no_grad():
-        diag.lora_B.normal_()
-        exact.lora_A.copy_(diag.lora_A)
-        exact.lora_B.copy_(diag.lora_B)
+        layer.lora_B.normal_()
     x = torch.randn(3, 12, dtype=torch.float64)
-    torch.testing.assert_close(diag(x), exact(x))
+    got, want = layer(x), masked_sum_layer_output(layer, x)
+    torch.testing.assert_close(got, want)
+    weights = torch.linspace(-1, 1, got.numel(), dtype=got.dtype).reshape(got.shape)
+    grads = [
+        torch.autograd.grad((y * weights).sum(), (layer.lora_A, layer.lora_B)) for y in (got, want)
+    ]
+    for mine, oracle in zip(*grads, strict=True):
+        torch.testing.assert_close(mine, oracle)
+    with pytest.raises(ValueError, match="normalize"):
+        ml.NestedLoraConfig(r=8, normalize="l2")
 
 
 # ----------------------------------------------------------------------------- prefix sampling
@@ -92,6 +109,7 @@ def test_sampled_prefix_of_matryoshka_is_the_deployed_rank_b_adapter(inference_s
 def test_sampler_probability_mixes_full_and_prefix_steps():
     sampler = RankSampler(8, (1, 2, 4, 8), seed=3, probability=0.25)
     draws = [sampler.rank_for(step, micro) for step in range(400) for micro in range(2)]
+    assert draws[:8] == [8, None, None, None, None, None, None, 8]  # the recorded stream
     full = sum(b is None for b in draws) / len(draws)
     sd = math.sqrt(0.25 * 0.75 / len(draws))
     assert abs(full - 0.75) < 5 * sd
@@ -110,39 +128,68 @@ def test_sampler_probability_mixes_full_and_prefix_steps():
         RankSampler(8, (1, 2, 4, 8), probability=0.0)
 
 
-def test_rank_sampler_for_each_method():
-    matryoshka = ml.NestedLoraConfig(r=8, prefix_sampling=0.5, target_modules=["q"])
-    assert rank_sampler_for(matryoshka, seed=1).probability == 0.5
-    assert rank_sampler_for(ml.NestedLoraConfig(r=8, target_modules=["q"]), seed=1) is None
-    assert (
-        rank_sampler_for(
-            ml.NestedLoraConfig(r=8, method="dylora", target_modules=["q"]), 1
-        ).probability
-        == 1.0
-    )
+@pytest.mark.parametrize("distribution, per", [("train_ranks", "micro_batch"), ("uniform", "step")])
+def test_prefix_sampling_plans_the_samplers_draws(distribution, per):
+    """A ``sampled`` plan at the sampler's b when its coin says so, the full adapter otherwise."""
+    config = ml.NestedLoraConfig(r=8, method="matryoshka", target_modules=["q"])
+    objective = PrefixSampling(distribution=distribution, per=per, probability=0.25)
+    sampler = RankSampler(8, (1, 2, 4, 8), distribution, per, seed=3, probability=0.25)
+    modes = set()
+    for step in range(50):
+        for micro in range(2):
+            plan = objective.plan(config, MicroBatch(3, step, micro))
+            b = sampler.rank_for(step, micro)
+            assert plan == (
+                MicroBatchPlan("full") if b is None else MicroBatchPlan("sampled", (b,))
+            )
+            modes.add(plan.mode)
+    assert modes == {"full", "sampled"}
+    assert objective_from_dict(objective.to_dict()) == objective
 
 
-def test_variant_options_are_validated():
-    with pytest.raises(ValueError, match="prefix_sampling applies to the Matryoshka"):
-        ml.NestedLoraConfig(r=8, method="lora", prefix_sampling=0.5)
-    with pytest.raises(ValueError, match="probability in"):
-        ml.NestedLoraConfig(r=8, prefix_sampling=1.5)
-    with pytest.raises(ValueError, match="prefix_loss and DyLoRA"):
-        ml.NestedLoraConfig(r=8, method="dylora", prefix_loss=True)
-    with pytest.raises(ValueError, match="normalize"):
-        ml.NestedLoraConfig(r=8, normalize="l2")
-    config = ml.NestedLoraConfig(r=8, prefix_sampling=0.5, prefix_loss=True, normalize="rms")
-    assert ml.NestedLoraConfig.from_dict(config.to_dict()) == config
+def test_prefix_sampling_is_validated():
+    for bad in (0.0, 1.5, True, "0.5"):
+        with pytest.raises(ValueError, match="probability must be in"):
+            PrefixSampling(probability=bad)
+    with pytest.raises(ValueError, match="unknown sampler distribution"):
+        PrefixSampling(distribution="geometric")
+    for method in ("lora", "dylora"):
+        with pytest.raises(ValueError, match="on top of Matryoshka's P"):
+            SAMPLED_HALF.check(ml.NestedLoraConfig(r=8, method=method, target_modules=["q"]))
 
 
 def test_loop_with_prefix_sampling_trains_sampled_prefixes(tmp_path):
     model = make_tiny_llama()
-    ml.attach(model, ml.NestedLoraConfig(r=8, prefix_sampling=0.5, target_modules=LLAMA_TARGETS))
-    config = TrainConfig(output_dir=str(tmp_path), max_steps=12, batch_size=4, progress=False)
-    train_adapter(model, fixed_length_dataset(), config, COLLATE)
-    logged = (tmp_path / "training_log.jsonl").read_text().splitlines()
-    ranks = {json.loads(line)["rank"] for line in logged}
-    assert None in ranks and ranks - {None}  # both full steps and sampled prefixes
+    ml.attach(model, ml.NestedLoraConfig(r=8, method="matryoshka", target_modules=LLAMA_TARGETS))
+    config = TrainConfig(
+        output_dir=str(tmp_path), max_steps=12, batch_size=4, log_every=1, progress=False, seed=0
+    )
+    train_adapter(model, fixed_length_dataset(), config, COLLATE, objective=SAMPLED_HALF)
+    logged = [json.loads(line)["rank"] for line in (tmp_path / "training_log.jsonl").open()]
+    adapter = get_config(model)
+    expected = [SAMPLED_HALF.plan(adapter, MicroBatch(0, step)).describe() for step in range(12)]
+    assert logged == expected
+    assert "all" in logged and any(shown.startswith("b=") for shown in logged)
+    assert all(layer.sampled_rank is None for layer in adapter_layers(model).values())
+
+
+def test_trainer_samples_prefixes_for_prefix_sampling(tmp_path):
+    model = make_tiny_llama()
+    ml.attach(model, ml.NestedLoraConfig(r=8, method="matryoshka", target_modules=LLAMA_TARGETS))
+    settings = dict(max_steps=8, per_device_train_batch_size=4, seed=3)
+    args = TrainingArguments(**cpu_trainer_settings(tmp_path, **settings))
+    trainer = NestedLoraTrainer(
+        model=model,
+        args=args,
+        train_dataset=fixed_length_dataset(),
+        data_collator=COLLATE,
+        objective={"name": "prefix-sampling", "probability": 0.5},
+    )
+    assert trainer.objective == SAMPLED_HALF
+    trainer.train()
+    sampler = RankSampler(8, (1, 2, 4, 8), seed=3, probability=0.5)
+    expected = [(s, 0, sampler.rank_for(s)) for s in range(8) if sampler.rank_for(s) is not None]
+    assert trainer.sampled_ranks == expected and 0 < len(expected) < 8
     assert all(layer.sampled_rank is None for layer in adapter_layers(model).values())
 
 
@@ -163,9 +210,18 @@ def batch_of(n=4):
     return COLLATE(fixed_length_dataset()[:n])
 
 
+def mean_of_rank_losses(model, batch, ranks) -> float:
+    with torch.no_grad():
+        total = 0.0
+        for r in ranks:
+            with ml.at_rank(model, r):
+                total += model(**batch).loss.item() / len(ranks)
+    return total
+
+
 @pytest.mark.parametrize("method", ["matryoshka", "lora"])
 def test_prefix_loss_is_the_mean_of_deployed_rank_losses_with_matching_gradient(method):
-    model = trained_tiny(method, prefix_loss=True)
+    model = trained_tiny(method)
     config = get_config(model)
     batch = batch_of()
     expected, grads = 0.0, None
@@ -178,7 +234,8 @@ def test_prefix_loss_is_the_mean_of_deployed_rank_losses_with_matching_gradient(
         step = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         grads = step if grads is None else {n: grads[n] + g for n, g in step.items()}
     model.zero_grad()
-    loss = prefix_loss(model, config, lambda: model(**batch).loss)
+    objective = PrefixLossVariant(sample=0)
+    loss = ml.training_loss(model, lambda: model(**batch).loss, objective=objective)
     loss.backward()
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     for name, param in model.named_parameters():
@@ -189,45 +246,29 @@ def test_prefix_loss_is_the_mean_of_deployed_rank_losses_with_matching_gradient(
 
 def test_loop_and_trainer_use_the_prefix_loss(tmp_path):
     data = fixed_length_dataset(n=4)
-    model = trained_tiny(prefix_loss=True, prefix_loss_sample=0)
-    config = get_config(model)
+    objective = PrefixLossVariant(sample=0)
+    model = trained_tiny()
     batch = COLLATE(data)
-    with torch.no_grad():
-        expected = prefix_loss(model, config, lambda: model(**batch).loss).item()
+    expected = mean_of_rank_losses(model, batch, (1, 2, 4, 8))
     plain = model(**batch).loss.item()
     assert abs(expected - plain) > 1e-3  # the two objectives differ here
     train_config = TrainConfig(
         output_dir=str(tmp_path / "loop"), max_steps=1, batch_size=4, progress=False
     )
-    result = train_adapter(model, data, train_config, COLLATE)
+    result = train_adapter(model, data, train_config, COLLATE, objective=objective)
     assert result.losses[0] == pytest.approx(expected, rel=1e-5)
 
-    model = trained_tiny(prefix_loss=True, prefix_loss_sample=0)
+    model = trained_tiny()
     args = TrainingArguments(
         output_dir=str(tmp_path / "trainer"), use_cpu=True, report_to=[], disable_tqdm=True
     )
-    trainer = NestedLoraTrainer(model=model, args=args, data_collator=COLLATE)
+    trainer = NestedLoraTrainer(model=model, args=args, data_collator=COLLATE, objective=objective)
     model.train()
     assert trainer.compute_loss(model, batch).item() == pytest.approx(expected, rel=1e-5)
     model.eval()
     assert trainer.compute_loss(model, batch).item() == pytest.approx(plain, rel=1e-5)
 
 
-def test_trainer_samples_prefixes_for_prefix_sampling(tmp_path):
-    model = make_tiny_llama()
-    ml.attach(model, ml.NestedLoraConfig(r=8, prefix_sampling=0.5, target_modules=LLAMA_TARGETS))
-    settings = dict(max_steps=8, per_device_train_batch_size=4, seed=3)
-    args = TrainingArguments(**cpu_trainer_settings(tmp_path, **settings))
-    trainer = NestedLoraTrainer(
-        model=model, args=args, train_dataset=fixed_length_dataset(), data_collator=COLLATE
-    )
-    assert trainer.rank_sampler.probability == 0.5
-    trainer.train()
-    drawn = {b for _, _, b in trainer.sampled_ranks}
-    assert None in drawn and drawn - {None}
-
-
-# ----------------------------------------------------------------------------- sampled prefix loss
 def test_sampled_prefix_loss_ranks_are_r_plus_k_distinct_uniform_draws():
     train_ranks = (1, 2, 4, 8, 16)
     assert prefix_loss_ranks(train_ranks, 0, seed=0, step=3) == train_ranks
@@ -250,44 +291,39 @@ def test_sampled_prefix_loss_ranks_are_r_plus_k_distinct_uniform_draws():
         prefix_loss_ranks(train_ranks, 2, 5, s, m) for s in range(2) for m in range(2)
     ]
     assert len({prefix_loss_ranks(train_ranks, 1, seed, 0) for seed in range(40)}) == 4
+    assert prefix_loss_ranks(train_ranks, 1, 7, 0, 0) == (8, 16)  # the recorded stream
     with pytest.raises(ValueError, match="sample must be in 0..4"):
         prefix_loss_ranks(train_ranks, 5, 0, 0)
 
 
-def test_prefix_loss_sample_is_validated():
-    config = ml.NestedLoraConfig(r=8, prefix_loss=True, prefix_loss_sample=2, target_modules=["q"])
-    assert ml.NestedLoraConfig.from_dict(config.to_dict()) == config
-    with pytest.raises(ValueError, match="it needs prefix_loss=True"):
-        ml.NestedLoraConfig(r=8, prefix_loss=False, prefix_loss_sample=1)
-    for bad in (4, -1, True, 1.0):  # S = {1, 2, 4, 8}: at most 3 ranks below R
-        with pytest.raises(ValueError, match=r"prefix_loss_sample must be an integer in 0..3"):
-            ml.NestedLoraConfig(r=8, prefix_loss=True, prefix_loss_sample=bad)
-
-
-def test_sampled_prefix_loss_averages_the_full_rank_and_the_drawn_ranks(tmp_path):
+def test_weighted_sampled_prefix_loss_in_the_loop_and_the_trainer(tmp_path):
+    """R and one drawn rank, R weighted 3/4: ``0.75 L_8 + 0.25 L_b`` in both loops."""
     data = fixed_length_dataset(n=4)
     batch = COLLATE(data)
-    model = trained_tiny(prefix_loss=True, prefix_loss_sample=1)
-    config = get_config(model)
-    ranks = prefix_loss_ranks_for(config, seed=7, step=0, micro_step=0)
-    assert len(ranks) == 2 and ranks[-1] == 8
+    objective = PrefixLossVariant(sample=1, full_weight=0.75)
+    model = trained_tiny()
+    plan = objective.plan(get_config(model), MicroBatch(7, 0, 0))
+    (b, _), weights = plan.ranks, plan.weights
+    assert plan.ranks == (4, 8) and weights == (0.25, 0.75)  # the recorded stream's draw
     with torch.no_grad():
         losses = {}
-        for r in config.train_ranks:
+        for r in (1, 2, 4, 8):
             with ml.at_rank(model, r):
                 losses[r] = model(**batch).loss.item()
-    expected = (losses[ranks[0]] + losses[8]) / 2
-    assert expected != pytest.approx(sum(losses.values()) / 4, rel=1e-4)  # not the full mean
+    expected = 0.25 * losses[b] + 0.75 * losses[8]
+    assert expected != pytest.approx((losses[b] + losses[8]) / 2, rel=1e-4)  # not the mean
     train_config = TrainConfig(
         output_dir=str(tmp_path / "loop"), max_steps=1, batch_size=4, progress=False, seed=7
     )
-    result = train_adapter(model, data, train_config, COLLATE)
+    result = train_adapter(model, data, train_config, COLLATE, objective=objective)
     assert result.losses[0] == pytest.approx(expected, rel=1e-5)
 
-    model = trained_tiny(prefix_loss=True, prefix_loss_sample=1)
+    model = trained_tiny()
     settings = dict(seed=7, max_steps=1, per_device_train_batch_size=4)
     args = TrainingArguments(**cpu_trainer_settings(tmp_path / "trainer", **settings))
-    trainer = NestedLoraTrainer(model=model, args=args, train_dataset=data, data_collator=COLLATE)
+    trainer = NestedLoraTrainer(
+        model=model, args=args, train_dataset=data, data_collator=COLLATE, objective=objective
+    )
     trainer.train()
     assert trainer.state.log_history[0]["loss"] == pytest.approx(expected, rel=1e-4)
 
@@ -295,17 +331,15 @@ def test_sampled_prefix_loss_averages_the_full_rank_and_the_drawn_ranks(tmp_path
 def test_trainer_compute_loss_outside_training_step_uses_the_first_draw(tmp_path):
     """A direct compute_loss call (e.g. from a subclass) draws the ranks of step 0, micro-batch 0."""
     batch = batch_of()
-    model = trained_tiny()  # the default: the sampled prefix loss
-    ranks = prefix_loss_ranks_for(get_config(model), seed=7, step=0, micro_step=0)
-    with torch.no_grad():
-        expected = 0.0
-        for r in ranks:
-            with ml.at_rank(model, r):
-                expected += model(**batch).loss.item() / len(ranks)
+    model = trained_tiny()
+    ranks = prefix_loss_ranks((1, 2, 4, 8), 1, seed=7, step=0, micro_step=0)
+    expected = mean_of_rank_losses(model, batch, ranks)
     args = TrainingArguments(
         output_dir=str(tmp_path), use_cpu=True, report_to=[], disable_tqdm=True, seed=7
     )
-    trainer = NestedLoraTrainer(model=model, args=args, data_collator=COLLATE)
+    trainer = NestedLoraTrainer(
+        model=model, args=args, data_collator=COLLATE, objective="prefix-loss-variant"
+    )
     model.train()
     assert trainer.compute_loss(model, batch).item() == pytest.approx(expected, rel=1e-5)
 
@@ -316,12 +350,14 @@ def test_prefix_loss_gradients_survive_gradient_checkpointing(reentrant):
     batch = batch_of()
     grads = []
     for checkpointing in (False, True):
-        model = trained_tiny(prefix_loss=True, prefix_loss_sample=0)
+        model = trained_tiny()
         model.train()
         if checkpointing:
             model.activation_checkpointing_enable({"use_reentrant": reentrant})
             model.enable_input_require_grads()
-        loss = prefix_loss(model, get_config(model), lambda model=model: model(**batch).loss)
+        loss = ml.training_loss(
+            model, lambda model=model: model(**batch).loss, objective=PrefixLossVariant(sample=0)
+        )
         loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and grads[0]
@@ -329,21 +365,25 @@ def test_prefix_loss_gradients_survive_gradient_checkpointing(reentrant):
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6)
 
 
-def test_training_loss_follows_the_adapters_objective():
+def test_training_loss_follows_the_named_objective():
     batch = batch_of()
-    model = trained_tiny()  # the default: R and one drawn rank
-    ranks = prefix_loss_ranks_for(get_config(model), seed=3, step=5, micro_step=1)
+    model = trained_tiny()
+    ranks = prefix_loss_ranks((1, 2, 4, 8), 1, seed=3, step=5, micro_step=1)
+    expected = mean_of_rank_losses(model, batch, ranks)
     with torch.no_grad():
-        expected = 0.0
-        for r in ranks:
-            with ml.at_rank(model, r):
-                expected += model(**batch).loss.item() / 2
+        loss = ml.training_loss(
+            model,
+            lambda: model(**batch).loss,
+            step=5,
+            micro_step=1,
+            seed=3,
+            objective={"name": "prefix-loss-variant"},
+        )
+        assert len(ranks) == 2 and loss.item() == pytest.approx(expected, rel=1e-6)
+        # no objective: the method's default, for matryoshka the full adapter's loss alone
         loss = ml.training_loss(model, lambda: model(**batch).loss, step=5, micro_step=1, seed=3)
-    assert len(ranks) == 2 and loss.item() == pytest.approx(expected, rel=1e-6)
-    plain = trained_tiny(prefix_loss=False)
-    with torch.no_grad():
-        loss = ml.training_loss(plain, lambda: plain(**batch).loss)
-        assert loss.item() == pytest.approx(plain(**batch).loss.item(), rel=1e-6)
+        assert loss.item() == pytest.approx(model(**batch).loss.item(), rel=1e-6)
+    assert loss.item() != pytest.approx(expected, rel=1e-4)
 
 
 # ----------------------------------------------------------------------------- presets
@@ -366,36 +406,4 @@ def test_authors_preset_reproduces_the_papers_formulas():
     assert layer.lora_A.abs().max() > 1 / math.sqrt(12)  # not PEFT's U(+-1/sqrt(in))
     with pytest.raises(ValueError, match="unknown preset"):
         ml.NestedLoraConfig.from_preset("matryoshka-v2")
-    assert ml.NestedLoraConfig.from_preset("matryoshka") == ml.NestedLoraConfig()
-
-
-def test_prefix_preset_turns_on_the_prefix_loss():
-    config = ml.NestedLoraConfig.from_preset("matryoshka-prefix", r=8)
-    assert (config.method, config.prefix_loss, config.inference_scale) == (
-        "matryoshka",
-        True,
-        "trained",
-    )
-    assert config.prefix_loss_sample == 0  # every train rank
-    plain = ml.NestedLoraConfig.from_preset("matryoshka-plain", r=8)
-    assert (plain.prefix_loss, plain.prefix_loss_sample) == (False, 0)
-    assert config.replace(prefix_loss=False) == plain
-
-
-def test_default_matryoshka_trains_the_sampled_prefix_loss():
-    """The research comparison's best variant is the default for method="matryoshka" only."""
-    config = ml.NestedLoraConfig(r=8)
-    assert (config.prefix_loss, config.prefix_loss_sample) == (True, 1)
-    assert ml.NestedLoraConfig.from_preset("matryoshka", r=8) == config
-    for method in ("lora", "dylora", "matryoshka_exact"):
-        other = ml.NestedLoraConfig(r=8, method=method)
-        assert (other.prefix_loss, other.prefix_loss_sample) == (False, 0)
-    assert config.replace(method="lora").prefix_loss is False  # derived again
-    assert config.replace(method="dylora").method == "dylora"  # no prefix-loss clash
-    assert ml.NestedLoraConfig(r=1).prefix_loss_sample == 0  # S = {1}: nothing to draw
-    # adapters saved before the option existed keep the objective they were trained with
-    old = config.to_dict()
-    del old["prefix_loss_sample"]
-    assert ml.NestedLoraConfig.from_dict(old).prefix_loss_sample == 0
-    del old["prefix_loss"]
-    assert ml.NestedLoraConfig.from_dict(old).prefix_loss is False
+    assert ml.NestedLoraConfig.from_preset("matryoshka") == ml.NestedLoraConfig(method="matryoshka")
