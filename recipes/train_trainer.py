@@ -31,7 +31,6 @@ ADAPTER_KEYS = {
     "normalize": "normalize",
     "target-modules": "target_modules",
     "init-a": "init_a",
-    "prefix-loss": "prefix_loss",
     "dropout": "dropout",
 }
 
@@ -66,6 +65,7 @@ def main() -> None:
     )
     config = ml.NestedLoraConfig(**{v: recipe[k] for k, v in ADAPTER_KEYS.items() if k in recipe})
     ml.attach(model, config)
+    objective = recipe.get("objective")  # None: the method's default
     output_dir = args.output_dir or recipe.get("output-dir", "runs/trainer")
     training = TrainingArguments(
         output_dir=output_dir,
@@ -89,6 +89,7 @@ def main() -> None:
         args=training,
         train_dataset=dataset,
         data_collator=PaddingCollator(tokenizer.pad_token_id),
+        objective=objective,
     )
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     trainer.save_model(str(Path(output_dir) / "adapter"))

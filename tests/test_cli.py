@@ -222,7 +222,7 @@ def test_export_peft_loads_in_vanilla_peft_with_our_logits(work, run_dir):
 def test_export_svd_gives_the_best_rank_r_approximation_in_peft(work, run_dir):
     from peft import PeftModel
 
-    from matryoshka_lora.eval.svd import svd_rebase_
+    from matryoshka_lora.svd import svd_rebase_
 
     done = script("export", "run", "--rank", "2", "--svd", "--output-dir", "svd2", cwd=work)
     assert done.returncode == 0, done.stderr
@@ -360,8 +360,6 @@ def test_dylora_sampler_options_reach_the_loop(work, capsys, monkeypatch):
         "uniform",
         "--sampler-per",
         "step",
-        "--dylora-update",
-        "last",
         "--r",
         "4",
         "--max-steps",
@@ -374,11 +372,10 @@ def test_dylora_sampler_options_reach_the_loop(work, capsys, monkeypatch):
     )
     assert code == 0, err
     saved = json.loads((work / "dy" / "train_config.json").read_text())
-    assert saved["train"]["sampler_distribution"] == "uniform"
-    assert saved["train"]["sampler_per"] == "step"
-    assert saved["adapter"]["method"] == "dylora" and saved["adapter"]["dylora_update"] == "last"
+    assert saved["objective"] == {"name": "rank-sampling", "distribution": "uniform", "per": "step"}
+    assert saved["adapter"]["method"] == "dylora"
     last = json.loads((work / "dy" / "training_log.jsonl").read_text().splitlines()[-1])
-    assert last["step"] == 2 and 1 <= last["rank"] <= 4
+    assert last["step"] == 2 and 1 <= int(last["rank"].removeprefix("b=")) <= 4
     code, out, _ = run_main(capsys, "info", "dy", "--json")
     assert code == 0 and json.loads(out)["config"]["method"] == "dylora"
 
@@ -417,15 +414,20 @@ BAD_INPUT = {
         + ["--num-labels", "2", "--label-field", "y"],
         ["missing field 'y'"],
     ),
-    "DyLoRA sampler options with matryoshka": (
+    "DyLoRA sampler options with the default objective": (
         ["train", "--model", "model", "--dataset", "data.jsonl", "--sampler-distribution"]
         + ["uniform", "--sampler-per", "step"],
-        ["--sampler-distribution and --sampler-per are only for --method dylora"],
+        ["--sampler-distribution and --sampler-per are only for --objective rank-sampling"],
     ),
-    "dylora-update with lora": (
-        ["train", "--model", "model", "--dataset", "data.jsonl", "--method", "lora"]
-        + ["--dylora-update", "last"],
-        ["--dylora-update is only for --method dylora"],
+    "prefix-loss setting with DyLoRA": (
+        ["train", "--model", "model", "--dataset", "data.jsonl", "--method", "dylora"]
+        + ["--prefix-loss-sample", "2"],
+        ["--prefix-loss-sample is only for --objective prefix-loss"],
+    ),
+    "prefix loss on DyLoRA": (
+        ["train", "--model", "model", "--dataset", "data.jsonl", "--method", "dylora"]
+        + ["--objective", "prefix-loss"],
+        ["invalid objective options", "two ways to train prefixes"],
     ),
     "seq-cls without num-labels": (
         ["train", "--model", "model", "--dataset", "data.jsonl", "--task", "seq-cls"],
@@ -562,9 +564,9 @@ def test_debug_shows_the_traceback(work, capsys, monkeypatch):
 # ---------------------------------------------------------------------------- help
 TRAIN_OPTIONS = """--config --print-config --model --task --num-labels --device --bf16 --no-bf16
 --dataset --dataset-subset --split --format --max-length --train-size --data-seed --text-field
---label-field --method --r --train-ranks --eval-ranks --scaling --alpha --normalize
---target-modules --target-regex --dropout --init-a --inference-scale --dylora-update
---sampler-distribution --sampler-per --lr --weight-decay --warmup-steps --max-steps --epochs
+--label-field --r --target-modules --target-regex --dropout --preset --method --objective
+--prefix-loss-sample --sampler-distribution --sampler-per --train-ranks --eval-ranks --scaling
+--alpha --normalize --init-a --inference-scale --lr --weight-decay --warmup-steps --max-steps --epochs
 --batch-size --grad-accum --max-grad-norm --seed --output-dir --save-every --keep-checkpoints
 --log-every --resume --no-resume --overwrite --progress --no-progress""".split()
 EVAL_OPTIONS = """--config --print-config --evaluator --model --ranks --inference-scales
@@ -701,9 +703,9 @@ def test_paper_recipes_follow_the_method(capsys):
     assert len(names) == 8
     for name in names:
         args = cli.parse_args(["train", "--config", str(RECIPES / name)])
-        adapter, train = train_command.check_options(args)
+        adapter, train, objective = train_command.check_options(args)
         assert adapter.r in (32, 256) and adapter.scaling == "sqrt"
-        assert adapter.prefix_loss is False  # the authors' objective
+        assert objective.to_dict() == {"name": "full"}  # the authors' objective
         assert adapter.target_modules == train_command.DEFAULT_TARGETS.split(",")
         assert train.epochs == 3 and train.batch_size * train.gradient_accumulation_steps == 32
         assert train.learning_rate == 8e-5 and train.autocast_dtype == "bfloat16"
@@ -728,8 +730,6 @@ def test_train_preset_sets_the_authors_options_and_options_override_it(tmp_path)
     args = parse_args([*base, "--config", str(config)])
     assert (args.init_a, args.inference_scale) == ("peft", "paper")  # file > preset
     args = parse_args(
-        [*base, "--prefix-sampling", "0.5", "--prefix-loss", "--normalize", "rms"]
-        + ["--prefix-loss-sample", "2"]
+        [*base, "--objective", "prefix-loss", "--prefix-loss-sample", "2", "--normalize", "rms"]
     )
-    assert (args.prefix_sampling, args.prefix_loss, args.normalize) == (0.5, True, "rms")
-    assert args.prefix_loss_sample == 2
+    assert (args.objective, args.prefix_loss_sample, args.normalize) == ("prefix-loss", 2, "rms")

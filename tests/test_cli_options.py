@@ -17,10 +17,11 @@ from matryoshka_lora import cli
 from matryoshka_lora.commands import options as opts
 from matryoshka_lora.commands import train as train_command
 from matryoshka_lora.commands import train_options
-from matryoshka_lora.config import A_INITS, DYLORA_UPDATES, NestedLoraConfig
+from matryoshka_lora.config import A_INITS, NestedLoraConfig
 from matryoshka_lora.nesting import INFERENCE_SCALES, METHODS, NORMALIZATIONS, SCALINGS
 from matryoshka_lora.sampling import DISTRIBUTIONS, FREQUENCIES
 from matryoshka_lora.train.loop import TrainConfig
+from matryoshka_lora.train.objective import OBJECTIVES, PrefixLoss, RankSampling
 
 BASE = ["train", "--model", "m", "--dataset", "d"]
 
@@ -34,7 +35,9 @@ def parse(tmp_path, file_text: str | None, *flags: str):
     return cli.parse_args([*argv, *flags])
 
 
-@pytest.mark.parametrize("owner", [NestedLoraConfig, TrainConfig, train_options.RunOptions])
+@pytest.mark.parametrize(
+    "owner", [NestedLoraConfig, TrainConfig, train_options.RunOptions, PrefixLoss, RankSampling]
+)
 def test_every_field_declares_its_help(owner):
     for field in dataclasses.fields(owner):
         if field.name != "extra":  # TrainConfig.extra: free-form data for callers
@@ -49,7 +52,6 @@ def test_choices_come_from_the_literal_types():
         ("normalize", NORMALIZATIONS),
         ("inference_scale", INFERENCE_SCALES),
         ("init_a", A_INITS),
-        ("dylora_update", DYLORA_UPDATES),
         ("sampler_distribution", DISTRIBUTIONS),
         ("sampler_per", FREQUENCIES),
     ]:
@@ -70,7 +72,13 @@ def test_help_and_defaults_are_the_fields():
     )
     assert lr.flags == ("--lr", "--learning-rate") and lr.keys == ("lr", "learning_rate")
     assert by_dest["r"].default == NestedLoraConfig().r
-    assert by_dest["prefix_loss"].kind == opts.FLAG and by_dest["overwrite"].kind == opts.SWITCH
+    assert by_dest["bf16"].kind == opts.FLAG and by_dest["overwrite"].kind == opts.SWITCH
+    shipped = {"lora-svd", "full", "prefix-loss", "rank-sampling"}
+    assert shipped <= set(by_dest["objective"].choices) <= set(OBJECTIVES)
+    assert (by_dest["prefix_loss_sample"].owner, by_dest["prefix_loss_sample"].field) == (
+        PrefixLoss,
+        "sample",
+    )
 
 
 def test_an_unsupported_field_type_is_a_clear_error():
@@ -83,11 +91,11 @@ def test_an_unsupported_field_type_is_a_clear_error():
 
 
 def test_flag_beats_config_file_beats_preset_beats_default(tmp_path):
-    assert parse(tmp_path, None).inference_scale is None  # the field's default
+    assert parse(tmp_path, None).inference_scale == "trained"  # the field's default
     preset = ("--preset", "matryoshka-paper")
     assert parse(tmp_path, None, *preset).inference_scale == "paper"
     file = "inference-scale: trained\n"
-    assert parse(tmp_path, file, *preset).inference_scale == "trained"
+    assert parse(tmp_path, file, *preset).inference_scale == "trained"  # file > preset
     args = parse(tmp_path, file, *preset, "--inference-scale", "paper")
     assert args.inference_scale == "paper"
     assert args.init_a == "authors"  # set by the preset alone
@@ -95,7 +103,7 @@ def test_flag_beats_config_file_beats_preset_beats_default(tmp_path):
     args = parse(tmp_path, "preset: matryoshka-paper\n")
     assert (args.init_a, args.inference_scale) == ("authors", "paper")
     args = parse(tmp_path, "preset: matryoshka-paper\n", "--preset", "lora")
-    assert (args.method, args.init_a, args.inference_scale) == ("lora", "peft", None)
+    assert (args.method, args.init_a, args.inference_scale) == ("lora", "peft", "trained")
 
 
 def test_a_list_option_given_as_a_flag_replaces_the_file_list(tmp_path):

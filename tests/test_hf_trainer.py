@@ -13,9 +13,10 @@ from matryoshka_lora.model import adapter_layers, adapter_state_dict
 from matryoshka_lora.sampling import RankSampler
 from matryoshka_lora.train import PaddingCollator
 from matryoshka_lora.train.hf_trainer import NestedLoraTrainer
+from matryoshka_lora.train.objective import FullLoss, PrefixLoss, RankSampling
 
 
-def make_trainer(tmp_path, name, method="matryoshka", callbacks=None, **kw):
+def make_trainer(tmp_path, name, method="lora", callbacks=None, objective=None, **kw):
     model = make_tiny_llama()
     ml.attach(model, ml.NestedLoraConfig(r=8, method=method, target_modules=LLAMA_TARGETS))
     args = TrainingArguments(**short_run_settings(tmp_path / name, **kw))
@@ -25,6 +26,7 @@ def make_trainer(tmp_path, name, method="matryoshka", callbacks=None, **kw):
         train_dataset=fixed_length_dataset(),
         data_collator=PaddingCollator(0),
         callbacks=callbacks or [],
+        objective=objective,
     )
     return model, trainer
 
@@ -78,23 +80,10 @@ def test_dylora_ranks_drawn_per_micro_batch(tmp_path):
     assert [b for _, _, b in trainer.sampled_ranks] == expected
     assert seen == expected  # the layers really ran at those ranks
     assert all(layer.sampled_rank is None for layer in adapter_layers(model).values())
-    with pytest.raises(
-        ValueError, match="applies to method 'dylora' or to an adapter with prefix_sampling"
-    ):
-        make_trainer_with_sampler(tmp_path)
-
-
-def make_trainer_with_sampler(tmp_path):
-    model = make_tiny_llama()
-    ml.attach(model, ml.NestedLoraConfig(r=8, target_modules=LLAMA_TARGETS))
-    args = TrainingArguments(output_dir=str(tmp_path / "x"), report_to=[], use_cpu=True)
-    return NestedLoraTrainer(
-        model=model,
-        args=args,
-        train_dataset=fixed_length_dataset(),
-        data_collator=PaddingCollator(0),
-        rank_sampler=RankSampler(8, (1, 2, 4, 8)),
-    )
+    with pytest.raises(ValueError, match="two ways to train prefixes"):
+        make_trainer(tmp_path, "refused", method="dylora", objective=PrefixLoss())
+    with pytest.raises(ValueError, match="unknown training objective 'nested'"):
+        make_trainer(tmp_path, "unknown", objective="nested")
 
 
 def test_gradient_checkpointing_trains(tmp_path):
@@ -126,15 +115,16 @@ def test_trainer_bf16_and_compile(tmp_path, extra):
 
 
 @pytest.mark.parametrize(
-    "spec",
+    "method, objective",
     [
-        {"method": "matryoshka", "prefix_loss": False},
-        {"method": "matryoshka", "prefix_loss": True, "prefix_loss_sample": 0},
-        {"method": "dylora"},
+        ("matryoshka", FullLoss()),
+        ("matryoshka", PrefixLoss(sample=0)),
+        ("dylora", RankSampling(per="step")),
+        ("lora", None),
     ],
-    ids=["plain", "prefix_loss", "dylora"],
+    ids=["plain", "prefix_loss", "dylora", "default"],
 )
-def test_trainer_accumulation_with_unequal_lengths_matches_one_batch(tmp_path, spec):
+def test_trainer_accumulation_with_unequal_lengths_matches_one_batch(tmp_path, method, objective):
     """``num_items_in_batch`` reaches every rank's loss: 4 x 2 examples equal 1 x 8."""
     from conftest import assert_tensors_close
     from ddp_worker import varied_length_dataset
@@ -142,7 +132,7 @@ def test_trainer_accumulation_with_unequal_lengths_matches_one_batch(tmp_path, s
     runs = []
     for batch, accum in ((8, 1), (2, 4)):
         model = make_tiny_llama()
-        ml.attach(model, ml.NestedLoraConfig(r=8, target_modules=LLAMA_TARGETS, **spec))
+        ml.attach(model, ml.NestedLoraConfig(r=8, method=method, target_modules=LLAMA_TARGETS))
         args = TrainingArguments(
             output_dir=str(tmp_path / f"b{batch}"),
             per_device_train_batch_size=batch,
@@ -157,15 +147,12 @@ def test_trainer_accumulation_with_unequal_lengths_matches_one_batch(tmp_path, s
             disable_tqdm=True,
             dataloader_num_workers=0,
         )
-        sampler = (
-            RankSampler(8, (1, 2, 4, 8), per="step", seed=7) if spec["method"] == "dylora" else None
-        )
         trainer = NestedLoraTrainer(
             model=model,
             args=args,
             train_dataset=varied_length_dataset(),
             data_collator=PaddingCollator(0),
-            rank_sampler=sampler,
+            objective=objective,
         )
         trainer.train()
         runs.append(adapter(model))

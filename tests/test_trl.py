@@ -11,8 +11,8 @@ from transformers import TrainerCallback
 import matryoshka_lora as ml
 from matryoshka_lora.eval import rank_sweep, teacher_forced_metric_fn
 from matryoshka_lora.model import adapter_layers, get_config
-from matryoshka_lora.sampling import RankSampler
-from matryoshka_lora.train.objective import prefix_loss_ranks_for
+from matryoshka_lora.sampling import RankSampler, prefix_loss_ranks
+from matryoshka_lora.train.objective import PrefixLoss
 
 pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
@@ -31,7 +31,13 @@ def sums_dataset(n: int, offset: int = 0):
     return datasets.Dataset.from_list(rows)
 
 
-def make_sft(tmp_path, name, method="matryoshka", callbacks=None, eval_dataset=None, **kw):
+# the nested prefix loss: the objective whose several forwards TRL's metrics must survive
+PREFIX = PrefixLoss(sample=1)
+
+
+def make_sft(
+    tmp_path, name, method="matryoshka", callbacks=None, eval_dataset=None, objective=PREFIX, **kw
+):
     model = make_tiny_llama()
     ml.attach(model, ml.NestedLoraConfig(r=8, method=method, target_modules=LLAMA_TARGETS))
     settings = short_run_settings(tmp_path / name, bf16=False, dataset_num_proc=None, **kw)
@@ -42,6 +48,7 @@ def make_sft(tmp_path, name, method="matryoshka", callbacks=None, eval_dataset=N
         eval_dataset=eval_dataset,
         processing_class=make_char_tokenizer(),
         callbacks=callbacks or [],
+        objective=objective,
     )
     return model, trainer
 
@@ -105,7 +112,7 @@ def test_sft_trainer_runs_the_prefix_loss_and_counts_tokens_once(tmp_path):
         r
         for step in range(3)
         for micro in range(2)
-        for r in prefix_loss_ranks_for(config, 7, step, micro)
+        for r in prefix_loss_ranks(tuple(config.train_ranks), PREFIX.sample, 7, step, micro)
     ]
     assert len(expected) == 12 and ranks_seen == expected
     # TRL's token count and per-forward metrics: once per micro-batch, not once per forward
@@ -118,6 +125,7 @@ def test_sft_trainer_dylora_draws_per_micro_batch(tmp_path):
         tmp_path,
         "dyl",
         method="dylora",
+        objective=None,
         max_steps=3,
         save_strategy="no",
         eval_dataset=sums_dataset(6, offset=1),
