@@ -34,6 +34,13 @@ from ..train.loop import TrainConfig, train_adapter
 from ..train.objective import forward_passes
 from .spec import ComparisonSpec, RunKey
 
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+
+def split_seed(spec: ComparisonSpec, split: str) -> int:
+    """The generator seed of a split of generated data: one seed per split, far apart."""
+    return spec.data_seed + 7919 * SPLITS.index(split)
+
 
 def splits_for(spec: ComparisonSpec, tokenizer) -> dict[str, torch.utils.data.Dataset]:
     """Train / validation / test splits drawn from disjoint seeds or slices.
@@ -45,8 +52,8 @@ def splits_for(spec: ComparisonSpec, tokenizer) -> dict[str, torch.utils.data.Da
     splits = {}
     if spec.dataset.startswith("reasoning-gym:"):
         sizes = {"train": spec.train_size, "val": spec.val_size, "test": spec.test_size}
-        for i, (name, size) in enumerate(sizes.items()):
-            records = load_records(spec.dataset, size=size, seed=spec.data_seed + 7919 * i)
+        for name, size in sizes.items():
+            records = load_records(spec.dataset, size=size, seed=split_seed(spec, name))
             splits[name] = SFTDataset(records, tokenizer, spec.format, spec.max_length)
         return splits
     dataset = resolve_dataset(spec.dataset)

@@ -285,7 +285,14 @@ class ComparisonRunner:
         paths = {"json": table.save_json(out / "results.json")}
         table.to_csv(out / "results.csv")
         paths["csv"] = out / "results.csv"
-        lines = [table.to_markdown(), "", "Learning rate chosen on the validation split:", ""]
+        kinds = {self.spec.source(row)[0] for row in self.spec.rows}
+        grids = [v for k, v in self.spec.learning_rates.items() if k.partition(":")[0] in kinds]
+        heading = (
+            "Learning rate chosen on the validation split:"
+            if any(len(grid) > 1 for grid in grids)
+            else "Learning rate (one per training method, none chosen):"
+        )
+        lines = [table.to_markdown(), "", heading, ""]
         for row, lr in self.chosen_learning_rates().items():
             rate = ", ".join(f"r={r}: {v:g}" for r, v in lr.items()) if isinstance(lr, dict) else lr
             lines.append(f"- {row}: {rate}")
