@@ -32,11 +32,17 @@ from matryoshka_lora.train import PaddingCollator  # noqa: E402
 from matryoshka_lora.train.distributed import gathered_adapters, is_zero3, run_gathered  # noqa: E402
 from matryoshka_lora.train.hf_trainer import NestedLoraTrainer  # noqa: E402
 
+# each variant: the adapter config's overrides and the base's dtype, and its training
+# objective's record (absent: the method's default, lora-svd for LoRA, rank sampling for DyLoRA)
 VARIANTS = {
     "lora": ({"method": "lora"}, torch.float32),
     "dylora": ({"method": "dylora"}, torch.float32),
-    "prefix_loss": ({"method": "matryoshka", "prefix_loss": True}, torch.float32),
-    "bf16_base": ({"method": "matryoshka", "prefix_loss": True}, torch.bfloat16),
+    "prefix_loss": ({"method": "matryoshka"}, torch.float32),
+    "bf16_base": ({"method": "matryoshka"}, torch.bfloat16),
+}
+OBJECTIVES = {
+    "prefix_loss": {"name": "prefix-loss", "sample": 1},
+    "bf16_base": {"name": "prefix-loss", "sample": 1},
 }
 
 
@@ -109,6 +115,7 @@ def make_trainer(
         args=args,
         train_dataset=fixed_length_dataset(),
         data_collator=PaddingCollator(0),
+        objective=OBJECTIVES.get(variant),
         **kw,
     )
     return model, trainer
