@@ -213,11 +213,11 @@ def test_a_fractional_steps_factor_rounds_the_budget_to_whole_steps(tmp_path):
     assert spec.steps_of("lora_2x") == (6, 2)
     assert spec.steps_of("lora_1p5x") == (5, 2)  # 4.5 and 1.5 steps round up
     # the compute of a run in forward-backward micro-batches: LoRA's steps times the
-    # factor, and the default's 2 forwards per micro-batch
+    # factor, and the sampled prefix loss's 2 forwards per micro-batch
     assert training_passes(spec, "lora") == 3 and training_passes(spec, "lora_1p5x") == 5
     assert training_passes(spec, "matryoshka") == 3 and training_passes(spec, "lora_2x") == 6
-    default = tiny_spec(kinds={"mat_prefix1": {"method": "matryoshka"}}, steps=3)
-    assert training_passes(default, "mat_prefix1") == 6
+    prefix = {"method": "matryoshka", "objective": {"name": "prefix-loss", "sample": 1}}
+    assert training_passes(tiny_spec(kinds={"mat_prefix1": prefix}, steps=3), "mat_prefix1") == 6
     runner = ComparisonRunner(spec, tmp_path / "out", progress=False)
     runner.run(make_tiny_llama(), make_char_tokenizer())
     assert len(runner.records[RunKey("lora_1p5x", 4, 1e-3, 0).name]["losses"]) == 5
@@ -229,11 +229,12 @@ def test_a_fractional_steps_factor_rounds_the_budget_to_whole_steps(tmp_path):
 def test_kinds_add_training_methods_with_loop_settings():
     spec = tiny_spec(
         rows=("mine_trained",),
-        kinds={"mine": {"method": "matryoshka", "prefix_loss": False, "train": {"seed": 7}}},
+        kinds={"mine": {"method": "matryoshka", "objective": "full", "train": {"seed": 7}}},
         learning_rates={"mine": [1e-3]},
     )
     assert spec.source("mine_trained") == ("mine", "trained")
-    assert spec.adapter_settings("mine") == {"method": "matryoshka", "prefix_loss": False}
+    assert spec.adapter_settings("mine") == {"method": "matryoshka"}
+    assert spec.objective_of("mine") == "full"
     assert spec.train_settings("mine") == {"seed": 7}
     with pytest.raises(ValueError, match="core kinds"):
         tiny_spec(kinds={"lora": {"method": "lora"}})

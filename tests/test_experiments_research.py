@@ -1,8 +1,10 @@
-"""The research comparison of experiments/: variants as extra kinds, old run logs completed."""
+"""The research comparison of experiments/: variants as extra kinds with their objectives,
+specs and run logs of earlier versions read, the report rewritten from saved results."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -11,9 +13,23 @@ from conftest import make_char_tokenizer, make_tiny_llama
 from test_compare import tiny_spec, write_dataset
 
 from matryoshka_lora.compare import ComparisonRunner, RunKey
+from matryoshka_lora.compare.run import training_passes
+from matryoshka_lora.config import NestedLoraConfig
+from matryoshka_lora.train.objective import resolve_objective
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-from research import VARIANT_KINDS, complete_records, paired_lines  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+from research import (  # noqa: E402
+    VARIANT_KINDS,
+    complete_records,
+    kind_from_legacy,
+    paired_lines,
+    research_spec,
+    saved_spec,
+    write_report,
+)
+
+RESULTS = ROOT / "experiments" / "results"
 
 
 def test_variants_svd_and_select_deployments_and_record_completion(tmp_path):
@@ -89,3 +105,92 @@ def test_paired_lines_pairs_over_two_seeds_once_a_row_shares_them():
     # seed 0: -1.00, seed 2: -1.50 at both ranks
     assert "| default | -1.25 ± 0.35 | -1.25 ± 0.35 | -1.25 ± 0.35 | 2 |" in lines
     assert "| lora_svd |" not in lines  # one shared seed, hidden beside a 2-seed row
+
+
+# ----------------------------------------------------------------------------- kinds and specs
+# passes per micro-batch of each variant over 150 steps of one micro-batch: the "passes per
+# micro-batch" column of the 150-step cost tables (mat_late: 112 steps at 1, 38 at 2)
+PASSES_PER_MICRO_BATCH = {
+    "mat_rms": 1.0,
+    "mat_steep": 1.0,
+    "mat_sampled": 1.0,
+    "mat_prefix": 5.0,  # every rank of S = {1, 2, 4, 8, 16}
+    "mat_prefix1": 2.0,
+    "mat_prefix1_every2": 1.5,
+    "mat_mixed": 1.0,
+    "mat_geometric": 1.0,
+    "mat_rebase": 1.0,
+    "mat_prefix1_w75": 2.0,
+    "mat_late": 188 / 150,
+    "lora_1p25x": 1.0,
+    "lora_1p5x": 1.0,
+}
+
+
+def test_every_variant_names_a_registered_objective_that_trains_its_adapter():
+    spec = research_spec(steps=150, warmup_steps=15)
+    assert PASSES_PER_MICRO_BATCH.keys() == VARIANT_KINDS.keys()
+    for kind, passes in PASSES_PER_MICRO_BATCH.items():
+        config = NestedLoraConfig(r=16, **{"scaling": spec.scaling, **spec.adapter_settings(kind)})
+        objective = resolve_objective(spec.objective_of(kind), config)  # registered, checked
+        assert objective.to_dict()["name"] == (
+            spec.objective_of(kind)
+            if isinstance(spec.objective_of(kind), str)
+            else spec.objective_of(kind)["name"]
+        )
+        max_steps = spec.steps_of(kind)[0]
+        assert training_passes(spec, kind) == pytest.approx(passes * max_steps), kind
+    # LoRA at 1.25x the steps: 188 of them, the compute of mat_late
+    assert training_passes(spec, "lora_1p25x") == training_passes(spec, "mat_late") == 188
+
+
+@pytest.mark.parametrize("folder", ["smollm2-gsm-symbolic-150", "smollm2-gsm8k-150"])
+def test_saved_kinds_of_earlier_versions_read_as_todays(folder):
+    """The spec.json of the recorded comparisons holds the kinds as adapter-config fields
+    (prefix_loss*, prefix_sampling, train.svd_rebase_every): each reads as its kind today."""
+    saved = json.loads((RESULTS / folder / "spec.json").read_text())["kinds"]
+    assert saved and all("objective" not in fields for fields in saved.values())
+    for kind, fields in saved.items():
+        assert kind_from_legacy(fields) == VARIANT_KINDS[kind], kind
+    spec = saved_spec(RESULTS / folder)
+    assert {k: spec.kinds[k] for k in saved} == {k: VARIANT_KINDS[k] for k in saved}
+
+
+def test_legacy_kind_fields_map_to_the_objective_they_trained():
+    assert kind_from_legacy({"method": "matryoshka"}) == {  # the old default: the prefix loss
+        "method": "matryoshka",
+        "objective": {"name": "prefix-loss", "sample": 1},
+    }
+    assert kind_from_legacy({}) == kind_from_legacy({"method": "matryoshka"})
+    assert kind_from_legacy({"method": "matryoshka_exact", "prefix_loss": False}) == {
+        "method": "matryoshka",
+        "objective": "full",
+    }
+    dylora = {"method": "dylora", "train": {"sampler_per": "step", "seed": 3}}
+    assert kind_from_legacy(dylora) == {
+        "method": "dylora",
+        "objective": {"name": "rank-sampling", "per": "step"},
+        "train": {"seed": 3},
+    }
+    assert kind_from_legacy({"method": "lora", "steps_factor": 2}) == {
+        "method": "lora",
+        "objective": "full",
+        "steps_factor": 2,
+    }
+    today = {"method": "lora", "objective": "lora-svd"}
+    assert kind_from_legacy(today) == today
+    with pytest.raises(ValueError, match="'last' update mode no longer exists"):
+        kind_from_legacy({"method": "dylora", "dylora_update": "last"})
+
+
+def test_report_rewritten_from_a_saved_folder_is_the_committed_one(tmp_path):
+    """The 150-step GSM-Symbolic comparison (every variant): its tables and cost column come
+    out of today's kinds and objectives as the committed results.md has them."""
+    source = RESULTS / "smollm2-gsm-symbolic-150"
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for name in ("spec.json", "runs.jsonl", "base_model.json"):
+        shutil.copy(source / name, folder / name)
+    spec = saved_spec(folder)
+    write_report(ComparisonRunner(spec, folder, progress=False), title="report")
+    assert (folder / "results.md").read_text() == (source / "results.md").read_text()
