@@ -115,7 +115,7 @@ def test_a_list_option_given_as_a_flag_replaces_the_file_list(tmp_path):
     # a flag of an exclusive group replaces the file's rival
     args = parse(tmp_path, file, "--target-regex", ".*q_proj")
     assert args.target_modules is None and args.target_regex == ".*q_proj"
-    adapter, _ = train_command.check_options(args)
+    adapter, _, _ = train_command.check_options(args)
     assert adapter.target_modules == ".*q_proj" and adapter.train_ranks == (1, 2, 8)
     args = parse(tmp_path, "target-regex: '.*'\n", "--target-modules", "q_proj")
     assert args.target_modules == ["q_proj"] and args.target_regex is None
