@@ -407,3 +407,13 @@ def test_native_folder_without_peft_type_still_loads(tmp_path, input_ids):
     loaded = ml.load_adapter(make_tiny_llama(), tmp_path / "old")
     assert mlm.get_config(loaded) == mlm.get_config(native)
     assert mlp.load_native(make_tiny_llama(), tmp_path / "old").peft_config["default"].r == R
+
+
+def test_native_config_round_trip():
+    native = native_config("matryoshka", "rank", train_ranks=(2, 3, 8), inference_scale="paper")
+    hosted = MatryoshkaLoraConfig.from_nested(native, task_type="CAUSAL_LM")
+    assert hosted.lora_alpha == 2.0 and hosted.task_type == "CAUSAL_LM"
+    # PEFT keeps target_modules as a set: the round trip lists them sorted
+    assert hosted.to_nested() == native.replace(target_modules=sorted(native.target_modules))
+    for rank in range(1, R + 1):
+        assert torch.equal(hosted.deployed_scales(rank), native.deployed_scales(rank))

@@ -18,6 +18,7 @@ from typing import Any, Literal, get_args
 
 from peft import LoraConfig
 
+from ..config import NestedLoraConfig
 from ..nesting import (
     INFERENCE_SCALES,
     METHODS,
@@ -168,8 +169,29 @@ class MatryoshkaLoraConfig(LoraConfig):
             self.inference_scale,
         )
 
+    def to_nested(self) -> NestedLoraConfig:
+        """The native ``NestedLoraConfig`` of the same function (what a training
+        objective plans with)."""
+        targets = self.target_modules
+        if isinstance(targets, set | list):
+            targets = sorted(targets)
+        return NestedLoraConfig(
+            r=self.r,
+            method=self.method,
+            train_ranks=tuple(self.train_ranks),
+            eval_ranks=tuple(self.eval_ranks),
+            scaling=self.scaling,
+            alpha=self.lora_alpha,
+            normalize=self.normalize,
+            dropout=self.lora_dropout,
+            init_a=self.init_a,
+            inference_scale=self.inference_scale,
+            base_model_name_or_path=self.base_model_name_or_path,
+            **({} if targets is None else {"target_modules": targets}),
+        )
+
     @classmethod
-    def from_nested(cls, config: Any, **peft_fields: Any) -> MatryoshkaLoraConfig:
+    def from_nested(cls, config: NestedLoraConfig, **peft_fields: Any) -> MatryoshkaLoraConfig:
         """The PEFT config of a native ``NestedLoraConfig`` (the same function).
 
         ``peft_fields`` sets PEFT-only fields (``task_type``, ``modules_to_save``, ...).
