@@ -49,12 +49,12 @@ def tiny(tmp_path_factory) -> Path:
     return root
 
 
-def run_demo(root: Path, out: str) -> str:
+def run_demo(root: Path, out: str, *extra: str) -> str:
     """The demo's stdout on the tiny model and data of ``root``, written to ``root / out``."""
     args = ["demo", "--model", str(root / "model"), "--dataset", str(root / "data")]
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        code = cli.main([*args, *TINY, "--output-dir", str(root / out)])
+        code = cli.main([*args, *TINY, "--output-dir", str(root / out), *extra])
     assert code == 0, stdout.getvalue()[-2000:]
     return stdout.getvalue()
 
@@ -84,13 +84,11 @@ def test_help_gives_every_option_a_help_text_and_its_default(monkeypatch):
         assert needle in text, needle
 
 
-def test_full_sets_seeds_and_folder_unless_given():
+def test_full_runs_three_seeds_unless_seeds_are_given():
     args = cli.parse_args(["demo", "--full"])
-    assert args.seeds == (0, 1, 2) and args.output_dir == "matryoshka-lora-demo-full"
-    args = cli.parse_args(["demo", "--full", "--seeds", "5,7", "--output-dir", "x"])
-    assert args.seeds == (5, 7) and args.output_dir == "x"
-    args = cli.parse_args(["demo"])
-    assert args.seeds == (0,) and args.output_dir == "matryoshka-lora-demo"
+    assert args.seeds == (0, 1, 2) and args.output_dir == "matryoshka-lora-demo"
+    assert cli.parse_args(["demo", "--full", "--seeds", "5,7"]).seeds == (5, 7)
+    assert cli.parse_args(["demo"]).seeds == (0,)
 
 
 @pytest.mark.parametrize("bad", ["", "1,1", "-1", "a"])
@@ -240,6 +238,15 @@ def test_numbers_repeat_exactly_in_a_fresh_folder(tiny, first):
     assert json.loads((tiny / "run2" / "results.json").read_text()) == first_table
     findings = [x for x in first.splitlines() if x.startswith("default path minus")]
     assert findings and findings[0] in again
+
+
+def test_more_seeds_in_the_same_folder_train_only_the_new_ones(tiny, first):
+    shutil.copytree(tiny / "run1", tiny / "more")
+    text = run_demo(tiny, "more", "--seeds", "0,1")
+    assert (tiny / "more" / "runs.jsonl").read_text().count("\n") == 4  # 2 runs of seed 1 added
+    table = Comparison.load_json(tiny / "more" / "results.json")
+    assert table.n_runs(DEFAULT) == table.n_runs(PAPER) == 2
+    assert "mean ± std over 2 seeds, paired by seed" in text
 
 
 # ---------------------------------------------------------------------------- real model
