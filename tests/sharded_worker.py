@@ -26,9 +26,9 @@ from conftest import LLAMA_TARGETS, make_tiny_llama  # noqa: E402
 from ddp_worker import fixed_length_dataset  # noqa: E402
 
 import matryoshka_lora as ml  # noqa: E402
-from matryoshka_lora.eval.svd import svd_rebase_  # noqa: E402
 from matryoshka_lora.export import export_peft, save_merged  # noqa: E402
 from matryoshka_lora.model import adapter_state_dict  # noqa: E402
+from matryoshka_lora.svd import svd_rebase_  # noqa: E402
 from matryoshka_lora.train import PaddingCollator, TrainConfig, train_adapter  # noqa: E402
 from matryoshka_lora.train.distributed import (  # noqa: E402
     gathered_adapters,
@@ -38,17 +38,13 @@ from matryoshka_lora.train.distributed import (  # noqa: E402
     shard_model,
 )
 
-# variant -> (NestedLoraConfig overrides, base dtype)
+# variant -> (NestedLoraConfig overrides, base dtype, training objective; None: the method's)
 VARIANTS = {
-    "lora": ({"method": "lora"}, torch.float32),
-    "dylora": ({"method": "dylora"}, torch.float32),
-    "matryoshka": ({"method": "matryoshka", "prefix_loss": False}, torch.float32),
-    "prefix_loss": ({"method": "matryoshka", "prefix_loss": True}, torch.float32),
-    "prefix_sampling": (
-        {"method": "matryoshka", "prefix_loss": False, "prefix_sampling": 0.5},
-        torch.float32,
-    ),
-    "bf16_base": ({"method": "matryoshka", "prefix_loss": True}, torch.bfloat16),
+    "lora": ({"method": "lora"}, torch.float32, None),  # the default: re-based after the last step
+    "dylora": ({"method": "dylora"}, torch.float32, None),
+    "matryoshka": ({"method": "matryoshka"}, torch.float32, None),
+    "prefix_loss": ({"method": "matryoshka"}, torch.float32, {"name": "prefix-loss"}),
+    "bf16_base": ({"method": "matryoshka"}, torch.bfloat16, {"name": "prefix-loss"}),
 }
 RESUMED = ("dylora", "prefix_loss")
 
@@ -58,13 +54,12 @@ class Crash(RuntimeError):
 
 
 def adapter_config(variant: str) -> ml.NestedLoraConfig:
-    overrides, _ = VARIANTS[variant]
+    overrides = VARIANTS[variant][0]
     return ml.NestedLoraConfig(r=8, target_modules=LLAMA_TARGETS, **overrides)
 
 
 def build(variant: str, mode: str) -> torch.nn.Module:
-    _, dtype = VARIANTS[variant]
-    model = make_tiny_llama(dtype=dtype)
+    model = make_tiny_llama(dtype=VARIANTS[variant][1])
     ml.attach(model, adapter_config(variant))
     if mode == "fsdp":
         shard_model(model)
@@ -177,8 +172,14 @@ def main() -> None:
         model = build(variant, mode)
         run = os.path.join(folder, "run")
         save_every = 2 if variant in RESUMED else None
+        objective = VARIANTS[variant][2]
         train_adapter(
-            model, data, train_config(run, batch_size, save_every=save_every), collate, resume=False
+            model,
+            data,
+            train_config(run, batch_size, save_every=save_every),
+            collate,
+            resume=False,
+            objective=objective,
         )
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         dump(model, os.path.join(folder, f"rank{rank}.safetensors"))
@@ -213,13 +214,18 @@ def main() -> None:
                     collate,
                     resume=False,
                     on_step=crash_at_3,
+                    objective=objective,
                 )
             except Crash:
                 pass
             resumed = build(variant, mode)
             torch.manual_seed(12345 + rank)  # whatever RNG state a new process has
             result = train_adapter(
-                resumed, data, train_config(crashed, batch_size, save_every=2), collate
+                resumed,
+                data,
+                train_config(crashed, batch_size, save_every=2),
+                collate,
+                objective=objective,
             )
             assert result.resumed_from == 2, result.resumed_from
             dump(resumed, os.path.join(folder, f"resumed_rank{rank}.safetensors"))

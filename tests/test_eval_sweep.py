@@ -177,9 +177,9 @@ def test_progress_bar_and_errors(capsys):
 
 
 def test_svd_deployment_matches_an_explicit_rebase_and_restores_the_adapter():
-    from matryoshka_lora.eval.svd import svd_rebase_
+    from matryoshka_lora.svd import svd_rebase_
 
-    model = adapted(prefix_sampling=0.5)
+    model = adapted()
     config = get_config(model)
     before = {k: v.clone() for k, v in adapter_state_dict(model).items()}
     full = logit_sum(model)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from masked_sum import masked_sum
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from transformers.pytorch_utils import Conv1D
@@ -34,19 +35,13 @@ def make_layer(dtype=torch.float32, seed=0, **config) -> NestedLoraLinear:
     return layer
 
 
-def masked_sum(layer: NestedLoraLinear, x: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
-    """The MatryoshkaLoRA update as the authors define it: a masked sum of |S| sub-adapters,
-    ``weight * sum_{r in S} s(r) x A[:r]^T B[:, :r]^T`` (|S| LoRA forwards; the test oracle)."""
-    out = layer.base_layer(x)
-    for r in layer.train_ranks:
-        term = (x @ layer.lora_A[:r].T) @ layer.lora_B[:, :r].T
-        out = out + term * (weight * rank_scale(r, layer.scaling, layer.alpha))
-    return out
-
-
-def masked_sum_grads(layer, x, weight: float = 1.0):
+def masked_sum_grads(layer: NestedLoraLinear, x: torch.Tensor, normalize: str = "none"):
+    """Output and gradients of the authors' masked sum of |S| sub-adapters (the oracle)."""
     layer.zero_grad()
-    out = masked_sum(layer, x, weight)
+    delta = masked_sum(
+        x, layer.lora_A, layer.lora_B, layer.train_ranks, layer.scaling, layer.alpha, normalize
+    )
+    out = layer.base_layer(x) + delta
     (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape).to(out.dtype)).sum().backward()
     return out.detach(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
 
@@ -78,7 +73,7 @@ def test_authors_masked_sum_is_diag_over_n(scaling):
     diag = make_layer(torch.float64, method="matryoshka", scaling=scaling, normalize="none")
     x = x_input(torch.float64)
     base = diag.base_layer(x)
-    authors = masked_sum(diag, x, weight=1 / len(S)).detach()
+    authors = masked_sum_grads(diag, x, normalize="mean")[0]
     torch.testing.assert_close(diag(x) - base, len(S) * (authors - base))
     diag_mean = make_layer(torch.float64, method="matryoshka", scaling=scaling, normalize="mean")
     diag_mean.load_state_dict(diag.state_dict())

@@ -18,11 +18,11 @@ from safetensors.torch import load_file
 from sharded_worker import RESUMED, VARIANTS
 
 import matryoshka_lora as ml
-from matryoshka_lora.eval.svd import svd_rebase_
 from matryoshka_lora.export import export_peft, save_merged
 from matryoshka_lora.io import read_adapter_config
 from matryoshka_lora.model import adapter_state_dict
 from matryoshka_lora.nesting import inference_p, training_p
+from matryoshka_lora.svd import svd_rebase_
 
 pytestmark = pytest.mark.slow
 WORKER = Path(__file__).parent / "sharded_worker.py"
@@ -106,7 +106,7 @@ def test_sharded_save_writes_the_full_adapter_once(runs, variant):
 
 
 def _fresh(variant: str) -> torch.nn.Module:
-    overrides, dtype = VARIANTS[variant]
+    overrides, dtype, _ = VARIANTS[variant]
     model = make_tiny_llama(dtype=dtype)
     return ml.attach(model, ml.NestedLoraConfig(r=8, target_modules=LLAMA_TARGETS, **overrides))
 
@@ -150,7 +150,7 @@ def test_sharded_svd_rebase_equals_rebasing_the_saved_adapter(runs):
     ml.load_adapter(model, folder / "run" / "adapter")
     svd_rebase_(model)
     config, _ = read_adapter_config(folder / "svd")
-    assert (config.method, config.scaling) == ("lora", "none")
+    assert (config.method, config.inference_scale) == ("matryoshka", "trained")
     got = load_file(folder / "svd" / "adapter.safetensors")
     want = adapter_state_dict(model)
     assert set(got) == set(want)
