@@ -100,9 +100,11 @@ def load_pretrained(
     num_labels: int | None = None,
     dtype: torch.dtype | str = torch.float32,
     source: str | None = None,
+    **model_kwargs,
 ):
     """Load ``(model, tokenizer)``: a causal LM (``task="causal-lm"``) or, for
     ``"seq-cls"``, an encoder or decoder with a fresh ``num_labels``-way classifier head.
+    ``model_kwargs`` go to ``from_pretrained`` (``quantization_config``, ``device_map``).
 
     ``name_or_path`` is a packaged alias, a hub id or a local folder; ``source``
     is where its files are when the caller has resolved it already (default:
@@ -118,10 +120,10 @@ def load_pretrained(
     model: nn.Module
     if task == "seq-cls":
         model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, dtype=dtype
+            path, num_labels=num_labels, dtype=dtype, **model_kwargs
         )
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **model_kwargs)
     if name_or_path.lower() in ALIASES:
         model.config._name_or_path = ALIASES[name_or_path.lower()]
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:

@@ -6,6 +6,10 @@ the sub-command's long option names, with dashes or underscores
 must name the sub-command. Values are converted by the option's own type, so a
 file value is checked exactly like the same value on the command line; lists
 may be YAML lists or comma strings. An unknown key is an error that names it.
+A ``train`` file may also spell options as TRL's and PEFT's configs do
+(:data:`FOREIGN_KEYS`: ``model_name_or_path``, ``per_device_train_batch_size``,
+``lora_r``, ...); a key whose meaning differs here (``lora_alpha``) is refused with
+the reason (:data:`REFUSED_KEYS`).
 
 The options themselves are declared on dataclasses; :mod:`.options` converts
 a file's values by each option's declaration and merges them with the other
@@ -24,6 +28,40 @@ from typing import Any
 from .errors import CLIError, one_line
 
 RESOLVED_CONFIG_STEM = "resolved_config"
+
+# command -> {TRL / PEFT config key: the command's own key}: the names of the same settings
+# in TRL's SFTConfig, ScriptArguments and ModelConfig (PEFT's LoraConfig without "lora_").
+# Keys that TRL spells as this CLI does (learning_rate, max_length, max_steps, seed, bf16,
+# output_dir, report_to, load_in_4bit, ...) need no entry.
+FOREIGN_KEYS: dict[str, dict[str, str]] = {
+    "train": {
+        "model_name_or_path": "model",
+        "dataset_name": "dataset",
+        "dataset_config": "dataset_subset",
+        "dataset_train_split": "split",
+        "dataset_test_split": "eval_split",
+        "per_device_train_batch_size": "batch_size",
+        "per_device_eval_batch_size": "eval_batch_size",
+        "gradient_accumulation_steps": "grad_accum",
+        "num_train_epochs": "epochs",
+        "logging_steps": "log_every",
+        "save_steps": "save_every",
+        "save_total_limit": "keep_checkpoints",
+        "eval_steps": "eval_every",
+        "lora_r": "r",
+        "lora_target_modules": "target_modules",
+        "lora_dropout": "dropout",
+    },
+}
+# command -> {key: why it is refused}: keys of TRL / PEFT whose value means something else here
+REFUSED_KEYS: dict[str, dict[str, str]] = {
+    "train": {
+        "lora_alpha": "PEFT scales the update by lora_alpha/r, while alpha here is the multiplier "
+        "of s(r) (alpha/sqrt(r) under the default scaling: sqrt), so the same number trains "
+        "another step size; set alpha instead (default 1; scaling: rank with alpha: <lora_alpha> "
+        "is PEFT's rule)",
+    },
+}
 
 
 def _yaml():
@@ -76,15 +114,22 @@ def file_entries(
 ) -> Iterator[tuple[str, str, Any]]:
     """``(key as written, key with underscores, value)`` for each option in config file ``path``.
 
-    ``keys`` are the option names the file may use (underscores). Raises
-    :class:`CLIError` for a ``command`` key naming another sub-command and for an
-    unknown key (with the closest known key as a hint).
+    ``keys`` are the option names the file may use (underscores); a key of
+    :data:`FOREIGN_KEYS` is yielded as the command's own. Raises :class:`CLIError`
+    for a ``command`` key naming another sub-command, for a key of
+    :data:`REFUSED_KEYS` (with the reason) and for an unknown key (with the
+    closest known key as a hint).
     """
     known = list(keys)
+    foreign, refused = FOREIGN_KEYS.get(command, {}), REFUSED_KEYS.get(command, {})
     for key, value in read_config_file(path).items():
         if not isinstance(key, str):
             raise CLIError(f"config file {path}: key {key!r} is not an option name")
         norm = key.lstrip("-").replace("-", "_")
+        if norm in refused:
+            raise CLIError(f"config file {path}: key {key!r} is not accepted: {refused[norm]}")
+        if norm not in known:
+            norm = foreign.get(norm, norm)
         if norm == "command":
             if value != command:
                 raise CLIError(

@@ -200,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
         )
     device = resolve_device(args.device)
     model_name = base_model_name(args.model, config)
-    model_source(model_name)
+    source = model_source(model_name)  # the packaged model's local copy for its hub id
 
     from .. import export as mlx
     from ..io import load_adapter
@@ -245,8 +245,10 @@ def run(args: argparse.Namespace) -> int:
         sub = "" if len(ranks) == 1 else f", subfolder={mlx.RANK_FOLDER.format(rank=ranks[0])!r}"
         print(
             "load with: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("
-            f"{model_name!r}), <folder>{sub})"
+            f"{source!r}), <folder>{sub})"
         )
+        if source != model_name and not Path(model_name).exists():
+            print(f"  (the base is the local copy of {model_name}; the hub id works online too)")
         from ..serving import vllm_max_lora_rank
 
         print(f"vLLM: --enable-lora --max-lora-rank {vllm_max_lora_rank(max(ranks))}")

@@ -10,6 +10,7 @@ from .errors import CLIError, one_line
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]  # auto: as stored in the checkpoint
 DTYPES: tuple[str, ...] = get_args(Dtype)
+Quantization = Literal["4bit", "8bit"]  # bitsandbytes: NF4 with double quantisation; LLM.int8
 
 
 def resolve_device(spec: str):
@@ -48,6 +49,35 @@ def torch_dtype(name: str | None):
     if name in (None, "auto"):
         return "auto"
     return getattr(torch, name)
+
+
+def require_bitsandbytes(bits: Quantization) -> None:
+    """Raise :class:`CLIError` if bitsandbytes, which ``--load-in-<bits>`` needs, is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise CLIError(
+            f"--load-in-{bits} needs bitsandbytes: pip install 'matryoshka-lora[quantisation]'"
+        )
+
+
+def quantization_config(bits: Quantization, compute_dtype: str | None = None):
+    """transformers' ``BitsAndBytesConfig`` of a QLoRA base: 4-bit NF4 with double
+    quantisation computing in ``compute_dtype`` (default float32), or LLM.int8.
+
+    Raises :class:`CLIError` if bitsandbytes is not installed.
+    """
+    require_bitsandbytes(bits)
+    from transformers import BitsAndBytesConfig
+
+    if bits == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch_dtype(compute_dtype or "float32"),
+    )
 
 
 # ---------------------------------------------------------------------------- models
@@ -95,11 +125,14 @@ def load_model(
     dtype: str | None = "auto",
     device=None,
     progress: bool = True,
+    quantization: Quantization | None = None,
 ):
     """Load ``(model, tokenizer)`` for ``task`` (``causal-lm`` or ``seq-cls``) on ``device``.
 
     :func:`matryoshka_lora.assets.load_pretrained` with the command line's
-    checks of ``name`` (:func:`model_source`) and one-line errors.
+    checks of ``name`` (:func:`model_source`) and one-line errors. With
+    ``quantization`` the linear layers load quantized by bitsandbytes
+    (:func:`quantization_config`, computing in ``dtype``) straight onto ``device``.
     """
     from ..assets import load_pretrained
 
@@ -108,15 +141,20 @@ def load_model(
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    extra = {}
+    if quantization is not None:
+        compute = dtype if dtype not in (None, "auto") else "float32"
+        extra["quantization_config"] = quantization_config(quantization, compute)
+        extra["device_map"] = {"": device if device is not None else "cpu"}
     try:
         model, tokenizer = load_pretrained(
-            name, task, num_labels=num_labels, dtype=torch_dtype(dtype), source=source
+            name, task, num_labels=num_labels, dtype=torch_dtype(dtype), source=source, **extra
         )
     except OSError as err:
         raise CLIError(f"could not load model {name!r}: {one_line(err)}") from None
     except (ValueError, KeyError) as err:
         kind = "sequence classifier" if task == "seq-cls" else "causal LM"
         raise CLIError(f"could not load {name!r} as a {kind}: {one_line(err)}") from None
-    if device is not None:
+    if device is not None and quantization is None:  # a quantized model loads on its device
         model.to(device)
     return model, tokenizer

@@ -1,7 +1,9 @@
 """``matryoshka-lora train``: fine-tune a nested-rank adapter with the plain training loop.
 
 Outputs in ``--output-dir``: ``resolved_config.yaml`` (every option of the run,
-loadable with ``--config``), ``train_config.json``, ``training_log.jsonl``,
+loadable with ``--config``), ``train_config.json``, ``training_log.jsonl`` (with
+``--eval-every``, the rank curve on held-out data too; with ``--report-to``, also
+sent to experiment trackers, TensorBoard's files in ``logs/``),
 ``checkpoints/step-N/`` (with ``--save-every``), the final adapter in
 ``adapter/`` and ``train_summary.json``. Under ``torchrun`` the loop runs
 data-parallel; only process 0 writes.
@@ -40,6 +42,7 @@ from ._common import (
     resolve_device,
     write_resolved_config,
 )
+from .models import Quantization, require_bitsandbytes
 from .options import add_groups, listing
 from .train_options import EXCLUSIVE, GROUPS, OPTIONS, fields_of, resolve_args
 from .train_outputs import check_output_dir, clear_earlier_run, seq_cls_resume_point
@@ -47,6 +50,7 @@ from .train_outputs import check_output_dir, clear_earlier_run, seq_cls_resume_p
 DEFAULT_TARGETS = ",".join(LLAMA_PROJECTIONS)
 SEQ_CLS_ONLY = ("num_labels", "text_field", "label_field")
 CAUSAL_ONLY = ("format",)
+EVAL_OPTIONS = ("eval_dataset", "eval_split", "eval_size", "eval_batch_size")
 # the settings of each objective: option dest -> the objective's field
 OBJECTIVE_SETTINGS: dict[str, dict[str, str]] = {
     PrefixLoss.name: {"prefix_loss_sample": "sample"},
@@ -111,6 +115,22 @@ def check_options(
         )
     else:
         reject_options(args, SEQ_CLS_ONLY, "only for --task seq-cls")
+    quantization(args)
+    if args.eval_every is None:
+        reject_options(args, EVAL_OPTIONS, "only for the rank curve while training (--eval-every)")
+    else:
+        if args.task == "seq-cls":
+            raise CLIError(
+                "--eval-every is only for --task causal-lm (a teacher-forced rank curve)"
+            )
+        eval_source(args)
+    if args.report_to:
+        from ..train.tracking import check_report_to
+
+        try:
+            check_report_to(args.report_to)
+        except ValueError as err:
+            raise CLIError(f"--report-to: {err}") from None
     fields = fields_of(args, NestedLoraConfig)
     if args.target_regex is not None:
         fields["target_modules"] = args.target_regex
@@ -123,12 +143,52 @@ def check_options(
     objective = check_objective(args, adapter)
     fields = fields_of(args, TrainConfig)
     fields["max_grad_norm"] = args.max_grad_norm or None  # 0 disables clipping
+    fields["report_to"] = args.report_to or []
     fields["autocast_dtype"] = "bfloat16" if args.bf16 else None
     try:
         train = TrainConfig(**fields)
     except ValueError as err:
         raise CLIError(f"invalid training options: {err}") from None
     return adapter, train, objective
+
+
+def quantization(args: argparse.Namespace) -> Quantization | None:
+    """``4bit`` / ``8bit`` for ``--load-in-4bit`` / ``--load-in-8bit`` (checked), else None."""
+    if args.load_in_4bit and args.load_in_8bit:
+        raise CLIError("--load-in-4bit and --load-in-8bit exclude each other: keep one")
+    bits: Quantization | None = (
+        "4bit" if args.load_in_4bit else "8bit" if args.load_in_8bit else None
+    )
+    if bits is not None:
+        if args.task == "seq-cls":
+            raise CLIError(f"--load-in-{bits} is only for --task causal-lm")
+        require_bitsandbytes(bits)
+    return bits
+
+
+def eval_source(args: argparse.Namespace) -> tuple[str, str, str | None, int]:
+    """``(source, split, hub subset, reasoning-gym seed)`` of the rank curve's held-out records.
+
+    Default: ``--dataset``'s ``--eval-split`` (``test``); reasoning-gym generates
+    them with ``--data-seed + 1``. A single training file has no held-out split.
+    """
+    split = args.eval_split or "test"
+    seed = args.data_seed + 1
+    if args.eval_dataset:
+        return args.eval_dataset, split, None, seed
+    source = args.dataset
+    if not source.startswith("reasoning-gym:"):
+        if Path(source).is_file():
+            raise CLIError(
+                f"--eval-every needs held-out data, and --dataset {source} is a single file: "
+                f"pass --eval-dataset FILE (or a folder with {args.split}.* and {split}.* files)"
+            )
+        if split == args.split:
+            raise CLIError(
+                f"--eval-split {split} is the training split: evaluate on another split "
+                "(--eval-split) or other data (--eval-dataset)"
+            )
+    return source, split, args.dataset_subset, seed
 
 
 def check_objective(args: argparse.Namespace, adapter: NestedLoraConfig) -> TrainingObjective:
@@ -205,6 +265,12 @@ def run(args: argparse.Namespace) -> int:
         fields,
         what,
     )
+    eval_records = None
+    if args.eval_every is not None:
+        source, split, subset, seed = eval_source(args)
+        eval_records = load_records_checked(
+            source, split, subset, args.eval_size, seed, fields, what
+        )
 
     import torch
 
@@ -219,6 +285,7 @@ def run(args: argparse.Namespace) -> int:
         dtype="bfloat16" if args.bf16 else "float32",
         device=device,
         progress=args.progress,
+        quantization=quantization(args),
     )
     if tokenizer.pad_token_id is None:
         raise CLIError("the tokenizer has neither a pad token nor an EOS token to pad with")
@@ -232,6 +299,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         dataset = SFTDataset(records, tokenizer, fmt, args.max_length)
         collate = PaddingCollator(tokenizer.pad_token_id)
+    eval_dataset = None
+    if eval_records is not None:
+        eval_dataset = SFTDataset(eval_records, tokenizer, fmt, args.max_length)
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if len(dataset) < args.batch_size * world:
@@ -265,10 +335,18 @@ def run(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         config_path = write_resolved_config(out, resolved)
         dropped = getattr(dataset, "dropped", 0)
+        bits = quantization(args)
         print(
-            f"model: {args.model} ({type(model).__name__}) on {device}; dataset: {args.dataset} "
+            f"model: {args.model} ({type(model).__name__}"
+            + (f", {bits} bitsandbytes base" if bits else "")
+            + f") on {device}; dataset: {args.dataset} "
             f"({len(dataset)} examples" + (f", {dropped} dropped" if dropped else "") + ")"
         )
+        if eval_dataset is not None:
+            print(
+                f"rank curve: every {args.eval_every} steps on {eval_source(args)[0]} "
+                f"({len(eval_dataset)} examples)"
+            )
         print(parameter_summary(model))
         if head_params:
             print(f"classifier head: {head_params:,} trainable parameters")
@@ -291,7 +369,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"FSDP2: every decoder layer sharded across {world} processes")
     started = time.perf_counter()
     result = train_adapter(
-        model, dataset, train_config, collate, resume=resume, on_step=on_step, objective=objective
+        model,
+        dataset,
+        train_config,
+        collate,
+        resume=resume,
+        on_step=on_step,
+        objective=objective,
+        eval_dataset=eval_dataset,
     )
     if not main:
         return 0
@@ -316,4 +401,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"trained {result.steps} steps{resumed} in {summary['seconds']:.1f} s{loss}")
     print(f"adapter: {result.adapter_dir}")
     print(f"log: {out / 'training_log.jsonl'}")
+    if "tensorboard" in train_config.report_to or "all" in train_config.report_to:
+        print(f"TensorBoard: tensorboard --logdir {out / 'logs'}")
+    bits = quantization(args)
+    if bits:
+        print(
+            f"trained on a {bits} base: serve the PEFT export (export --format peft) on the same "
+            "quantized base; a merged export (--format merged) folds it into the unquantized weights"
+        )
     return 0

@@ -70,6 +70,22 @@ class RunOptions:
             "(adapters stay float32)"
         },
     )
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={
+            "help": "QLoRA: load the base quantized to 4-bit NF4 with bitsandbytes (double "
+            "quantisation; computes in bf16 with --bf16, else fp32), frozen under float32 "
+            "adapters; serve the PEFT export on the same quantized base (a merged export "
+            "loads the base unquantized)"
+        },
+    )
+    load_in_8bit: bool = field(
+        default=False,
+        metadata={
+            "help": "load the base quantized to 8-bit with bitsandbytes (LLM.int8), frozen under "
+            "float32 adapters (as --load-in-4bit)"
+        },
+    )
     dataset: str | None = field(
         default=None,
         metadata={
@@ -87,8 +103,10 @@ class RunOptions:
         default=None,
         metadata={
             "help": "causal-lm record format: gsm8k {question, answer}, alpaca {instruction, "
-            "input, output}, chat {messages}, text {text} (default: gsm8k); prompts are "
-            "masked out of the loss"
+            "input, output}, prompt-completion {prompt, completion} (TRL's: text, or lists of "
+            "messages through the chat template), messages {messages} (TRL's conversational "
+            "format: the last assistant turn is the target; chat is another name for it), text "
+            "{text} (default: gsm8k); prompts are masked out of the loss"
         },
     )
     max_length: int = field(default=512, metadata={"help": "truncate examples to this many tokens"})
@@ -97,6 +115,24 @@ class RunOptions:
         metadata={"help": "use the first N records (reasoning-gym: generate N, default 1000)"},
     )
     data_seed: int = field(default=0, metadata={"help": "seed of reasoning-gym's generators"})
+    eval_dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "held-out data of the rank curve while training (--eval-every), as "
+            "--dataset (default: --dataset's --eval-split; reasoning-gym: generated with "
+            "--data-seed + 1)"
+        },
+    )
+    eval_split: str | None = field(
+        default=None,
+        metadata={"help": "split of the evaluation data (hub datasets and folders; default: test)"},
+    )
+    eval_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "evaluate on the first N records (reasoning-gym: generate N, default 1000)"
+        },
+    )
     text_field: str | None = field(
         default=None, metadata={"help": "seq-cls: field holding the input text (default: text)"}
     )
@@ -147,8 +183,10 @@ GROUPS: dict[str, tuple[Option, ...]] = {
         option(RUN, "num_labels", type=positive_int),
         option(RUN, "device"),
         option(RUN, "bf16"),
+        option(RUN, "load_in_4bit", switch=True),
+        option(RUN, "load_in_8bit", switch=True),
     ),
-    "data": (
+    "data (the default path: --dataset and --format)": (
         option(RUN, "dataset"),
         option(RUN, "dataset_subset", metavar="NAME"),
         option(RUN, "split"),
@@ -158,6 +196,9 @@ GROUPS: dict[str, tuple[Option, ...]] = {
         option(RUN, "data_seed"),
         option(RUN, "text_field"),
         option(RUN, "label_field"),
+        option(RUN, "eval_dataset"),
+        option(RUN, "eval_split", metavar="SPLIT"),
+        option(RUN, "eval_size", type=positive_int, metavar="N"),
     ),
     "adapter (the default path needs only --r and --target-modules)": (
         option(ADAPTER, "r", type=positive_int),
@@ -181,7 +222,7 @@ GROUPS: dict[str, tuple[Option, ...]] = {
         option(ADAPTER, "init_a"),
         option(ADAPTER, "inference_scale"),
     ),
-    "optimisation": (
+    "optimisation (the default path: --lr, --max-steps or --epochs, --batch-size)": (
         option(TRAIN, "learning_rate", dest="lr", aliases=["--learning-rate"], type=positive_float),
         option(TRAIN, "weight_decay", type=non_negative_float),
         option(TRAIN, "warmup_steps", type=non_negative_int),
@@ -192,11 +233,14 @@ GROUPS: dict[str, tuple[Option, ...]] = {
         option(TRAIN, "max_grad_norm", type=non_negative_float),
         option(TRAIN, "seed"),
     ),
-    "output": (
+    "output, evaluation and tracking": (
         option(TRAIN, "output_dir"),
         option(TRAIN, "save_every", type=positive_int),
         option(TRAIN, "keep_checkpoints", type=positive_int),
         option(TRAIN, "log_every", type=positive_int),
+        option(TRAIN, "eval_every", type=positive_int, metavar="N"),
+        option(TRAIN, "eval_batch_size", type=positive_int),
+        option(TRAIN, "report_to", default=None, metavar="NAME,..."),  # None: no tracker
         option(RUN, "resume"),
         option(RUN, "overwrite", switch=True),
         option(TRAIN, "progress"),
