@@ -383,3 +383,21 @@ def test_export_names_the_packaged_models_local_copy(work, capsys, monkeypatch):
     local = str(work / "model")  # the load line names the local copy, which works offline
     assert f"AutoModelForCausalLM.from_pretrained({local!r})" in out
     assert f"local copy of {assets.SMOLLM2_HUB_ID}" in out
+
+
+def test_report_to_names_a_missing_trackers_package():
+    import importlib.util
+
+    from matryoshka_lora.train.tracking import check_report_to
+
+    assert check_report_to("none") == [] and check_report_to(None) == []
+    if importlib.util.find_spec("tensorboard") is not None:
+        assert "tensorboard" in check_report_to("all")
+        assert check_report_to(["tensorboard", "tensorboard"]) == ["tensorboard"]
+    if importlib.util.find_spec("wandb") is None:
+        with pytest.raises(
+            ValueError, match="report_to 'wandb' needs its package.*pip install wandb"
+        ):
+            check_report_to(["wandb"])
+    with pytest.raises(ValueError, match="unknown tracker 'none'"):
+        check_report_to(["none", "tensorboard"])
