@@ -26,7 +26,13 @@ def trained(arch: str = "llama", **config):
     ml.attach(
         model,
         ml.NestedLoraConfig(
-            **{"r": 8, "target_modules": targets, "inference_scale": "paper", **config}
+            **{
+                "r": 8,
+                "method": "matryoshka",
+                "target_modules": targets,
+                "inference_scale": "paper",
+                **config,
+            }
         ),
     )
     g = torch.Generator().manual_seed(11)
@@ -328,6 +334,8 @@ def test_import_own_export_round_trip(tmp_path, input_ids):
     mlx.export_peft(paper, 8, tmp_path / "alpha", scale_encoding="alpha")
     fresh = mlx.import_peft(make_tiny_llama(), tmp_path / "alpha")
     assert get_config(fresh).scaling == "sqrt"  # rsLoRA
+    assert get_config(fresh).inference_scale == "trained"  # its prefixes keep the trained scale
+    fresh = mlx.import_peft(make_tiny_llama(), tmp_path / "alpha", inference_scale="paper")
     for r in (2, 8):  # the paper's rank-r adapters are the truncated LoRA's
         close(logits(fresh, input_ids, r), logits(paper, input_ids, r))
 

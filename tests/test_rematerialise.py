@@ -25,7 +25,7 @@ CONFIGS = {
     "matryoshka-rank": dict(method="matryoshka", scaling="rank", alpha=2.0, normalize="mean"),
     "lora": dict(method="lora"),
     "dylora": dict(method="dylora"),
-    "sampled-prefix": dict(method="matryoshka", prefix_sampling=0.5),
+    "sampled-prefix": dict(method="matryoshka"),  # a sampled prefix of the P adapter
 }
 
 
