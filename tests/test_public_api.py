@@ -28,6 +28,7 @@ PUBLIC = [
     "save_adapter",
     "save_merged",
     "set_rank",
+    "svd_rebase_",
     "train_adapter",
     "training_loss",
     "unmerge",

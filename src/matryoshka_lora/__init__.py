@@ -5,7 +5,8 @@ between the LoRA factors); see ``docs/method.md`` for the specification.
 
 The top level holds what a user reaches for first: configure and attach an
 adapter, choose its rank, train it, save and load it, sweep it over ranks, and
-deploy it (PEFT export / import, merged save). Everything else lives in its own
+deploy it (PEFT export / import, merged save, the SVD re-basis). Training objectives
+live in :mod:`matryoshka_lora.train.objective`. Everything else lives in its own
 module: the maths in :mod:`matryoshka_lora.nesting`, model helpers (e.g.
 ``adapter_layers``, ``get_config``, ``get_rank``) in :mod:`matryoshka_lora.model`,
 the layer in :mod:`matryoshka_lora.layer`, training and evaluation in
@@ -22,26 +23,14 @@ from .io import AdapterCheckpointError, load_adapter, save_adapter
 from .model import at_rank, attach, detach, merge, print_trainable_parameters, set_rank, unmerge
 from .svd import svd_rebase_
 from .train.loop import TrainConfig, train_adapter
-from .train.objective import (
-    FullLoss,
-    LoraSvd,
-    PrefixLoss,
-    RankSampling,
-    TrainingObjective,
-    training_loss,
-)
+from .train.objective import training_loss
 
 __all__ = [
     "__version__",
     "AdapterCheckpointError",
-    "FullLoss",
-    "LoraSvd",
     "NestedLoraConfig",
     "PRESETS",
-    "PrefixLoss",
-    "RankSampling",
     "TrainConfig",
-    "TrainingObjective",
     "at_rank",
     "attach",
     "aurac",
