@@ -21,7 +21,7 @@ from .config_files import (
     to_plain,
     write_resolved_config,
 )
-from .errors import CLIError, one_line, option_name, reject_options
+from .errors import CLIError, one_line, option_name, reject_options, require_options
 from .inputs import base_model_name, check_ranks, load_records_checked, locate_adapter
 from .models import DTYPES, load_model, model_source, resolve_device, torch_dtype
 
@@ -43,6 +43,7 @@ __all__ = [
     "option_name",
     "read_config_file",
     "reject_options",
+    "require_options",
     "resolve_device",
     "to_plain",
     "torch_dtype",

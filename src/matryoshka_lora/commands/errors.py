@@ -31,3 +31,10 @@ def reject_options(args: argparse.Namespace, dests: Iterable[str], reason: str) 
     if given:
         names = " and ".join(option_name(d) for d in given)
         raise CLIError(f"{names} {'is' if len(given) == 1 else 'are'} {reason}")
+
+
+def require_options(args: argparse.Namespace, dests: Iterable[str]) -> None:
+    """Raise a :class:`CLIError` naming every option in ``dests`` that was not given (None)."""
+    missing = [option_name(d) for d in dests if getattr(args, d, None) is None]
+    if missing:
+        raise CLIError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required")

@@ -15,12 +15,12 @@ writes) when given; ``--push-to-hub REPO`` uploads the finished folder as writte
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from ..nesting import INFERENCE_SCALES
+from ..nesting import InferenceScale
 from ._common import (
-    DTYPES,
     CLIError,
     add_command,
     base_model_name,
@@ -28,12 +28,120 @@ from ._common import (
     load_model,
     locate_adapter,
     model_source,
+    require_options,
     resolve_device,
 )
-from .option_types import rank_list
+from .models import Dtype
+from .option_spec import option
+from .option_types import name_list, rank_list
+from .options import add_options, resolve
 
-EXPORT_FORMATS = ("peft", "merged")
-SCALE_ENCODINGS = ("baked", "alpha")  # matryoshka_lora.export.SCALE_ENCODINGS
+ExportFormat = Literal["peft", "merged"]
+ScaleEncoding = Literal["baked", "alpha"]  # matryoshka_lora.export.SCALE_ENCODINGS
+
+
+@dataclass
+class ExportOptions:
+    """The options of ``export``, each declared once (help, choices, default)."""
+
+    format: ExportFormat = field(
+        default="peft",
+        metadata={
+            "help": "peft: PEFT LoRA folder; merged: full model with the update folded into "
+            "the weights"
+        },
+    )
+    rank: tuple[int, ...] | None = field(
+        default=None,
+        metadata={
+            "help": "rank(s) to export, each <= R; several ranks (peft only) give rank-<r>/ "
+            "sub-folders (required)"
+        },
+    )
+    output_dir: str | None = field(
+        default=None, metadata={"help": "folder to create, empty unless --overwrite (required)"}
+    )
+    overwrite: bool = field(default=False, metadata={"help": "replace a non-empty --output-dir"})
+    scale_encoding: ScaleEncoding | None = field(
+        default=None,
+        metadata={
+            "help": "peft: baked = per-component scales folded into B, lora_alpha = r (exact for "
+            "every method); alpha = B unscaled, scale in lora_alpha/use_rslora (constant scales "
+            "only) (default: baked)"
+        },
+    )
+    inference_scale: InferenceScale | None = field(
+        default=None,
+        metadata={
+            "help": "which rank-r function to export: paper (s(r)) or trained (p[:r]) "
+            "(default: the adapter's own)"
+        },
+    )
+    model: str | None = field(
+        default=None,
+        metadata={
+            "help": "base model (hub id, local folder, smollm2, minilm; default: the one "
+            "recorded in the adapter)"
+        },
+    )
+    dtype: Dtype = field(
+        default="auto",
+        metadata={
+            "help": "peft: dtype of the written tensors (auto: the adapter's); merged: dtype of "
+            "the model (auto: the base checkpoint's)"
+        },
+    )
+    svd: bool = field(
+        default=False,
+        metadata={
+            "help": "re-base each module on the SVD of its full trained update first, so rank r "
+            "is the best rank-r approximation of it (an adapter trained on the default path is "
+            "already re-based; for others see BENCHMARKS.md)"
+        },
+    )
+    device: str = field(default="cpu", metadata={"help": "device for loading and merging"})
+    sweep: str | None = field(
+        default=None,
+        metadata={
+            "help": "peft: the sweep.json of `matryoshka-lora eval` on this adapter, shown in "
+            "the model cards as the rank-sweep table"
+        },
+    )
+    tags: list[str] = field(
+        default_factory=list, metadata={"help": "peft: extra Hub tags for the model cards"}
+    )
+    push_to_hub: str | None = field(
+        default=None,
+        metadata={
+            "help": "peft: upload the finished --output-dir to the Hub model repo REPO (created "
+            "if missing; needs a token: `hf auth login` or HF_TOKEN)"
+        },
+    )
+    private: bool = field(default=False, metadata={"help": "with --push-to-hub: a private repo"})
+    hub_revision: str | None = field(
+        default=None, metadata={"help": "with --push-to-hub: the branch"}
+    )
+
+
+OPTIONS = (
+    option(ExportOptions, "format"),
+    option(ExportOptions, "rank", type=rank_list, metavar="R[,R2,...]"),
+    option(ExportOptions, "output_dir", metavar="DIR"),
+    option(ExportOptions, "overwrite", switch=True),
+    option(ExportOptions, "scale_encoding"),
+    option(ExportOptions, "inference_scale"),
+    option(ExportOptions, "model"),
+    option(ExportOptions, "dtype"),
+    option(ExportOptions, "svd", switch=True),
+    option(ExportOptions, "device"),
+    option(ExportOptions, "sweep", metavar="FILE"),
+    option(ExportOptions, "tags", type=name_list, metavar="T1,T2"),
+    option(ExportOptions, "push_to_hub", metavar="REPO"),
+    option(ExportOptions, "private", switch=True),
+    option(ExportOptions, "hub_revision", metavar="BRANCH"),
+)
+REQUIRED = ("rank", "output_dir")
+
 
 DESCRIPTION = """\
 Export a saved adapter at one or several ranks.
@@ -61,85 +169,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "adapter", help="adapter folder (save_adapter output) or a training --output-dir"
     )
-    p.add_argument(
-        "--format",
-        choices=EXPORT_FORMATS,
-        default="peft",
-        help="peft: PEFT LoRA folder; merged: full model with the update folded into the weights",
-    )
-    p.add_argument(
-        "--rank",
-        type=rank_list,
-        required=True,
-        metavar="R[,R2,...]",
-        help="rank(s) to export, each <= R; several ranks (peft only) give rank-<r>/ "
-        "sub-folders (required)",
-    )
-    p.add_argument(
-        "--output-dir",
-        required=True,
-        help="folder to create, empty unless --overwrite (required)",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
-    p.add_argument(
-        "--scale-encoding",
-        choices=SCALE_ENCODINGS,
-        help="peft: baked = per-component scales folded into B, lora_alpha = r (exact for every "
-        "method); alpha = B unscaled, scale in lora_alpha/use_rslora (constant scales only) "
-        "(default: baked)",
-    )
-    p.add_argument(
-        "--inference-scale",
-        choices=INFERENCE_SCALES,
-        help="which rank-r function to export: paper (s(r)) or trained (p[:r]) "
-        "(default: the adapter's own)",
-    )
-    p.add_argument(
-        "--model",
-        help="base model (hub id, local folder, smollm2, minilm; default: the one recorded in "
-        "the adapter)",
-    )
-    p.add_argument(
-        "--dtype",
-        choices=DTYPES,
-        default="auto",
-        help="peft: dtype of the written tensors (auto: the adapter's); merged: dtype of the "
-        "model (auto: the base checkpoint's)",
-    )
-    p.add_argument(
-        "--svd",
-        action="store_true",
-        help="re-base each module on the SVD of its full trained update first, so rank r is "
-        "the best rank-r approximation of it (PEFT's LoRA truncation; see BENCHMARKS.md for "
-        "the ranks where this beats prefix truncation)",
-    )
-    p.add_argument("--device", default="cpu", help="device for loading and merging")
-    p.add_argument(
-        "--sweep",
-        metavar="FILE",
-        help="peft: the sweep.json of `matryoshka-lora eval` on this adapter, shown in the model "
-        "cards as the rank-sweep table",
-    )
-    p.add_argument(
-        "--tags",
-        type=lambda s: [t for t in s.split(",") if t],
-        default=[],
-        metavar="T1,T2",
-        help="peft: extra Hub tags for the model cards",
-    )
-    p.add_argument(
-        "--push-to-hub",
-        metavar="REPO",
-        help="peft: upload the finished --output-dir to the Hub model repo REPO (created if "
-        "missing; needs a token: `hf auth login` or HF_TOKEN)",
-    )
-    p.add_argument("--private", action="store_true", help="with --push-to-hub: a private repo")
-    p.add_argument("--hub-revision", metavar="BRANCH", help="with --push-to-hub: the branch")
-    p.set_defaults(func=run)
+    add_options(p, OPTIONS)
+    p.set_defaults(func=run, resolve=lambda args: resolve(args, OPTIONS, "export"))
     return p
 
 
 def check_options(args: argparse.Namespace, max_rank: int) -> tuple[int, ...]:
+    require_options(args, REQUIRED)
     ranks = check_ranks(args.rank, max_rank, "export rank")
     if args.format == "merged":
         if len(ranks) > 1:

@@ -4,9 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass, field
 from typing import Any
 
 from ._common import add_command, locate_adapter
+from .option_spec import option
+from .options import add_options, resolve
+
+
+@dataclass
+class InfoOptions:
+    """The options of ``info``."""
+
+    json: bool = field(default=False, metadata={"help": "print machine-readable JSON"})
+
+
+OPTIONS = (option(InfoOptions, "json", switch=True),)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -18,8 +31,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "adapter parameters deployed at each eval rank.",
     )
     p.add_argument("adapter", help="folder written by save_adapter (or a training --output-dir)")
-    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    p.set_defaults(func=run)
+    add_options(p, OPTIONS)
+    p.set_defaults(func=run, resolve=lambda args: resolve(args, OPTIONS, "info"))
     return p
 
 

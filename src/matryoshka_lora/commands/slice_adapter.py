@@ -13,7 +13,7 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._common import CLIError, add_command, option_name
+from ._common import add_command, require_options
 from .option_spec import option
 from .option_types import positive_int
 from .options import add_options, resolve
@@ -69,9 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from ..export import slice_peft_adapter
     from ..serving import vllm_max_lora_rank
 
-    missing = [option_name(o.dest) for o in OPTIONS if getattr(args, o.dest) is None]
-    if missing:
-        raise CLIError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required")
+    require_options(args, ("rank", "output_dir"))
     out = slice_peft_adapter(args.source, args.output_dir, args.rank, overwrite=args.overwrite)
     print(f"PEFT LoRA at rank {args.rank}: {out}")
     print(f"vLLM: --enable-lora --max-lora-rank {vllm_max_lora_rank(args.rank)}")
