@@ -26,7 +26,13 @@ def trained(arch: str = "llama", **config):
     ml.attach(
         model,
         ml.NestedLoraConfig(
-            **{"r": 8, "target_modules": targets, "inference_scale": "paper", **config}
+            **{
+                "r": 8,
+                "method": "matryoshka",
+                "target_modules": targets,
+                "inference_scale": "paper",
+                **config,
+            }
         ),
     )
     g = torch.Generator().manual_seed(5)
