@@ -21,6 +21,7 @@ import pytest
 import torch
 import yaml
 from conftest import save_tiny_llama_dir
+from safetensors import safe_open
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -34,7 +35,6 @@ from matryoshka_lora.commands import export as export_command
 from matryoshka_lora.commands import train as train_command
 from matryoshka_lora.eval import Comparison, SweepResult
 from matryoshka_lora.io import read_adapter_config
-from matryoshka_lora.train.classification import HEAD_FILE
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 ENV = {
@@ -323,7 +323,10 @@ def test_seq_cls_train_eval_and_merged_export(work, capsys, monkeypatch):
     )
     assert code == 0, err
     adapter = work / "cls" / "adapter"
-    assert (adapter / HEAD_FILE).is_file()
+    config, _ = read_adapter_config(adapter)
+    assert config.modules_to_save == ["score"]  # the head is saved with the adapter
+    with safe_open(adapter / "adapter.safetensors", "pt") as fh:
+        assert tuple(fh.get_tensor("score.weight").shape) == (2, 32)
     code, out, err = run_main(
         capsys, "eval", "cls", "--evaluator", "seq-cls", "--dataset", "data.jsonl",
         "--no-progress", "--output-dir", "cls-eval",
@@ -338,10 +341,7 @@ def test_seq_cls_train_eval_and_merged_export(work, capsys, monkeypatch):
     assert code == 0, err
     merged = AutoModelForSequenceClassification.from_pretrained(work / "cls-m")
     ours = AutoModelForSequenceClassification.from_pretrained(work / "model", num_labels=2)
-    ml.load_adapter(ours, adapter)
-    from matryoshka_lora.train.classification import load_head
-
-    load_head(ours, adapter)
+    ml.load_adapter(ours, adapter)  # the trained head too
     with torch.no_grad(), ml.at_rank(ours, 2):
         want = ours(IDS).logits
         got = merged(IDS).logits

@@ -368,3 +368,49 @@ def test_two_process_ddp_matches_one_process(tmp_path, method):
         for k in single
         if k.endswith("lora_B")
     )
+
+
+def test_classifier_run_resumes_in_python_with_its_head(tmp_path):
+    """The classifier head is a module to save: checkpoints hold it, a resumed run reloads
+    it and ends bit-identical to the uninterrupted run, head included."""
+    from conftest import tiny_llama_config
+    from transformers import LlamaForSequenceClassification
+
+    from matryoshka_lora.train.classification import ClassificationCollator
+
+    def classifier():
+        torch.manual_seed(0)
+        model = LlamaForSequenceClassification(tiny_llama_config(num_labels=3, pad_token_id=0))
+        config = ml.NestedLoraConfig(r=4, target_modules=LLAMA_TARGETS, modules_to_save=["score"])
+        return ml.attach(model, config)
+
+    g = torch.Generator().manual_seed(3)
+    data = [
+        {"input_ids": torch.randint(1, 97, (int(n),), generator=g).tolist(), "labels": int(n) % 3}
+        for n in torch.randint(4, 12, (24,), generator=g)
+    ]
+    collate = ClassificationCollator(0)
+    kw = {"save_every": 3, "learning_rate": 2e-2}
+    whole = classifier()
+    head_before = whole.score.weight.detach().clone()
+    train_adapter(whole, data, cfg(tmp_path, "whole", **kw), collate)
+    assert not torch.equal(whole.score.weight, head_before)  # the head trained
+
+    def crash_at_5(step, loss):
+        if step == 5:
+            raise Crash("simulated kill")
+
+    with pytest.raises(Crash):
+        train_adapter(classifier(), data, cfg(tmp_path, "crash", **kw), collate, on_step=crash_at_5)
+    resumed = classifier()
+    result = train_adapter(resumed, data, cfg(tmp_path, "crash", **kw), collate)
+    assert result.resumed_from == 3
+    want = adapter(whole)
+    assert "score.weight" in want
+    for key, value in adapter(resumed).items():
+        assert torch.equal(value, want[key]), key
+    loaded = ml.load_adapter(
+        LlamaForSequenceClassification(tiny_llama_config(num_labels=3, pad_token_id=0)),
+        result.adapter_dir,
+    )
+    assert torch.equal(loaded.score.weight, whole.score.weight)

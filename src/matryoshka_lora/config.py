@@ -96,6 +96,9 @@ class NestedLoraConfig:
             trained function truncated, which after an SVD re-basis is the best
             rank-r approximation of the update) or ``paper`` (``q = s(r)``, P
             dropped: the authors' rule). For DyLoRA the two coincide.
+        modules_to_save: names (suffixes, as ``target_modules``) of further modules
+            trained in full and saved with the adapter, e.g. a sequence classifier's
+            head (``score`` or ``classifier``): PEFT's ``modules_to_save``.
         adapter_dtype: dtype of A and B, or None to follow the base weight;
             ``"float32"`` (default) keeps adapters in fp32 under a bf16/fp16
             base, like PEFT's ``autocast_adapter_dtype``.
@@ -153,6 +156,13 @@ class NestedLoraConfig:
             "truncated (default); paper = s(r) with P dropped, the authors' rule"
         },
     )
+    modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "further modules trained in full and saved with the adapter, e.g. a "
+            "classifier head (PEFT's modules_to_save)"
+        },
+    )
     adapter_dtype: str | None = field(
         default="float32",
         metadata={"help": "dtype of A and B; None follows the base weight"},
@@ -193,6 +203,18 @@ class NestedLoraConfig:
                 f"target_modules must be a non-empty list of module-name suffixes or a regex string, "
                 f"got {self.target_modules!r}"
             )
+        if self.modules_to_save is not None:
+            names = self.modules_to_save
+            if (
+                isinstance(names, str)
+                or not names
+                or not all(isinstance(n, str) and n for n in names)
+            ):
+                raise ValueError(
+                    f"modules_to_save must be a non-empty list of module-name suffixes (or None), "
+                    f"got {names!r}"
+                )
+            self.modules_to_save = list(names)
         if self.adapter_dtype is not None and self.adapter_dtype not in FLOAT_DTYPES:
             raise ValueError(
                 f"adapter_dtype must be 'float32', 'bfloat16', 'float16' or None, got {self.adapter_dtype!r}"

@@ -11,7 +11,7 @@ adapter loadable, and the next save removes what the killed one left behind.
 
 The weights file's metadata records the config too. ``adapter_config.json`` is
 checked against it at every load: the fields that define the trained function
-or its training recipe must agree, and only the fields of
+must agree, and only the fields of
 :data:`EDITABLE_FIELDS` (how the adapter is deployed and described) may be
 edited by hand.
 """
@@ -38,7 +38,7 @@ from torch import nn
 from ._peft_type import PEFT_TYPE_NAME
 from ._version import __version__
 from .config import NestedLoraConfig
-from .model import adapter_layers, attach, detach, get_config
+from .model import adapter_layers, adapter_state_dict, attach, detach, get_config
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
@@ -46,7 +46,16 @@ FORMAT_NAME = "matryoshka-lora"
 FORMAT_VERSION = 1
 PREVIOUS_WEIGHTS_NAME = f".{WEIGHTS_NAME}.previous"
 # Fields that define the trained function; a checkpoint and a model must agree on them.
-_IDENTITY_FIELDS = ("r", "method", "train_ranks", "scaling", "alpha", "normalize", "target_modules")
+_IDENTITY_FIELDS = (
+    "r",
+    "method",
+    "train_ranks",
+    "scaling",
+    "alpha",
+    "normalize",
+    "target_modules",
+    "modules_to_save",
+)
 # Fields of adapter_config.json a user may edit: the deployed scale rule, the ranks to
 # evaluate and the base model's name. Every other field must equal the weights' record.
 EDITABLE_FIELDS = ("inference_scale", "eval_ranks", "base_model_name_or_path")
@@ -185,14 +194,14 @@ def _keep_loadable_weights(directory: Path) -> None:
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Save the model's adapter (config and A/B tensors only, never base weights).
+    """Save the model's adapter: config, A/B tensors and the ``modules_to_save``
+    parameters (a classifier head), never the frozen base weights.
 
     ``directory`` is a folder (created if needed); files other than the adapter's
     two are left alone, so a training checkpoint can hold the adapter beside its
     optimizer state.
     """
     config = get_config(model)
-    layers = adapter_layers(model)
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ValueError(
@@ -201,11 +210,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
         )
     directory.mkdir(parents=True, exist_ok=True)
     _remove_leftover_temporaries(directory)
-    tensors = {
-        f"{name}.{key}": tensor
-        for name, layer in layers.items()
-        for key, tensor in layer.adapter_parameters().items()
-    }
+    tensors = adapter_state_dict(model)  # A, B and the modules_to_save
     weights_path = directory / WEIGHTS_NAME
     previous = directory / PREVIOUS_WEIGHTS_NAME
     _keep_loadable_weights(directory)
@@ -410,10 +415,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
 
 
 def _copy_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], directory: Path) -> None:
-    layers = adapter_layers(model)
-    expected = {
-        f"{n}.{k}": p for n, layer in layers.items() for k, p in layer.adapter_parameters().items()
-    }
+    expected = adapter_state_dict(model)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     problems = []

@@ -75,7 +75,8 @@ def attach(model: nn.Module, config: NestedLoraConfig | None = None, **overrides
     """Wrap every target module of ``model`` with a :class:`~.layer.NestedLoraLinear`, in place.
 
     Targets are module-name suffixes (``"q_proj"``) or one regex matched against
-    the full name. All parameters outside the adapters are frozen. Raises
+    the full name. All parameters outside the adapters are frozen, except those of
+    ``config.modules_to_save`` (trained in full and saved with the adapter). Raises
     ``ValueError`` if nothing matches and ``TypeError`` if a match is a module
     type that cannot be wrapped. Returns ``model``.
     """
@@ -108,10 +109,40 @@ def attach(model: nn.Module, config: NestedLoraConfig | None = None, **overrides
         param.requires_grad_(False)
     for name, module in matched:
         _set_submodule(model, name, adapter_layer(module, config))  # bitsandbytes: quantized.py
+    saved = _modules_to_save(model, config)
+    for module in saved.values():
+        module.requires_grad_(True)
     setattr(model, CONFIG_ATTRIBUTE, config)
     setattr(model, REQUIRES_GRAD_ATTRIBUTE, original_requires_grad)
     mark_adapters_loaded(model)  # a quantized base: transformers' Trainer accepts it
     return model
+
+
+def _modules_to_save(model: nn.Module, config: NestedLoraConfig) -> dict[str, nn.Module]:
+    """The modules ``config.modules_to_save`` names, by full name (refused if none matches)."""
+    if not config.modules_to_save:
+        return {}
+    found = {
+        n: m
+        for n, m in model.named_modules()
+        if n and _matches(n, config.modules_to_save) and not isinstance(m, NestedAdapter)
+    }
+    if not found:
+        raise ValueError(
+            f"modules_to_save {config.modules_to_save} matched no module of "
+            f"{type(model).__name__}: name a module of it (e.g. a classifier head 'score' or "
+            "'classifier'), or leave modules_to_save unset"
+        )
+    return found
+
+
+def saved_module_state(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters of the ``modules_to_save`` modules, keyed ``<module path>.<name>``."""
+    return {
+        f"{name}.{key}": param
+        for name, module in _modules_to_save(model, get_config(model)).items()
+        for key, param in module.named_parameters()
+    }
 
 
 def _unwrap_all(model: nn.Module) -> None:
@@ -265,11 +296,15 @@ def merge_and_detach(model: nn.Module, rank: int | None = None) -> nn.Module:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Adapter tensors keyed ``<module path>.lora_A`` / ``.lora_B``."""
+    """Adapter tensors keyed ``<module path>.lora_A`` / ``.lora_B``, and the parameters of
+    the ``modules_to_save`` modules (``<module path>.<name>``): everything a save holds."""
     return {
-        f"{name}.{key}": tensor
-        for name, layer in require_adapters(model).items()
-        for key, tensor in layer.adapter_parameters().items()
+        **{
+            f"{name}.{key}": tensor
+            for name, layer in require_adapters(model).items()
+            for key, tensor in layer.adapter_parameters().items()
+        },
+        **saved_module_state(model),
     }
 
 

@@ -142,21 +142,20 @@ def run(args: argparse.Namespace) -> int:
         print(dump_config(listing(args, OPTIONS, "eval")), end="")
         return 0
     from ..io import read_adapter_config
-    from ..train.classification import head_metadata
+    from ..train.classification import classifier_labels
 
     adapter_dir = locate_adapter(args.adapter)
     config, _ = read_adapter_config(adapter_dir)
     ranks = check_ranks(args.ranks or config.eval_ranks, config.r, "eval rank")
-    head = head_metadata(adapter_dir)
+    saved = classifier_labels(adapter_dir)
     task = "causal-lm"
     num_labels = None
-    if head is not None and args.evaluator != "seq-cls":
+    if saved is not None and args.evaluator != "seq-cls":
         raise CLIError(
             f"the adapter in {adapter_dir} was trained with --task seq-cls: use --evaluator seq-cls"
         )
     if args.evaluator == "seq-cls":
         task = "seq-cls"
-        saved = int(head["num_labels"]) if head and head.get("num_labels") else None
         if saved is not None and args.num_labels is not None and saved != args.num_labels:
             raise CLIError(
                 f"--num-labels {args.num_labels} differs from the saved head's {saved} labels"
@@ -164,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
         num_labels = saved or args.num_labels
         if num_labels is None:
             raise CLIError(
-                f"{adapter_dir} has no classifier head file (not a --task seq-cls run): pass "
+                f"{adapter_dir} holds no classifier head (not a --task seq-cls run): pass "
                 "--num-labels to evaluate a model whose own head is already trained"
             )
     if args.evaluator == "lm-eval":
@@ -187,10 +186,10 @@ def run(args: argparse.Namespace) -> int:
         progress=args.progress,
     )
     load_adapter(model, adapter_dir)
-    if head is not None:
-        from ..train.classification import load_head
+    if saved is not None:
+        from ..train.classification import load_legacy_head
 
-        load_head(model, adapter_dir)
+        load_legacy_head(model, adapter_dir)
 
     n_examples = None
     if args.evaluator == "lm-eval":

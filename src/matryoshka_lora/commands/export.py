@@ -222,14 +222,14 @@ def read_sweep(path: str | None):
 
 def run(args: argparse.Namespace) -> int:
     from ..io import read_adapter_config
-    from ..train.classification import head_metadata
+    from ..train.classification import classifier_labels
 
     adapter_dir = locate_adapter(args.adapter)
     config, _ = read_adapter_config(adapter_dir)
     ranks = check_options(args, config.r)
     sweep = read_sweep(args.sweep)
-    head = head_metadata(adapter_dir)
-    if head is not None and args.format == "peft":
+    num_labels = classifier_labels(adapter_dir)
+    if num_labels is not None and args.format == "peft":
         raise CLIError(
             "the adapter has a trained classifier head (a --task seq-cls run), which a PEFT "
             "export does not carry yet: use --format merged"
@@ -242,17 +242,16 @@ def run(args: argparse.Namespace) -> int:
     from ..io import load_adapter
     from ..model import set_inference_scale
 
-    task = "seq-cls" if head is not None else "causal-lm"
-    num_labels = int(head["num_labels"]) if head is not None else None
+    task = "seq-cls" if num_labels is not None else "causal-lm"
     dtype = args.dtype if args.format == "merged" else "auto"
     model, tokenizer = load_model(
         model_name, task, num_labels=num_labels, dtype=dtype, device=device
     )
     load_adapter(model, adapter_dir)
-    if head is not None:
-        from ..train.classification import load_head
+    if num_labels is not None:
+        from ..train.classification import load_legacy_head
 
-        load_head(model, adapter_dir)
+        load_legacy_head(model, adapter_dir)
     if args.inference_scale is not None:
         if args.svd:
             raise CLIError(
@@ -298,6 +297,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         mlx.save_merged(model, ranks[0], out, overwrite=args.overwrite, tokenizer=tokenizer)
         print(f"merged model at rank {ranks[0]}: {out}")
-        loader = "AutoModelForSequenceClassification" if head else "AutoModelForCausalLM"
+        loader = "AutoModelForSequenceClassification" if num_labels else "AutoModelForCausalLM"
         print(f"load with: {loader}.from_pretrained({str(out)!r})")
     return 0

@@ -45,7 +45,7 @@ from ._common import (
 from .models import Quantization, require_bitsandbytes
 from .options import add_groups, listing
 from .train_options import EXCLUSIVE, GROUPS, OPTIONS, fields_of, resolve_args
-from .train_outputs import check_output_dir, clear_earlier_run, seq_cls_resume_point
+from .train_outputs import check_output_dir, clear_earlier_run
 
 DEFAULT_TARGETS = ",".join(LLAMA_PROJECTIONS)
 SEQ_CLS_ONLY = ("num_labels", "text_field", "label_field")
@@ -309,25 +309,21 @@ def run(args: argparse.Namespace) -> int:
             f"the dataset has {len(dataset)} usable examples, fewer than one batch "
             f"(--batch-size {args.batch_size} x {world} processes)"
         )
+    head_params = 0
+    if seq_cls:  # the classifier head trains in full and is saved with the adapter
+        from ..train.classification import head_modules
+
+        heads = head_modules(model)
+        adapter_config = adapter_config.replace(modules_to_save=sorted(heads))
+        head_params = sum(p.numel() for m in heads.values() for p in m.parameters())
+        if args.bf16:  # keep the trained head in fp32, like the adapters
+            for module in heads.values():
+                module.float()
     try:
         attach(model, adapter_config)
     except (ValueError, TypeError) as err:
         raise CLIError(f"cannot attach the adapter to {args.model!r}: {err}") from None
-    head_params = 0
-    resume: bool | Path = args.resume and not args.overwrite
-    if seq_cls:
-        from ..train.classification import load_head, make_head_trainable
-
-        head_params = make_head_trainable(model)
-        if args.bf16:  # keep the trained head in fp32, like the adapters
-            from ..train.classification import head_modules
-
-            for module in head_modules(model).values():
-                module.float()
-        point = seq_cls_resume_point(out, bool(resume))
-        if point is not None:
-            load_head(model, point)
-            resume = point
+    resume = args.resume and not args.overwrite
 
     if main:
         if args.overwrite:
@@ -352,17 +348,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"classifier head: {head_params:,} trainable parameters")
         print(f"options: {config_path}")
 
-    checkpoints = out / "checkpoints"
-
-    def on_step(step: int, loss: float) -> None:
-        if not (seq_cls and main and args.save_every and step % args.save_every == 0):
-            return
-        folder = checkpoints / f"step-{step:06d}"
-        if folder.is_dir():
-            from ..train.classification import save_head
-
-            save_head(model, folder, args.num_labels)
-
     from ..train.distributed import shard_from_accelerate_env
 
     if shard_from_accelerate_env(model) and main:  # `accelerate launch` with an FSDP config
@@ -374,16 +359,11 @@ def run(args: argparse.Namespace) -> int:
         train_config,
         collate,
         resume=resume,
-        on_step=on_step,
         objective=objective,
         eval_dataset=eval_dataset,
     )
     if not main:
         return 0
-    if seq_cls:
-        from ..train.classification import save_head
-
-        save_head(model, result.adapter_dir, args.num_labels)
     summary = {
         "steps": result.steps,
         "resumed_from": result.resumed_from,

@@ -1,4 +1,4 @@
-"""The output folder of a training run: refusing to mix runs, clearing, resuming seq-cls."""
+"""The output folder of a training run: refusing to mix runs, clearing an earlier one."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import argparse
 import shutil
 from pathlib import Path
 
-from ..train.classification import HEAD_FILE
 from .config_files import RESOLVED_CONFIG_STEM
 from .errors import CLIError
 
@@ -42,19 +41,3 @@ def clear_earlier_run(out: Path) -> None:
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
-
-
-def seq_cls_resume_point(out: Path, resume: bool) -> Path | None:
-    """The newest checkpoint that also holds the classifier head (seq-cls resume)."""
-    from ..train import list_checkpoints
-
-    if not resume:
-        return None
-    found = list_checkpoints(out / "checkpoints")
-    with_head = [path for _, path in found if (path / HEAD_FILE).is_file()]
-    if found and not with_head:
-        raise CLIError(
-            f"the checkpoints in {out / 'checkpoints'} hold no classifier head "
-            f"({HEAD_FILE}): cannot resume this seq-cls run, pass --overwrite"
-        )
-    return with_head[-1] if with_head else None

@@ -27,7 +27,6 @@ from ..train.classification import (
     ClassificationCollator,
     ClassificationDataset,
     head_modules,
-    make_head_trainable,
 )
 from ..train.data import PaddingCollator, SFTDataset, load_records
 from ..train.loop import TrainConfig, train_adapter
@@ -95,13 +94,12 @@ def metric_value(spec: ComparisonSpec, model: nn.Module, batches) -> float:
 
 
 def _reset_head(model: nn.Module, seed: int) -> None:
-    """Seq-cls: a fresh, trainable classifier head for each run (seeded by the run)."""
+    """Seq-cls: a fresh classifier head for each run (seeded by the run)."""
     torch.manual_seed(seed)
     for module in head_modules(model).values():
         for layer in module.modules():
             if hasattr(layer, "reset_parameters"):
                 layer.reset_parameters()
-    make_head_trainable(model)
 
 
 def eval_batches(
@@ -172,7 +170,10 @@ def run_one(
 ) -> dict[str, Any]:
     """Train one adapter on ``model`` (attached and detached here) and evaluate every deployment."""
     torch.manual_seed(key.seed)
-    attach(model, _adapter_config(spec, key))
+    config = _adapter_config(spec, key)
+    if spec.task == "seq-cls":  # the head trains in full, saved with the adapter
+        config = config.replace(modules_to_save=sorted(head_modules(model)))
+    attach(model, config)
     if spec.task == "seq-cls":
         _reset_head(model, key.seed)
     both_splits = evaluator(spec, splits, collate)

@@ -5,11 +5,11 @@ The counterpart of :class:`~matryoshka_lora.train.data.SFTDataset` for
 tokens) and ``label_field`` (a class index in ``0..num_labels-1``); the collator
 right-pads a batch and stacks the labels into a ``(B,)`` tensor.
 
-The nested adapter format holds only A and B, so the classifier head a
-sequence-classification run trains (``score`` in Llama-style models,
-``classifier`` in BERT-style ones) is saved beside it as
-``classifier_head.safetensors`` (metadata: task and number of labels) and loaded
-again for evaluation and merged export.
+The classifier head a sequence-classification run trains (``score`` in
+Llama-style models, ``classifier`` in BERT-style ones) is one of the adapter's
+``modules_to_save``: trained in full, saved, loaded and resumed with A and B.
+Adapters of earlier versions kept it beside them as
+``classifier_head.safetensors``; :func:`load_legacy_head` still reads that file.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from ..io import atomic_save_safetensors
 from .data import DatasetFormatError, Record
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -132,22 +131,6 @@ def head_modules(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
-def make_head_trainable(model: nn.Module) -> int:
-    """Unfreeze the classifier head (after ``attach`` froze it); returns its parameter count."""
-    heads = head_modules(model)
-    if not heads:
-        raise ClassifierHeadError(
-            f"{type(model).__name__} has no classifier head named "
-            f"{' or '.join(HEAD_MODULE_NAMES)}: cannot train it"
-        )
-    count = 0
-    for module in heads.values():
-        for param in module.parameters():
-            param.requires_grad_(True)
-            count += param.numel()
-    return count
-
-
 def head_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {
         f"{name}.{key}": value
@@ -156,18 +139,25 @@ def head_state(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def save_head(model: nn.Module, folder: Path, num_labels: int) -> Path:
-    path = Path(folder) / HEAD_FILE
-    atomic_save_safetensors(
-        head_state(model),
-        path,
-        metadata={"format": HEAD_FORMAT, "task": "seq-cls", "num_labels": str(num_labels)},
-    )
-    return path
+def classifier_labels(folder: Path) -> int | None:
+    """The number of classes of the head saved with the adapter in ``folder`` (None: none).
+
+    Read from the saved head's output layer (``score`` or ``classifier``), or from
+    the metadata of an earlier version's ``classifier_head.safetensors``.
+    """
+    from ..io import WEIGHTS_NAME, read_adapter_config
+
+    config, _ = read_adapter_config(folder)
+    outputs = [n for n in (config.modules_to_save or ()) if n in ("score", "classifier")]
+    if outputs:
+        with safe_open(str(Path(folder) / WEIGHTS_NAME), framework="pt") as fh:
+            return int(fh.get_slice(f"{outputs[0]}.weight").get_shape()[0])
+    legacy = head_metadata(folder)
+    return int(legacy["num_labels"]) if legacy and legacy.get("num_labels") else None
 
 
 def head_metadata(folder: Path) -> dict[str, str] | None:
-    """The metadata of ``folder/classifier_head.safetensors``, or None if there is none."""
+    """The metadata of an earlier version's ``folder/classifier_head.safetensors`` (or None)."""
     path = Path(folder) / HEAD_FILE
     if not path.is_file():
         return None
@@ -178,9 +168,12 @@ def head_metadata(folder: Path) -> dict[str, str] | None:
         raise ClassifierHeadError(f"{path} is not a readable classifier head: {err}") from None
 
 
-def load_head(model: nn.Module, folder: Path) -> None:
-    """Copy the saved head into ``model``; a :class:`ClassifierHeadError` if it does not fit."""
+def load_legacy_head(model: nn.Module, folder: Path) -> None:
+    """Copy an earlier version's ``classifier_head.safetensors`` into ``model``, if present;
+    a :class:`ClassifierHeadError` if it does not fit."""
     path = Path(folder) / HEAD_FILE
+    if not path.is_file():
+        return
     tensors = load_file(str(path))
     expected = head_state(model)
     if set(tensors) != set(expected):
