@@ -61,3 +61,54 @@ def test_deployed_scales_are_the_nesting_formula_for_the_config():
             assert torch.equal(config.deployed_scales(rank, scale), expected)
     # the default is the config's own inference scale (trained for matryoshka)
     assert torch.equal(config.deployed_scales(4), config.deployed_scales(4, "trained"))
+
+
+def test_the_config_holds_what_defines_the_weights_only():
+    """How an adapter is trained is a training objective, not a config field."""
+    import dataclasses
+
+    from matryoshka_lora.config import LEGACY_TRAINING_KEYS
+
+    names = [f.name for f in dataclasses.fields(NestedLoraConfig)]
+    assert names == [
+        "r",
+        "method",
+        "train_ranks",
+        "eval_ranks",
+        "scaling",
+        "alpha",
+        "normalize",
+        "target_modules",
+        "dropout",
+        "init_a",
+        "inference_scale",
+        "modules_to_save",
+        "adapter_dtype",
+        "base_model_name_or_path",
+    ]
+    assert not set(names) & set(LEGACY_TRAINING_KEYS)
+    default = NestedLoraConfig()
+    assert (default.method, default.inference_scale) == ("lora", "trained")  # the default path
+
+
+def test_an_earlier_config_drops_its_training_fields():
+    earlier = {
+        "r": 8,
+        "method": "matryoshka_exact",
+        "prefix_loss": True,
+        "prefix_loss_sample": 1,
+        "prefix_sampling": 0.0,
+        "dylora_update": "prefix",
+        "inference_scale": "trained",
+    }
+    config = NestedLoraConfig.from_dict(earlier)
+    assert (config.r, config.method, config.inference_scale) == (8, "matryoshka", "trained")
+    with pytest.raises(ValueError, match="unknown adapter config keys.*prefix_loss_weight"):
+        NestedLoraConfig.from_dict({"r": 8, "prefix_loss_weight": 1.0})
+
+
+@pytest.mark.parametrize("bad", [[], "score", [""], [1]])
+def test_modules_to_save_must_name_modules(bad):
+    with pytest.raises(ValueError, match="modules_to_save must be a non-empty list"):
+        NestedLoraConfig(modules_to_save=bad)
+    assert NestedLoraConfig(modules_to_save=("score",)).modules_to_save == ["score"]

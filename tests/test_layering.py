@@ -44,3 +44,60 @@ def test_library_modules_import_without_the_command_line():
 def test_package_init_has_no_deferred_imports():
     text = (PACKAGE / "__init__.py").read_text()
     assert "noqa: E402" not in text
+
+
+# The layers, bottom to top: a module imports only from lower layers (no upward import).
+LAYERS: dict[str, int] = {
+    "_version": 0,
+    "_peft_type": 0,
+    "nesting": 0,
+    "batches": 0,
+    "sampling": 1,  # rank draws: pure functions of the maths, never the model
+    "config": 1,
+    "layer": 2,
+    "quantized": 3,
+    "model": 4,
+    "svd": 5,
+    "io": 5,
+    "serving": 5,
+    "hub": 6,
+    "eval": 6,
+    "assets": 6,
+    "budget": 6,
+    "export": 7,
+    "train": 8,
+    "peft": 8,
+    "compare": 9,
+    "commands": 10,
+    "cli": 11,
+    "": 11,  # the package's __init__
+}
+
+
+def package_imports() -> list[tuple[str, str]]:
+    """(importing top-level module, imported top-level module) for every relative import."""
+    import ast
+
+    pairs = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+        package = parts[:-1]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level > 0:
+                base = package[: len(package) - (node.level - 1)]
+                source = "" if parts == ["__init__"] else parts[0]
+                if node.module:
+                    targets = [base + node.module.split(".")]
+                else:  # from .. import export: the names are modules
+                    targets = [base + [alias.name] for alias in node.names]
+                pairs += [(source, target[0]) for target in targets]
+    return pairs
+
+
+def test_no_module_imports_from_a_layer_above_its_own():
+    pairs = package_imports()
+    assert ("sampling", "model") not in pairs and ("train", "svd") in pairs
+    unknown = sorted({m for pair in pairs for m in pair} - set(LAYERS))
+    assert not unknown, f"modules without a layer: {unknown}"
+    upward = [(a, b) for a, b in pairs if a != b and LAYERS[b] >= LAYERS[a]]
+    assert not upward, upward

@@ -35,14 +35,8 @@ from .nesting import (
 AInit = Literal["peft", "authors"]
 A_INITS: tuple[str, ...] = get_args(AInit)
 # the attention and MLP projections of Llama-style decoders (the paper's targets)
-LLAMA_PROJECTIONS: tuple[str, ...] = (
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
+LLAMA_PROJECTIONS: tuple[str, ...] = tuple(
+    "q_proj k_proj v_proj o_proj gate_proj up_proj down_proj".split()
 )
 # floating dtypes by name, as configs, exports and the command line spell them
 FLOAT_DTYPES: dict[str, torch.dtype] = {
@@ -52,15 +46,9 @@ FLOAT_DTYPES: dict[str, torch.dtype] = {
 }
 # keys that adapter configs written by earlier versions held: how the adapter was trained,
 # which is no part of what the weights compute (the training objective records it now)
-LEGACY_TRAINING_KEYS: tuple[str, ...] = (
-    "prefix_sampling",
-    "prefix_loss",
-    "prefix_loss_sample",
-    "prefix_loss_full_weight",
-    "prefix_loss_mode",
-    "prefix_loss_every",
-    "prefix_loss_start",
-    "dylora_update",
+LEGACY_TRAINING_KEYS: tuple[str, ...] = tuple(
+    "prefix_sampling prefix_loss prefix_loss_sample prefix_loss_full_weight prefix_loss_mode "
+    "prefix_loss_every prefix_loss_start dylora_update".split()
 )
 
 
@@ -184,11 +172,9 @@ class NestedLoraConfig:
         if self.eval_ranks is None:
             self.eval_ranks = self.train_ranks
         self.eval_ranks = check_rank_list(self.eval_ranks, self.r, "eval ranks")
-        if (
-            isinstance(self.alpha, bool)
-            or not isinstance(self.alpha, int | float)
-            or self.alpha <= 0
-        ):
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float):
+            raise ValueError(f"alpha must be a positive number, got {self.alpha!r}")
+        if self.alpha <= 0:
             raise ValueError(f"alpha must be a positive number, got {self.alpha!r}")
         self.alpha = float(self.alpha)
         if not 0.0 <= self.dropout < 1.0:
@@ -205,11 +191,7 @@ class NestedLoraConfig:
             )
         if self.modules_to_save is not None:
             names = self.modules_to_save
-            if (
-                isinstance(names, str)
-                or not names
-                or not all(isinstance(n, str) and n for n in names)
-            ):
+            if isinstance(names, str) or not all(isinstance(n, str) and n for n in names or [""]):
                 raise ValueError(
                     f"modules_to_save must be a non-empty list of module-name suffixes (or None), "
                     f"got {names!r}"
