@@ -51,6 +51,21 @@ def make_tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config).eval()
 
 
+TINY_MODELS = {"llama": (make_tiny_llama, LLAMA_TARGETS), "gpt2": (make_tiny_gpt2, GPT2_TARGETS)}
+
+
+def attached_tiny(arch: str = "llama", **config):
+    """A tiny ``arch`` model with a rank-8 Matryoshka adapter deployed at the paper scale on
+    its usual targets (``config`` overrides any field); B is still 0."""
+    import matryoshka_lora as ml
+
+    make, targets = TINY_MODELS[arch]
+    defaults = {"r": 8, "method": "matryoshka", "target_modules": targets}
+    return ml.attach(
+        make(), ml.NestedLoraConfig(**{**defaults, "inference_scale": "paper", **config})
+    )
+
+
 def cpu_trainer_settings(output_dir, **overrides) -> dict:
     """Trainer settings (``TrainingArguments`` / ``SFTConfig``) for a test on CPU: no
     reports, no progress bar, a log entry per step, no checkpoints unless overridden."""
@@ -152,3 +167,13 @@ def torchrun(script, *args, processes: int = 2) -> list[str]:
         str(script),
         *map(str, args),
     ]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls: one intra-op thread is faster and immune to oversubscription on shared
+    cores (modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -7,7 +7,11 @@ import json
 
 import pytest
 import torch
-from conftest import GPT2_TARGETS, LLAMA_TARGETS, make_tiny_gpt2, make_tiny_llama
+from conftest import (
+    TINY_MODELS,
+    attached_tiny,
+    make_tiny_llama,
+)
 from peft import PeftModel
 
 import matryoshka_lora as ml
@@ -16,25 +20,12 @@ from matryoshka_lora import export as mlx
 from matryoshka_lora.export.peft import _pattern_key, _pattern_matches
 from matryoshka_lora.model import adapter_layers, get_rank
 
-MODELS = {"llama": (make_tiny_llama, LLAMA_TARGETS), "gpt2": (make_tiny_gpt2, GPT2_TARGETS)}
+MODELS = TINY_MODELS
 
 
 def trained(arch: str = "llama", **config):
     """A tiny model whose modules have updates of very different sizes."""
-    make, targets = MODELS[arch]
-    model = make()
-    ml.attach(
-        model,
-        ml.NestedLoraConfig(
-            **{
-                "r": 8,
-                "method": "matryoshka",
-                "target_modules": targets,
-                "inference_scale": "paper",
-                **config,
-            }
-        ),
-    )
+    model = attached_tiny(arch, **config)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for i, layer in enumerate(adapter_layers(model).values()):
@@ -58,13 +49,7 @@ def per_module_logits(model, ranks, ids):
     return out
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: one intra-op thread is faster and immune to oversubscription on shared cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------- budgets respected

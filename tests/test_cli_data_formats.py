@@ -30,12 +30,7 @@ SUMS = [(a, b) for a in range(1, 5) for b in range(1, 5)]  # 16 problems, one-di
 TRAIN = ["--r", "4", "--max-steps", "2", "--batch-size", "4", "--no-progress"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_jsonl(path: Path, rows) -> None:

@@ -7,7 +7,13 @@ import warnings
 
 import pytest
 import torch
-from conftest import GPT2_TARGETS, LLAMA_TARGETS, make_tiny_gpt2, make_tiny_llama
+from conftest import (
+    LLAMA_TARGETS,
+    TINY_MODELS,
+    attached_tiny,
+    make_tiny_gpt2,
+    make_tiny_llama,
+)
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
@@ -16,25 +22,12 @@ import matryoshka_lora as ml
 from matryoshka_lora import export as mlx
 from matryoshka_lora.model import adapter_layers, get_config, get_rank
 
-MODELS = {"llama": (make_tiny_llama, LLAMA_TARGETS), "gpt2": (make_tiny_gpt2, GPT2_TARGETS)}
+MODELS = TINY_MODELS
 TRAIN_RANKS = (1, 2, 4, 8)
 
 
 def trained(arch: str = "llama", **config):
-    make, targets = MODELS[arch]
-    model = make()
-    ml.attach(
-        model,
-        ml.NestedLoraConfig(
-            **{
-                "r": 8,
-                "method": "matryoshka",
-                "target_modules": targets,
-                "inference_scale": "paper",
-                **config,
-            }
-        ),
-    )
+    model = attached_tiny(arch, **config)
     g = torch.Generator().manual_seed(11)
     with torch.no_grad():
         for layer in adapter_layers(model).values():
@@ -64,13 +57,7 @@ def close(got, want):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: one intra-op thread is faster and immune to oversubscription on shared cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------- export vs vanilla PEFT

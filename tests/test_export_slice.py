@@ -99,13 +99,7 @@ def peft_logits(make, folder, ids):
         return PeftModel.from_pretrained(make(), folder)(ids).logits
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: one intra-op thread is faster and immune to oversubscription."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------- the slice is the export

@@ -23,12 +23,7 @@ from matryoshka_lora.model import adapter_layers
 RANKS = (2, 8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trained(**config):
