@@ -240,25 +240,20 @@ def run_python(code: str, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_enum_extension_for_peft_before_0_21():
-    """PEFT 0.19-0.20 check ``peft_type in list(PeftType)``: one member is added, in a fresh
-    interpreter so this process's enum stays as PEFT made it."""
-    proc = run_python(
-        """
-        from peft.utils.peft_types import PeftType
-        from matryoshka_lora.peft import _registry
-        before = len(PeftType)
-        member = _registry._enum_member("MATRYOSHKA_LORA", _registry.PEFT_TYPE_NAME)
-        again = _registry._enum_member("MATRYOSHKA_LORA", _registry.PEFT_TYPE_NAME)
-        assert again is member and len(PeftType) == before + 1
-        assert member in list(PeftType) and _registry.PEFT_TYPE_NAME in list(PeftType)
-        assert PeftType(_registry.PEFT_TYPE_NAME) is member is PeftType.MATRYOSHKA_LORA
-        assert member.value == _registry.PEFT_TYPE_NAME and member == _registry.PEFT_TYPE_NAME
-        assert {member: 1}[_registry.PEFT_TYPE_NAME] == 1  # str hash: string keys find it
-        print("ok")
-        """
-    )
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+def test_peft_type_is_one_added_member_of_peft_type():
+    """PEFT 0.19-0.20 check ``peft_type in list(PeftType)`` and transformers' load_adapter
+    before 5.25 reads ``peft_type.value``: the type is a PeftType member, a str equal to
+    its value, so string lookups in PEFT's mappings find it."""
+    from peft.utils.peft_types import PeftType
+
+    member = mlp.PEFT_TYPE
+    size = len(PeftType)
+    assert _registry.peft_type() is member and len(PeftType) == size  # added once
+    assert member is PeftType.MATRYOSHKA_LORA is PeftType(_registry.PEFT_TYPE_NAME)
+    assert member in list(PeftType) and _registry.PEFT_TYPE_NAME in list(PeftType)
+    assert member.value == _registry.PEFT_TYPE_NAME == member
+    assert {member: 1}[_registry.PEFT_TYPE_NAME] == 1
+    assert json.dumps(member) == json.dumps(_registry.PEFT_TYPE_NAME)
 
 
 LOAD_SCRIPT = """

@@ -1,11 +1,12 @@
 """The PEFT method's name and its registration with PEFT's mappings.
 
 PEFT looks a saved adapter's ``peft_type`` up in ``PEFT_TYPE_TO_CONFIG_MAPPING``,
-``PEFT_TYPE_TO_TUNER_MAPPING`` and ``PEFT_TYPE_TO_PREFIX_MAPPING`` (``peft/mapping.py``).
-From PEFT 0.21 these accept any string key, so a method outside PEFT registers by
-adding one entry to each. PEFT 0.19 and 0.20 also check ``peft_type in
-list(PeftType)`` when saving, so there the string must be a member of the
-``PeftType`` enum: one member is added, nothing else is changed.
+``PEFT_TYPE_TO_TUNER_MAPPING`` and ``PEFT_TYPE_TO_PREFIX_MAPPING`` (``peft/mapping.py``);
+from PEFT 0.21 these take any string key, so a method outside PEFT registers by
+adding one entry to each. The key registered here is nonetheless a member of PEFT's
+``PeftType`` enum (a ``str``, equal to and hashed as its value): PEFT 0.19 and 0.20
+check ``peft_type in list(PeftType)`` when saving, and transformers' ``load_adapter``
+before 5.25 reads ``peft_type.value``. One member is added; nothing else changes.
 
 Without this package imported, PEFT's lookup of the name fails with
 ``KeyError: '<name>'``; the name itself therefore says what to install and import.
@@ -20,12 +21,11 @@ from packaging.version import Version
 
 from .._peft_type import PEFT_TYPE_NAME
 
-# The member name on PEFT releases whose PeftType enum must hold the type.
+# The member name in PEFT's PeftType enum.
 ENUM_MEMBER = "MATRYOSHKA_LORA"
 # Parameter prefix: the factors keep LoRA's names (lora_A, lora_B).
 PREFIX = "lora_"
 MIN_PEFT = Version("0.19")
-STRING_TYPES_PEFT = Version("0.21")
 
 
 def check_peft_version(version: str | None = None) -> Version:
@@ -72,11 +72,9 @@ def _enum_member(name: str, value: str) -> enum.Enum:
 
 
 def peft_type() -> str:
-    """The registered ``peft_type``: the plain string, or the enum member on PEFT < 0.21."""
-    version = check_peft_version()
-    if version.release < STRING_TYPES_PEFT.release:
-        return _enum_member(ENUM_MEMBER, PEFT_TYPE_NAME)
-    return PEFT_TYPE_NAME
+    """The registered ``peft_type``: ``PeftType.MATRYOSHKA_LORA``, whose value is
+    :data:`PEFT_TYPE_NAME` (added to the enum on first use)."""
+    return _enum_member(ENUM_MEMBER, PEFT_TYPE_NAME)
 
 
 def _full_name(cls: type) -> str:
