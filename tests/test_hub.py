@@ -28,6 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def trained(**config):
     model = make_tiny_llama()
+    config = {"method": "matryoshka", **config}
     ml.attach(model, ml.NestedLoraConfig(r=8, target_modules=LLAMA_TARGETS, **config))
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
