@@ -6,46 +6,11 @@ import json
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, make_char_tokenizer, make_tiny_llama
+from conftest import make_char_tokenizer, make_tiny_llama, tiny_bert, tiny_spec, write_dataset
 
-from matryoshka_lora.compare import ComparisonRunner, ComparisonSpec, RunKey
+from matryoshka_lora.compare import ComparisonRunner, RunKey
 from matryoshka_lora.compare.run import training_passes
 from matryoshka_lora.eval.aurac import aurac
-
-
-def write_dataset(folder):
-    folder.mkdir(exist_ok=True)
-    for split, n, offset in (("train", 16, 0), ("test", 4, 50)):
-        rows = [
-            {"question": f"{a}+{a + 1}?", "answer": f"{a}+{a + 1}={2 * a + 1}\n#### {2 * a + 1}"}
-            for a in range(offset, offset + n)
-        ]
-        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(folder)
-
-
-def tiny_spec(dataset="unused", **kw):
-    base = dict(
-        model="tiny",
-        dataset=dataset,
-        max_rank=4,
-        target_modules=LLAMA_TARGETS,
-        seeds=(0, 1),
-        steps=2,
-        batch_size=2,
-        warmup_steps=0,
-        max_length=48,
-        train_size=8,
-        val_size=4,
-        test_size=4,
-        learning_rates={
-            "lora": [1e-3, 3e-2],
-            "lora_r": [1e-3, 3e-2],
-            "dylora": [1e-3, 3e-2],
-            "matryoshka": [1e-3, 3e-2],
-        },
-    )
-    return ComparisonSpec(**{**base, **kw})
 
 
 def test_protocol_choice_and_resume(tmp_path):
@@ -114,8 +79,6 @@ def test_spec_validation():
 
 
 def test_sequence_classification_comparison(tmp_path):
-    from transformers import BertConfig, BertForSequenceClassification
-
     data = tmp_path / "reviews"
     data.mkdir()
     words = {0: "bad awful", 1: "okay fine", 2: "great good"}
@@ -135,17 +98,7 @@ def test_sequence_classification_comparison(tmp_path):
         train_size=18,
         test_size=9,
     )
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=97,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=3,
-    )
-    model = BertForSequenceClassification(config)
+    model = tiny_bert()
     runner = ComparisonRunner(spec, tmp_path / "out", progress=False)
     head_before = model.classifier.weight.detach().clone()
     table = runner.run(model, make_char_tokenizer())

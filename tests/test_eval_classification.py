@@ -4,27 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_eval_support import randomise_adapters
-from transformers import BertConfig, BertForSequenceClassification
+from conftest import randomise_adapters, tiny_bert
+from transformers import BertForSequenceClassification
 
 import matryoshka_lora as ml
 from matryoshka_lora.eval import classification_metric_fn, classification_metrics, rank_sweep
 
 
-def tiny_bert() -> BertForSequenceClassification:
-    torch.manual_seed(0)
-    config = BertConfig(
+def dropout_bert() -> BertForSequenceClassification:
+    """Vocabulary 50 and dropout 0.5, so that train and eval mode differ."""
+    return tiny_bert(
         vocab_size=50,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
         max_position_embeddings=32,
-        num_labels=3,
         hidden_dropout_prob=0.5,
         attention_probs_dropout_prob=0.5,
     )
-    return BertForSequenceClassification(config)
 
 
 def batch(seed: int, size: int) -> dict[str, torch.Tensor]:
@@ -42,7 +36,7 @@ def predictions(model, b) -> torch.Tensor:
 
 
 def test_accuracy_and_loss_on_known_labels():
-    model = tiny_bert()
+    model = dropout_bert()
     b1, b2 = batch(0, 3), batch(1, 2)
     logits = torch.cat([predictions(model, b1), predictions(model, b2)])
     pred = logits.argmax(-1)
@@ -61,7 +55,7 @@ def test_accuracy_and_loss_on_known_labels():
 
 
 def test_sweep_over_ranks_with_an_adapter():
-    model = tiny_bert()
+    model = dropout_bert()
     ml.attach(
         model, ml.NestedLoraConfig(r=4, target_modules=["query", "value"], inference_scale="paper")
     )
@@ -78,7 +72,7 @@ def test_sweep_over_ranks_with_an_adapter():
 
 
 def test_errors():
-    model = tiny_bert()
+    model = dropout_bert()
     with pytest.raises(ValueError, match="labels"):
         classification_metrics(model, [batch(0, 2)])
     with pytest.raises(ValueError, match="no examples"):

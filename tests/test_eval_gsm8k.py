@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_llama
-from test_eval_support import make_tiny_tokenizer
+from conftest import make_tiny_llama, make_tiny_tokenizer
 from torch import nn
 
 from matryoshka_lora.eval import (

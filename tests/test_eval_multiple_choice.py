@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_llama
-from test_eval_support import make_tiny_tokenizer
+from conftest import make_tiny_llama, make_tiny_tokenizer
 
 from matryoshka_lora.eval import (
     MultipleChoiceItem,

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, make_tiny_llama
-from test_eval_support import randomise_adapters
+from conftest import LLAMA_TARGETS, make_tiny_llama, randomise_adapters
 
 import matryoshka_lora as ml
 from matryoshka_lora.eval import Comparison, SweepResult, rank_sweep

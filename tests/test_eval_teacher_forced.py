@@ -6,8 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, make_tiny_llama
-from test_eval_support import randomise_adapters
+from conftest import LLAMA_TARGETS, make_tiny_llama, randomise_adapters
 
 import matryoshka_lora as ml
 from matryoshka_lora.eval import rank_sweep, teacher_forced_metric_fn, teacher_forced_metrics

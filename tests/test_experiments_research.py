@@ -9,8 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_char_tokenizer, make_tiny_llama
-from test_compare import tiny_spec, write_dataset
+from conftest import make_char_tokenizer, make_tiny_llama, tiny_spec, write_dataset
 
 from matryoshka_lora.compare import ComparisonRunner, RunKey
 from matryoshka_lora.compare.run import training_passes

@@ -7,12 +7,18 @@ import struct
 
 import pytest
 import torch
-from conftest import GPT2_TARGETS, LLAMA_TARGETS, make_tiny_gpt2, make_tiny_llama
+from conftest import (
+    GPT2_TARGETS,
+    LLAMA_TARGETS,
+    make_tiny_gpt2,
+    make_tiny_llama,
+    run_main,
+    trained_llama,
+)
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 
 import matryoshka_lora as ml
-from matryoshka_lora import cli
 from matryoshka_lora import export as mlx
 from matryoshka_lora.eval.sweep import SweepResult
 from matryoshka_lora.model import adapter_layers, get_config
@@ -51,14 +57,8 @@ EXACT = {
 
 def trained(make=make_tiny_llama, targets=LLAMA_TARGETS, **config):
     """A tiny model with a rank-8 nested adapter whose B is random (as after training)."""
-    model = make()
-    fields = {"r": R, "train_ranks": (1, 2, 4, 8), "target_modules": targets, **config}
-    ml.attach(model, ml.NestedLoraConfig(**fields))
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for layer in adapter_layers(model).values():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1)
-    return model
+    fields = {"r": R, "train_ranks": (1, 2, 4, 8), **config}
+    return trained_llama(seed=5, scale=0.1, make=make, targets=targets, **fields)
 
 
 def safetensors_parts(path) -> tuple[dict, bytes]:
@@ -305,15 +305,6 @@ def test_other_files_are_carried_and_a_foreign_readme_is_kept(tmp_path):
 
 
 # ---------------------------------------------------------------------------- command line
-def run_main(capsys, *args) -> tuple[int, str, str]:
-    try:
-        code = cli.main([str(a) for a in args])
-    except SystemExit as stop:  # argparse: --help, usage errors
-        code = stop.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def test_slice_command_writes_the_export(tmp_path, capsys):
     model = trained()
     mlx.export_peft(model, R, tmp_path / "full")

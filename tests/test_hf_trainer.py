@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, make_tiny_llama, short_run_settings
+from conftest import LLAMA_TARGETS, CrashAt, adapter_copy, make_tiny_llama, short_run_settings
 from ddp_worker import fixed_length_dataset
-from transformers import TrainerCallback, TrainingArguments
+from transformers import TrainingArguments
 
 import matryoshka_lora as ml
 from matryoshka_lora.model import adapter_layers, adapter_state_dict
@@ -31,24 +31,11 @@ def make_trainer(tmp_path, name, method="lora", callbacks=None, objective=None, 
     return model, trainer
 
 
-def adapter(model):
-    return {k: v.detach().clone() for k, v in adapter_state_dict(model).items()}
-
-
-class CrashAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt("simulated kill")
-
-
 def test_adapter_only_checkpoints_and_exact_resume(tmp_path):
     model, trainer = make_trainer(tmp_path, "whole")
-    before = adapter(model)
+    before = adapter_copy(model)
     trainer.train()
-    whole = adapter(model)
+    whole = adapter_copy(model)
     assert any(not torch.equal(whole[k], before[k]) for k in whole)
     checkpoint = tmp_path / "whole" / "checkpoint-3"
     names = sorted(p.name for p in checkpoint.iterdir())
@@ -64,7 +51,7 @@ def test_adapter_only_checkpoints_and_exact_resume(tmp_path):
         crashing.train()
     model3, resumed = make_trainer(tmp_path, "crash")
     resumed.train(resume_from_checkpoint=True)
-    final = adapter(model3)
+    final = adapter_copy(model3)
     for key, value in whole.items():
         torch.testing.assert_close(final[key], value, atol=1e-6, rtol=1e-5)
 
@@ -88,9 +75,9 @@ def test_dylora_ranks_drawn_per_micro_batch(tmp_path):
 
 def test_gradient_checkpointing_trains(tmp_path):
     model, trainer = make_trainer(tmp_path, "gc", activation_checkpointing=True)
-    before = adapter(model)
+    before = adapter_copy(model)
     trainer.train()
-    after = adapter(model)
+    after = adapter_copy(model)
     changed = [k for k in after if not torch.equal(after[k], before[k])]
     assert any(k.endswith("lora_A") for k in changed) and any(k.endswith("lora_B") for k in changed)
 
@@ -100,9 +87,9 @@ def test_gradient_checkpointing_trains(tmp_path):
 )
 def test_trainer_bf16_and_compile(tmp_path, extra):
     model, trainer = make_trainer(tmp_path, "opt", **extra)
-    before = adapter(model)
+    before = adapter_copy(model)
     trainer.train()
-    after = adapter(model)
+    after = adapter_copy(model)
     assert all(
         v.dtype == torch.float32 for v in after.values()
     )  # fp32 adapters under bf16 autocast
@@ -133,20 +120,14 @@ def test_trainer_accumulation_with_unequal_lengths_matches_one_batch(tmp_path, m
     for batch, accum in ((8, 1), (2, 4)):
         model = make_tiny_llama()
         ml.attach(model, ml.NestedLoraConfig(r=8, method=method, target_modules=LLAMA_TARGETS))
-        args = TrainingArguments(
-            output_dir=str(tmp_path / f"b{batch}"),
+        settings = short_run_settings(
+            tmp_path / f"b{batch}",
             per_device_train_batch_size=batch,
             gradient_accumulation_steps=accum,
             max_steps=3,
-            learning_rate=1e-2,
             save_strategy="no",
-            report_to=[],
-            use_cpu=True,
-            seed=7,
-            data_seed=7,
-            disable_tqdm=True,
-            dataloader_num_workers=0,
         )
+        args = TrainingArguments(**settings)
         trainer = NestedLoraTrainer(
             model=model,
             args=args,
@@ -155,6 +136,6 @@ def test_trainer_accumulation_with_unequal_lengths_matches_one_batch(tmp_path, m
             objective=objective,
         )
         trainer.train()
-        runs.append(adapter(model))
+        runs.append(adapter_copy(model))
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in runs[0].items() if "lora_B" in k)
     assert_tensors_close(runs[1], runs[0])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, make_char_tokenizer, make_tiny_llama
+from conftest import make_char_tokenizer, make_tiny_llama, trained_llama
 from huggingface_hub import HfApi, ModelCard
 from peft import PeftModel
 
@@ -27,14 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trained(**config):
-    model = make_tiny_llama()
-    config = {"method": "matryoshka", **config}
-    ml.attach(model, ml.NestedLoraConfig(r=8, target_modules=LLAMA_TARGETS, **config))
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for layer in adapter_layers(model).values():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1)
-    return model
+    return trained_llama(seed=5, scale=0.1, **{"method": "matryoshka", **config})
 
 
 def sweep() -> SweepResult:

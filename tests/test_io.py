@@ -9,9 +9,11 @@ import torch
 from conftest import (
     GPT2_TARGETS,
     LLAMA_TARGETS,
+    all_rank_logits,
     make_tiny_gpt2,
     make_tiny_llama,
     tiny_llama_config,
+    trained_llama,
 )
 from safetensors import safe_open
 
@@ -19,26 +21,6 @@ import matryoshka_lora as ml
 from matryoshka_lora import io as mlio
 from matryoshka_lora.cli import main as cli_main
 from matryoshka_lora.model import adapter_layers, adapter_state_dict, get_config
-
-
-def trained_llama(**config):
-    model = make_tiny_llama()
-    ml.attach(model, ml.NestedLoraConfig(**{"r": 8, "target_modules": LLAMA_TARGETS, **config}))
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for layer in adapter_layers(model).values():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.05)
-    return model
-
-
-def all_rank_logits(model, ids):
-    out = {}
-    with torch.no_grad():
-        out[None] = model(ids).logits
-        for r in range(1, 9):
-            with ml.at_rank(model, r):
-                out[r] = model(ids).logits
-    return out
 
 
 @pytest.mark.parametrize("inference_scale", ["paper", "trained"])

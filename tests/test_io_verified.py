@@ -7,8 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import make_tiny_llama
-from test_io import all_rank_logits, trained_llama
+from conftest import all_rank_logits, make_tiny_llama, trained_llama
 
 import matryoshka_lora as ml
 from matryoshka_lora import io as mlio

@@ -10,16 +10,15 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import assert_one_loop_step_loss, assert_trainer_loss
 from ddp_worker import varied_length_dataset
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from per_example import COLLATE, assert_trains_like_one_at_a_time, one_at_a_time, trained_tiny
-from transformers import TrainingArguments
 
 from matryoshka_lora.config import NestedLoraConfig
 from matryoshka_lora.model import get_config
-from matryoshka_lora.train.hf_trainer import NestedLoraTrainer
-from matryoshka_lora.train.loop import TrainConfig, epoch_order, train_adapter
+from matryoshka_lora.train.loop import epoch_order
 from matryoshka_lora.train.objective import MicroBatch, training_loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
@@ -127,21 +126,6 @@ def test_loop_and_trainer_train_nested_dropout(tmp_path):
     plan = GEOMETRIC.plan(get_config(model), MicroBatch(seed, 0, 0, examples=len(data)))
     assert len(set(plan.ranks)) > 1
     expected, _, _ = one_at_a_time(model, ordered, plan.ranks)
-    train_config = TrainConfig(
-        output_dir=str(tmp_path / "loop"), max_steps=1, batch_size=6, progress=False, seed=seed
-    )
-    result = train_adapter(model, data, train_config, COLLATE, objective=GEOMETRIC)
-    assert result.losses[0] == pytest.approx(expected, rel=1e-5)
-    model = trained_tiny()
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "trainer"),
-        use_cpu=True,
-        report_to=[],
-        disable_tqdm=True,
-        seed=seed,
-    )
-    trainer = NestedLoraTrainer(
-        model=model, args=args, data_collator=COLLATE, objective=GEOMETRIC.to_dict()
-    )
-    model.train()
-    assert trainer.compute_loss(model, COLLATE(ordered)).item() == pytest.approx(expected, rel=1e-5)
+    assert_one_loop_step_loss(tmp_path, model, data, expected, GEOMETRIC, seed)
+    trainer_model, objective = trained_tiny(), GEOMETRIC.to_dict()
+    assert_trainer_loss(tmp_path, trainer_model, COLLATE(ordered), expected, objective, seed)

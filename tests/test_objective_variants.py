@@ -10,13 +10,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cpu_trainer_settings
+from conftest import (
+    adapter_copy,
+    assert_checkpointing_keeps_gradients,
+    assert_one_loop_step_loss,
+    assert_trainer_loss,
+    cpu_trainer_settings,
+)
 from ddp_worker import fixed_length_dataset, varied_length_dataset
 from per_example import COLLATE, assert_trains_like_one_at_a_time, one_at_a_time, trained_tiny
 from transformers import TrainingArguments
 
 from matryoshka_lora.config import NestedLoraConfig
-from matryoshka_lora.model import adapter_layers, adapter_state_dict, at_rank, get_config
+from matryoshka_lora.model import adapter_layers, at_rank, get_config
 from matryoshka_lora.train.checkpoint import list_checkpoints
 from matryoshka_lora.train.hf_trainer import NestedLoraTrainer
 from matryoshka_lora.train.loop import TrainConfig, epoch_order, train_adapter
@@ -107,40 +113,19 @@ def test_loop_and_trainer_train_the_mixed_rank_loss(tmp_path):
     ordered = [data[i] for i in epoch_order(len(data), seed, 0)]  # the loop's first batch
     plan = plan_of(MIXED, get_config(model), seed, 0, examples=len(data))
     expected, _, _ = one_at_a_time(model, ordered, plan.ranks)
-    train_config = TrainConfig(
-        output_dir=str(tmp_path / "loop"), max_steps=1, batch_size=6, progress=False, seed=seed
-    )
-    result = train_adapter(model, data, train_config, COLLATE, objective=MIXED)
-    assert result.losses[0] == pytest.approx(expected, rel=1e-5)
-
-    model = trained_tiny()
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "trainer"), use_cpu=True, report_to=[], disable_tqdm=True, seed=7
-    )
-    trainer = NestedLoraTrainer(model=model, args=args, data_collator=COLLATE, objective=MIXED)
-    model.train()
-    assert trainer.compute_loss(model, COLLATE(ordered)).item() == pytest.approx(expected, rel=1e-5)
+    assert_one_loop_step_loss(tmp_path, model, data, expected, MIXED, seed)
+    assert_trainer_loss(tmp_path, trained_tiny(), COLLATE(ordered), expected, MIXED, seed)
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_mixed_rank_gradients_survive_gradient_checkpointing(reentrant):
     """Checkpointed blocks are recomputed with the example ranks of their forward."""
     batch = COLLATE(varied_length_dataset(n=4))
-    grads = []
-    for checkpointing in (False, True):
-        model = trained_tiny()
-        model.train()
-        if checkpointing:
-            model.activation_checkpointing_enable({"use_reentrant": reentrant})
-            model.enable_input_require_grads()
-        loss = training_loss(
-            model, lambda model=model: model(**batch).loss, objective=MIXED, examples=4
-        )
-        loss.backward()
-        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys() and grads[0]
-    for name, grad in grads[0].items():
-        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6)
+
+    def loss_of(model):
+        return training_loss(model, lambda: model(**batch).loss, objective=MIXED, examples=4)
+
+    assert_checkpointing_keeps_gradients(trained_tiny, loss_of, reentrant)
 
 
 # ----------------------------------------------------------------------------- every k-th
@@ -489,7 +474,7 @@ def test_train_wide_nest_late_resumes_bit_identical(tmp_path):
         train_adapter(
             model, fixed_length_dataset(), config, COLLATE, on_step=on_step, objective=objective
         )
-        return {k: v.detach().clone() for k, v in adapter_state_dict(model).items()}
+        return adapter_copy(model)
 
     def crash_at_5(step, loss):
         if step == 5:

@@ -24,11 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import LLAMA_TARGETS, make_tiny_llama
+from conftest import make_tiny_llama, trained_llama
 from peft import PeftModel
 
-import matryoshka_lora as ml
 from matryoshka_lora import export as mlx
 from matryoshka_lora.model import adapter_layers
 from matryoshka_lora.serving import (
@@ -40,13 +38,7 @@ from matryoshka_lora.serving import (
 
 
 def trained(**config):
-    model = make_tiny_llama()
-    ml.attach(model, ml.NestedLoraConfig(r=8, target_modules=LLAMA_TARGETS, **config))
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for layer in adapter_layers(model).values():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1)
-    return model
+    return trained_llama(seed=3, scale=0.1, **config)
 
 
 def mixed_ranks(model) -> dict[str, int]:

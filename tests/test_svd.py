@@ -12,9 +12,14 @@ import warnings
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, cpu_trainer_settings, make_tiny_gpt2, make_tiny_llama
+from conftest import (
+    LLAMA_TARGETS,
+    cpu_trainer_settings,
+    make_tiny_gpt2,
+    make_tiny_llama,
+    randomise_adapters,
+)
 from ddp_worker import fixed_length_dataset
-from test_eval_support import randomise_adapters
 from transformers import TrainingArguments
 
 import matryoshka_lora as ml

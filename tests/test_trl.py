@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, make_char_tokenizer, make_tiny_llama, short_run_settings
-from test_hf_trainer import CrashAt, adapter
+from conftest import (
+    LLAMA_TARGETS,
+    CrashAt,
+    adapter_copy,
+    assert_logged_equal,
+    make_char_tokenizer,
+    make_tiny_llama,
+    short_run_settings,
+)
 from transformers import TrainerCallback
 
 import matryoshka_lora as ml
@@ -62,9 +69,9 @@ def test_sft_trainer_prefix_loss_checkpoints_and_bit_identical_resume(tmp_path):
         # SFTConfig turns gradient checkpointing on; reentrant checkpointing trains the adapters
         # only if the frozen embedding's output requires grad (TRL arranges it for PEFT models only)
         model, trainer = make_sft(tmp_path, "whole", **REENTRANT)
-        before = adapter(model)
+        before = adapter_copy(model)
         trainer.train()
-        whole = adapter(model)
+        whole = adapter_copy(model)
         changed = [k for k in whole if not torch.equal(whole[k], before[k])]
         assert any(k.endswith("lora_A") for k in changed) and any(
             k.endswith("lora_B") for k in changed
@@ -84,7 +91,7 @@ def test_sft_trainer_prefix_loss_checkpoints_and_bit_identical_resume(tmp_path):
         resumed_model, resumed = make_sft(tmp_path, "crash", **REENTRANT)
         torch.manual_seed(12345)  # whatever RNG state the new process has
         resumed.train(resume_from_checkpoint=True)
-        final = adapter(resumed_model)
+        final = adapter_copy(resumed_model)
         for key, value in whole.items():
             assert torch.equal(final[key], value), key
     finally:
@@ -179,14 +186,7 @@ def test_sft_trainer_logs_rank_curve_equal_to_post_hoc_sweep(tmp_path):
         inference_scales=("trained",),
         progress=False,
     )
-    for metric in ("loss", "token_accuracy"):
-        curve = sweep.curve("trained", metric)
-        for rank, value in curve.as_mapping().items():
-            assert logged[f"eval_{metric}_r{rank}"] == pytest.approx(value, rel=1e-6, abs=1e-9)
-        assert logged[f"eval_aurac_{metric}"] == pytest.approx(curve.aurac_log, rel=1e-6)
-    assert logged["eval_aurac"] == logged["eval_aurac_token_accuracy"]
-    losses = [logged[f"eval_loss_r{r}"] for r in ranks]
-    assert len(set(losses)) == len(losses)  # the ranks really differ
+    assert_logged_equal(logged, {m: sweep.curve("trained", m) for m in ("loss", "token_accuracy")})
     assert "eval_loss" in logged  # the Trainer's own eval loss is still there
 
 

@@ -11,9 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, cpu_trainer_settings, make_tiny_llama
+from conftest import (
+    LLAMA_TARGETS,
+    assert_checkpointing_keeps_gradients,
+    assert_trainer_loss,
+    cpu_trainer_settings,
+    make_tiny_llama,
+)
 from ddp_worker import fixed_length_dataset
 from masked_sum import masked_sum_layer_output
+from per_example import trained_tiny as per_example_model
 from transformers import TrainingArguments
 
 import matryoshka_lora as ml
@@ -195,15 +202,8 @@ def test_trainer_samples_prefixes_for_prefix_sampling(tmp_path):
 
 # ----------------------------------------------------------------------------- prefix loss
 def trained_tiny(method="matryoshka", **config):
-    model = make_tiny_llama()
-    ml.attach(
-        model, ml.NestedLoraConfig(r=8, method=method, target_modules=LLAMA_TARGETS, **config)
-    )
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for layer in adapter_layers(model).values():
-            layer.lora_B.normal_(std=0.05)
-    return model
+    """The per-example reference's model with a small update: B ~ N(0, 0.05^2)."""
+    return per_example_model(method, std=0.05, **config)
 
 
 def batch_of(n=4):
@@ -334,35 +334,19 @@ def test_trainer_compute_loss_outside_training_step_uses_the_first_draw(tmp_path
     model = trained_tiny()
     ranks = prefix_loss_ranks((1, 2, 4, 8), 1, seed=7, step=0, micro_step=0)
     expected = mean_of_rank_losses(model, batch, ranks)
-    args = TrainingArguments(
-        output_dir=str(tmp_path), use_cpu=True, report_to=[], disable_tqdm=True, seed=7
-    )
-    trainer = NestedLoraTrainer(
-        model=model, args=args, data_collator=COLLATE, objective="prefix-loss-variant"
-    )
-    model.train()
-    assert trainer.compute_loss(model, batch).item() == pytest.approx(expected, rel=1e-5)
+    assert_trainer_loss(tmp_path, model, batch, expected, "prefix-loss-variant")
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_prefix_loss_gradients_survive_gradient_checkpointing(reentrant):
     """Checkpointed blocks are recomputed at the rank of their forward, not the final one."""
     batch = batch_of()
-    grads = []
-    for checkpointing in (False, True):
-        model = trained_tiny()
-        model.train()
-        if checkpointing:
-            model.activation_checkpointing_enable({"use_reentrant": reentrant})
-            model.enable_input_require_grads()
-        loss = ml.training_loss(
-            model, lambda model=model: model(**batch).loss, objective=PrefixLossVariant(sample=0)
-        )
-        loss.backward()
-        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys() and grads[0]
-    for name, grad in grads[0].items():
-        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6)
+
+    def loss_of(model):
+        objective = PrefixLossVariant(sample=0)
+        return ml.training_loss(model, lambda: model(**batch).loss, objective=objective)
+
+    assert_checkpointing_keeps_gradients(trained_tiny, loss_of, reentrant)
 
 
 def test_training_loss_follows_the_named_objective():
