@@ -49,6 +49,16 @@ def sums_dataset(n: int):
     return datasets.Dataset.from_list(rows)
 
 
+def counting_dataset(n: int, length: int = 12) -> list[dict]:
+    """Learnable sequences of consecutive token ids, the first 3 out of the loss."""
+    starts = torch.randint(0, 80, (n,), generator=torch.Generator().manual_seed(5))
+    rows = []
+    for start in starts.tolist():
+        ids = [(start + i) % 97 for i in range(length)]
+        rows.append({"input_ids": ids, "labels": [-100] * 3 + ids[3:]})
+    return rows
+
+
 def factors(model) -> dict[str, torch.Tensor]:
     return {
         f"{name}.{key}": getattr(layer, key)["default"].weight.detach().clone()
@@ -257,17 +267,14 @@ def test_quantized_base_equals_native_quantized_path(base_dir, kind, input_ids):
 
 @requires_bnb
 def test_4bit_base_trains_and_exports_a_plain_qlora(tmp_path, base_dir):
-    from ddp_worker import fixed_length_dataset
-    from transformers import Trainer, TrainingArguments
-
-    from matryoshka_lora.train import PaddingCollator
+    from transformers import Trainer, TrainingArguments, default_data_collator
 
     config = MatryoshkaLoraConfig(r=R, target_modules=LLAMA_TARGETS, task_type="CAUSAL_LM")
     hosted = get_peft_model(load_quantized(base_dir, "4bit"), config)
     quantized = {
         n: m.get_base_layer().weight.detach().clone() for n, m in mlp.nested_layers(hosted).items()
     }
-    data = fixed_length_dataset(n=16)
+    data = counting_dataset(16)
     args = TrainingArguments(
         output_dir=str(tmp_path / "run"),
         per_device_train_batch_size=4,
@@ -279,14 +286,14 @@ def test_4bit_base_trains_and_exports_a_plain_qlora(tmp_path, base_dir):
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    batch = PaddingCollator(0)(data[:8])
+    batch = default_data_collator(data[:8])
     with torch.no_grad():
         before = float(hosted.train()(**batch).loss)
     trainer = Trainer(
         model=hosted,
         args=args,
         train_dataset=data,
-        data_collator=PaddingCollator(0),
+        data_collator=default_data_collator,
         callbacks=[mlp.SvdRebaseCallback()],
     )
     trainer.train()

@@ -51,7 +51,9 @@ class MatryoshkaLoraConfig(LoraConfig):
 
     Attributes (beyond ``LoraConfig``'s):
         method: ``lora`` (p = s(R), default), ``matryoshka`` (the fixed nested P) or
-            ``dylora`` (s(b) on a drawn prefix b; s(R) at full rank).
+            ``dylora`` (s(b) on a drawn prefix b; s(R) at full rank). The prefix b is
+            drawn by a training objective (``set_sampled_rank``); a Trainer without one
+            trains every method's full-rank function.
         train_ranks: S, increasing ranks in 1..R that include R (default: powers of
             two up to R, plus R).
         eval_ranks: ranks recorded for evaluation (default: ``train_ranks``).
