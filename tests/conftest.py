@@ -62,20 +62,16 @@ def make_tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
 
 
 def tiny_bert(**overrides):
-    """A tiny 3-class BERT sequence classifier (seed 0); ``overrides`` change config fields."""
+    """A tiny 3-class BERT sequence classifier (seed 0) of the tiny Llama's sizes (vocabulary,
+    width, depth, heads, MLP, positions); ``overrides`` change config fields."""
     from transformers import BertConfig, BertForSequenceClassification
 
+    llama = tiny_llama_config()
+    names = ["vocab_size", "hidden_size", "intermediate_size", "max_position_embeddings"]
+    names += ["num_hidden_layers", "num_attention_heads"]
+    sizes = {name: getattr(llama, name) for name in names}
     torch.manual_seed(0)
-    fields = dict(
-        vocab_size=97,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=3,
-    )
-    return BertForSequenceClassification(BertConfig(**{**fields, **overrides}))
+    return BertForSequenceClassification(BertConfig(**{**sizes, "num_labels": 3, **overrides}))
 
 
 TINY_MODELS = {"llama": (make_tiny_llama, LLAMA_TARGETS), "gpt2": (make_tiny_gpt2, GPT2_TARGETS)}
@@ -336,6 +332,43 @@ def end_processes() -> None:
     """A worker's last step: leave the process group, if the run made one."""
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def run_worker(script, out_dir, mode: str, timeout: float = 600, **env: str) -> None:
+    """Run the worker ``script OUT_DIR MODE`` (``env`` added to its environment, one intra-op
+    thread, this folder importable): alone for mode ``one``, else in 2 processes under
+    torchrun. It must succeed; its output ends the failure message."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    folder = str(Path(__file__).parent)
+    path = os.pathsep.join([folder, os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **env}
+    command = [sys.executable, str(script), str(out_dir), mode]
+    if mode != "one":
+        command = torchrun(script, out_dir, mode)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{mode}:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+
+
+def gathered_runs(runs: dict, mode: str, variant: str) -> tuple[dict, dict, dict]:
+    """``variant``'s final adapters of the one-process run, the DDP run and process 0 of
+    ``mode`` (``runs``: mode -> the worker's output folder), after checking that both of
+    ``mode``'s processes gathered the same fp32 adapter (A and B of 7 projections x 2 layers)
+    and that the run trained (every B moved from 0)."""
+    from safetensors.torch import load_file
+
+    one, ddp, r0, r1 = (
+        load_file(runs[name] / variant / f"rank{rank}.safetensors")
+        for name, rank in (("one", 0), ("ddp", 0), (mode, 0), (mode, 1))
+    )
+    assert set(r0) == set(r1) == set(ddp) == set(one) and len(one) == 2 * 7 * 2
+    for key in one:
+        assert r0[key].dtype == torch.float32, key  # fp32 adapters, also under a bf16 base
+        assert torch.equal(r0[key], r1[key]), key  # both processes gather the same adapter
+    assert all(one[k].abs().max() > 1e-2 for k in one if k.endswith("lora_B"))
+    return one, ddp, r0
 
 
 @pytest.fixture(scope="module")

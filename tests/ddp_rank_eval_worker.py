@@ -11,11 +11,10 @@ import os
 import sys
 
 import torch
-from conftest import LLAMA_TARGETS, make_tiny_llama
+from conftest import cpu_trainer_settings, end_processes, llama_with_adapter
 from ddp_worker import fixed_length_dataset
 from transformers import TrainingArguments
 
-import matryoshka_lora as ml
 from matryoshka_lora.model import adapter_layers
 from matryoshka_lora.train import PaddingCollator
 from matryoshka_lora.train.hf_trainer import NestedLoraTrainer
@@ -23,8 +22,7 @@ from matryoshka_lora.train.hf_trainer import NestedLoraTrainer
 
 def adapted_model() -> torch.nn.Module:
     """A tiny Llama with an adapter whose ranks differ (B drawn, not zero)."""
-    model = make_tiny_llama()
-    ml.attach(model, ml.NestedLoraConfig(r=8, target_modules=LLAMA_TARGETS))
+    model = llama_with_adapter()
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for layer in adapter_layers(model).values():
@@ -39,12 +37,7 @@ def eval_dataset() -> list[dict]:
 def main() -> None:
     out_dir = sys.argv[1]
     args = TrainingArguments(
-        output_dir=os.path.join(out_dir, "run"),
-        per_device_eval_batch_size=2,
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
+        **cpu_trainer_settings(os.path.join(out_dir, "run"), per_device_eval_batch_size=2)
     )
     trainer = NestedLoraTrainer(
         model=adapted_model(),
@@ -57,8 +50,7 @@ def main() -> None:
     if trainer.is_world_process_zero():
         with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as fh:
             json.dump({**metrics, "world": trainer.accelerator.num_processes}, fh)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    end_processes()
 
 
 if __name__ == "__main__":

@@ -13,14 +13,11 @@ import os
 import sys
 
 import torch
-from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import LLAMA_TARGETS, make_tiny_llama  # noqa: E402
+from conftest import end_processes, llama_with_adapter, save_adapter_tensors, worker_train_config  # noqa: E402
 
-import matryoshka_lora as ml  # noqa: E402
-from matryoshka_lora.model import adapter_state_dict  # noqa: E402
-from matryoshka_lora.train import PaddingCollator, TrainConfig, train_adapter  # noqa: E402
+from matryoshka_lora.train import PaddingCollator, train_adapter  # noqa: E402
 
 
 def fixed_length_dataset(n: int = 32, length: int = 12) -> list[dict]:
@@ -62,17 +59,8 @@ def main() -> None:
     torch.use_deterministic_algorithms(True)
     method, _, variant = method.partition(":")  # e.g. "matryoshka:prefix_loss"
     objective = OBJECTIVES[variant]  # "": the method's default
-    model = make_tiny_llama()
-    ml.attach(model, ml.NestedLoraConfig(r=8, method=method, target_modules=LLAMA_TARGETS))
-    config = TrainConfig(
-        output_dir=os.path.join(out_dir, "run"),
-        learning_rate=1e-2,
-        batch_size=batch_size,
-        gradient_accumulation_steps=2,
-        max_steps=4,
-        progress=False,
-        seed=3,
-    )
+    model = llama_with_adapter(method=method)
+    config = worker_train_config(os.path.join(out_dir, "run"), batch_size)
     result = train_adapter(
         model,
         varied_length_dataset(),
@@ -84,10 +72,8 @@ def main() -> None:
     rank = int(os.environ.get("RANK", "0"))
     with open(os.path.join(out_dir, f"losses{rank}.json"), "w", encoding="utf-8") as fh:
         json.dump(result.losses, fh)
-    tensors = {k: v.detach().clone().contiguous() for k, v in adapter_state_dict(model).items()}
-    save_file(tensors, os.path.join(out_dir, f"rank{rank}.safetensors"))
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    save_adapter_tensors(model, os.path.join(out_dir, f"rank{rank}.safetensors"))
+    end_processes()
 
 
 if __name__ == "__main__":

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, run_bench_smoke
 
 from matryoshka_lora import NestedLoraConfig, attach
 from matryoshka_lora.model import adapter_layers
@@ -20,31 +19,9 @@ from timing import median_ci  # noqa: E402
 from workload import make_rebase, make_train_step  # noqa: E402
 
 
-def run_smoke(tmp_path: Path, script: str) -> Path:
-    """Run ``bench/<script> --smoke --write`` into ``tmp_path``; the BENCHMARKS file it wrote."""
-    target = tmp_path / "BENCHMARKS.md"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(BENCH / script),
-            "--smoke",
-            "--write",
-            "--benchmarks-file",
-            str(target),
-            "--results-dir",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return target
-
-
 @pytest.mark.parametrize("script", ["train_step.py", "inference.py"])
 def test_bench_script_smoke(tmp_path, script):
-    text = run_smoke(tmp_path, script).read_text()
+    text = run_bench_smoke(tmp_path, script).read_text()
     (results,) = tmp_path.glob("*.json")
     block = json.loads(results.read_text())
     name = results.stem
@@ -95,7 +72,7 @@ def table_rows(markdown: str) -> dict[str, list[str]]:
 
 def test_objective_step_smoke(tmp_path):
     """Each shipped objective's row shows its exact passes and its measured time, the default at 1."""
-    target = run_smoke(tmp_path, "objective_step.py")
+    target = run_bench_smoke(tmp_path, "objective_step.py")
     (results,) = tmp_path.glob("objective_step_*.json")
     rows = {
         row["spec"]["key"]: row

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import save_tiny_llama_dir
+from conftest import assert_one_line_error, run_main, save_tiny_llama_dir
 from safetensors import safe_open
 from transformers import (
     AutoModelForCausalLM,
@@ -59,25 +59,6 @@ def script(*args, cwd: Path) -> subprocess.CompletedProcess:
         text=True,
         timeout=300,
     )
-
-
-def run_main(capsys, *args) -> tuple[int, str, str]:
-    """``cli.main`` in-process: (exit status, stdout, stderr)."""
-    try:
-        code = cli.main([str(a) for a in args])
-    except SystemExit as stop:  # argparse: --help, usage errors
-        code = stop.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code not in (0, None), err
-    assert "Traceback" not in err
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 # ---------------------------------------------------------------------------- fixtures

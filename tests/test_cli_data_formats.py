@@ -15,12 +15,14 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from conftest import make_char_tokenizer, save_tiny_llama_dir, tiny_llama_config
-from test_cli import assert_one_line_error, run_main
-from test_data import CHAT_TEMPLATE
-from transformers import AutoTokenizer, LlamaForCausalLM
+from conftest import (
+    CHAT_TEMPLATE,
+    assert_one_line_error,
+    run_main,
+    save_tiny_llama_dir,
+)
+from transformers import AutoTokenizer
 
 from matryoshka_lora import cli
 from matryoshka_lora.commands import train as train_command
@@ -300,17 +302,7 @@ def test_help_lists_the_new_options_and_the_default_path(capsys):
 def wide_model(tmp_path_factory) -> Path:
     """A tiny Llama with 64-wide inputs (bitsandbytes' 4-bit block) and the char tokenizer."""
     folder = tmp_path_factory.mktemp("qlora") / "model"
-    torch.manual_seed(0)
-    config = tiny_llama_config(
-        hidden_size=64,
-        intermediate_size=128,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    make_char_tokenizer().save_pretrained(folder)
+    save_tiny_llama_dir(folder, hidden_size=64, intermediate_size=128)
     return folder
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CHAT_TEMPLATE
 
 from matryoshka_lora.train import (
     DatasetFormatError,
@@ -173,13 +174,6 @@ def test_hub_loading_uses_datasets(monkeypatch):
 
 
 # ---------------------------------------------------------------------------- TRL formats
-# A chat template in the char tokenizer's alphabet: "<bos>role: content\n" per turn
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant: {% endif %}"
-)
-
-
 def chat_tokenizer(add_bos: bool = False):
     """The char tokenizer with :data:`CHAT_TEMPLATE`; ``add_bos``: it prepends BOS itself."""
     from conftest import make_char_tokenizer

@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, tiny_llama_config
+from conftest import LLAMA_TARGETS, run_bench_smoke, tiny_llama_config
 from ddp_worker import fixed_length_dataset
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import (
@@ -228,30 +228,9 @@ def test_peft_qlora_reference_and_our_step_train_the_same_way(base_dir):
 @pytest.mark.slow
 def test_qlora_bench_script_smoke(tmp_path):
     """bench/qlora_step.py runs (tiny model) and writes its block and JSON (~30 s: subprocesses)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "bench" / "qlora_step.py"
-    target = tmp_path / "BENCHMARKS.md"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(script),
-            "--smoke",
-            "--configs",
-            "matryoshka,peft_qlora",
-            "--write",
-            "--benchmarks-file",
-            str(target),
-            "--results-dir",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    target = run_bench_smoke(
+        tmp_path, "qlora_step.py", "--configs", "matryoshka,peft_qlora", timeout=600
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
     text = target.read_text()
     (results,) = tmp_path.glob("qlora_step_4bit_*.json")
     measured = json.loads(results.read_text())["results"][0]

@@ -9,14 +9,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, make_tiny_llama, torchrun
+from conftest import (
+    LLAMA_TARGETS,
+    assert_logged_equal,
+    make_tiny_llama,
+    short_loop_config,
+    short_run_settings,
+    torchrun,
+)
 from ddp_worker import fixed_length_dataset
 from transformers import TrainerCallback, TrainingArguments
 
 import matryoshka_lora as ml
 from matryoshka_lora.eval import RankCurve, rank_sweep, teacher_forced_metric_fn
 from matryoshka_lora.model import adapter_layers, adapter_state_dict, get_config
-from matryoshka_lora.train import PaddingCollator, TrainConfig, train_adapter
+from matryoshka_lora.train import PaddingCollator, train_adapter
 from matryoshka_lora.train.hf_trainer import NestedLoraTrainer
 from matryoshka_lora.train.rank_eval import format_rank_curve, rank_eval_metrics
 
@@ -56,29 +63,10 @@ def post_hoc(adapter_dir, batches):
     return {m: sweep.curve(scale, m) for m in ("loss", "token_accuracy")}
 
 
-def assert_logged_equal(logged, curves):
-    for metric, curve in curves.items():
-        for rank, value in curve.as_mapping().items():
-            assert logged[f"eval_{metric}_r{rank}"] == pytest.approx(value, rel=1e-6, abs=1e-9)
-        assert logged[f"eval_aurac_{metric}"] == pytest.approx(curve.aurac_log, rel=1e-6)
-    assert logged["eval_aurac"] == logged["eval_aurac_token_accuracy"]
-    losses = [logged[f"eval_loss_r{r}"] for r in RANKS]
-    assert len(set(losses)) == len(losses)  # the ranks really differ
-
-
 def loop_config(tmp_path, name, **kw):
-    base = dict(
-        output_dir=str(tmp_path / name),
-        learning_rate=2e-2,
-        batch_size=4,
-        max_steps=8,
-        progress=False,
-        seed=1,
-        save_every=4,
-        eval_every=4,
-        eval_batch_size=4,
-    )
-    return TrainConfig(**{**base, **kw})
+    """8 steps at 2e-2, a checkpoint and an evaluation (batches of 4) every 4."""
+    settings = dict(learning_rate=2e-2, save_every=4, eval_every=4, eval_batch_size=4)
+    return short_loop_config(tmp_path / name, **{**settings, **kw})
 
 
 class Crash(RuntimeError):
@@ -156,26 +144,16 @@ class Record(TrainerCallback):
 def test_trainer_logs_rank_curve_equal_to_post_hoc_sweep(tmp_path):
     model = fresh()
     record = Record()
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "hf"),
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=2,
+    settings = short_run_settings(
+        tmp_path / "hf",
         per_device_eval_batch_size=4,
-        max_steps=6,
-        learning_rate=1e-2,
         eval_strategy="steps",
         eval_steps=3,
-        save_steps=3,
-        logging_steps=1,
         load_best_model_at_end=True,
         metric_for_best_model="eval_aurac",
         greater_is_better=True,
-        report_to=[],
-        use_cpu=True,
-        seed=7,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
     )
+    args = TrainingArguments(**settings)
     trainer = NestedLoraTrainer(
         model=model,
         args=args,

@@ -10,12 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, assert_tensors_close, make_tiny_llama, torchrun
+from conftest import (
+    LLAMA_TARGETS,
+    adapter_copy,
+    assert_tensors_close,
+    make_tiny_llama,
+    short_loop_config,
+    torchrun,
+)
 from ddp_worker import fixed_length_dataset, varied_length_dataset
 from safetensors.torch import load_file
 
 import matryoshka_lora as ml
-from matryoshka_lora.model import adapter_state_dict
 from matryoshka_lora.train import (
     NonFiniteLossError,
     PaddingCollator,
@@ -40,22 +46,10 @@ def fresh(method="matryoshka", dropout=0.0, **config):
     return model
 
 
-def adapter(model):
-    return {k: v.detach().clone() for k, v in adapter_state_dict(model).items()}
-
-
 def cfg(tmp_path, name, **kw):
-    base = dict(
-        output_dir=str(tmp_path / name),
-        learning_rate=5e-3,
-        batch_size=4,
-        max_steps=8,
-        progress=False,
-        seed=1,
-        warmup_steps=2,
-        weight_decay=0.01,
-    )
-    return TrainConfig(**{**base, **kw})
+    """8 steps at 5e-3 after 2 warm-up steps, weight decay 0.01."""
+    settings = dict(learning_rate=5e-3, warmup_steps=2, weight_decay=0.01)
+    return short_loop_config(tmp_path / name, **{**settings, **kw})
 
 
 def test_training_lowers_loss_and_writes_outputs(tmp_path):
@@ -83,8 +77,8 @@ def test_gradient_accumulation_matches_big_batch(tmp_path):
         cfg(tmp_path, "small", batch_size=2, gradient_accumulation_steps=2),
         COLLATE,
     )
-    for key, value in adapter(big).items():
-        torch.testing.assert_close(adapter(small)[key], value, atol=1e-6, rtol=1e-5)
+    for key, value in adapter_copy(big).items():
+        torch.testing.assert_close(adapter_copy(small)[key], value, atol=1e-6, rtol=1e-5)
 
 
 # (adapter method, training objective): one forward, the prefix loss, LoRA's plain loss,
@@ -152,7 +146,7 @@ def test_accumulation_with_unequal_lengths_matches_one_batch(tmp_path, variant):
             COLLATE,
             objective=objective,
         )
-        runs[accum] = (adapter(model), result.losses)
+        runs[accum] = (adapter_copy(model), result.losses)
     first = runs[1][0]
     for accum in (2, 4):
         assert_tensors_close(runs[accum][0], first)
@@ -160,7 +154,7 @@ def test_accumulation_with_unequal_lengths_matches_one_batch(tmp_path, variant):
     if variant in ("plain", "lora"):  # one forward per step: an independent formulation
         model = fresh(method)
         reference_losses = one_batch_reference(model, data, 1e-2, 4)
-        assert_tensors_close(first, adapter(model))
+        assert_tensors_close(first, adapter_copy(model))
         torch.testing.assert_close(runs[1][1], reference_losses, atol=1e-6, rtol=1e-5)
 
 
@@ -232,8 +226,8 @@ def test_resume_after_crash_is_bit_identical(tmp_path, method, dropout, objectiv
             objective=objective,
         )
         assert result.resumed_from == 3
-        want = adapter(whole)
-        for key, value in adapter(resumed).items():
+        want = adapter_copy(whole)
+        for key, value in adapter_copy(resumed).items():
             assert torch.equal(value, want[key]), key
     finally:
         torch.use_deterministic_algorithms(False)
@@ -286,7 +280,9 @@ def test_non_finite_loss_stops_with_clear_message(tmp_path):
             COLLATE,
             on_step=poison_after_4,
         )
-    assert all(torch.isfinite(v).all() for v in adapter(model).values())  # no bad update applied
+    assert all(
+        torch.isfinite(v).all() for v in adapter_copy(model).values()
+    )  # no bad update applied
     good = list_checkpoints(tmp_path / "nan" / "checkpoints")
     assert [s for s, _ in good] == [3]
 
@@ -316,7 +312,7 @@ def test_bf16_autocast_training(tmp_path):
         COLLATE,
     )
     assert result.losses[-1] < result.losses[0]
-    assert all(v.dtype == torch.float32 for v in adapter(model).values())
+    assert all(v.dtype == torch.float32 for v in adapter_copy(model).values())
 
 
 @pytest.mark.parametrize(
@@ -405,9 +401,9 @@ def test_classifier_run_resumes_in_python_with_its_head(tmp_path):
     resumed = classifier()
     result = train_adapter(resumed, data, cfg(tmp_path, "crash", **kw), collate)
     assert result.resumed_from == 3
-    want = adapter(whole)
+    want = adapter_copy(whole)
     assert "score.weight" in want
-    for key, value in adapter(resumed).items():
+    for key, value in adapter_copy(resumed).items():
         assert torch.equal(value, want[key]), key
     loaded = ml.load_adapter(
         LlamaForSequenceClassification(tiny_llama_config(num_labels=3, pad_token_id=0)),
