@@ -15,6 +15,8 @@ Trainers and a comparison kind's ``"objective"`` record take them by name:
 * ``periodic-svd-rebase`` (:class:`PeriodicSvdRebase`): another objective's
   plans, with every adapter re-based on the SVD of its update after every
   ``every``-th optimizer step.
+* ``late-prefix`` (:class:`LatePrefix`): the full adapter's loss until step
+  ``start``, one SVD re-basis there, then the prefix loss over fixed low ranks and R.
 
 Every plan is a pure function of the adapter config and the micro-batch's place in
 the run (:class:`~matryoshka_lora.train.objective.MicroBatch`), drawn from seeded
@@ -266,4 +268,82 @@ class PeriodicSvdRebase:
         return {"name": self.name, "every": self.every, "objective": self.objective.to_dict()}
 
 
-__all__ = ["PREFIX_LOSS_MODES", "PeriodicSvdRebase", "PrefixLossVariant", "PrefixSampling"]
+@register_objective
+@dataclass(frozen=True)
+class LatePrefix:
+    """Train wide, re-base once, then train chosen low prefixes beside the full adapter.
+
+    Steps ``0 .. start - 1`` (0-based) train the full adapter alone, ``L = loss(f(x))``;
+    after step ``start`` (1-based ``done == start``) every adapter is re-based on the
+    SVD of its update (:func:`~matryoshka_lora.svd.svd_rebase_`: the function is
+    unchanged and each rank-r prefix becomes the update's best rank-r approximation);
+    from step ``start`` on, each micro-batch trains
+    ``L = sum_{r in ranks} w loss(f_r(x)) + (1 - |ranks| w) loss(f_R(x))`` with
+    ``w = low_weight`` (default ``1 / (|ranks| + 1)``, the plain mean), one forward per
+    rank. Forwards per micro-batch: 1 before ``start``, ``|ranks| + 1`` after, so a run
+    of T steps costs ``(start + (|ranks| + 1)(T - start)) / T`` LoRA's passes.
+    """
+
+    name: ClassVar[str] = "late-prefix"
+    start: int = dataclasses.field(
+        default=0, metadata={"help": "the step (0-based) the re-basis precedes"}
+    )
+    ranks: tuple[int, ...] = dataclasses.field(
+        default=(1,), metadata={"help": "the low ranks trained from step start on"}
+    )
+    low_weight: float | None = dataclasses.field(
+        default=None, metadata={"help": "weight of each low rank's loss (default: 1/(m+1))"}
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ranks", tuple(self.ranks))
+        if not _is_int(self.start) or self.start < 1:
+            raise ValueError(
+                f"start must be an integer >= 1 (the steps trained before the re-basis), "
+                f"got {self.start!r}"
+            )
+        if not self.ranks or not all(_is_int(r) and r >= 1 for r in self.ranks):
+            raise ValueError(f"ranks must be integers >= 1, got {self.ranks!r}")
+        w = self.low_weight
+        if w is not None and (
+            isinstance(w, bool) or not isinstance(w, int | float) or not 0 < w * len(self.ranks) < 1
+        ):
+            raise ValueError(
+                f"low_weight must be in (0, 1/{len(self.ranks)}) so that R keeps a positive "
+                f"weight, got {w!r}; None: the plain mean"
+            )
+
+    def check(self, config: NestedLoraConfig) -> None:
+        if config.method == "dylora":
+            raise ValueError("late-prefix trains fixed prefixes: use method 'lora' or 'matryoshka'")
+        if max(self.ranks) >= config.r:
+            raise ValueError(f"late-prefix ranks {list(self.ranks)} must lie below R = {config.r}")
+
+    def plan(self, config: NestedLoraConfig, batch: MicroBatch) -> MicroBatchPlan:
+        if batch.step < self.start:
+            return FULL
+        ranks = (*sorted(self.ranks), config.r)
+        if self.low_weight is None:
+            return MicroBatchPlan("per_rank", ranks)
+        low = float(self.low_weight)
+        return MicroBatchPlan(
+            "per_rank", ranks, (low,) * len(self.ranks) + (1 - low * len(self.ranks),)
+        )
+
+    def after_step(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None, done: int, total: int
+    ) -> None:
+        if done == self.start:
+            svd_rebase_(model, optimizer)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **dataclasses.asdict(self), "ranks": list(self.ranks)}
+
+
+__all__ = [
+    "PREFIX_LOSS_MODES",
+    "LatePrefix",
+    "PeriodicSvdRebase",
+    "PrefixLossVariant",
+    "PrefixSampling",
+]

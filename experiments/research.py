@@ -91,6 +91,15 @@ VARIANT_KINDS: dict[str, dict[str, Any]] = {
     "lora_1p25x": {"method": "lora", "objective": "full", "steps_factor": 1.25},
     "lora_1p5x": {"method": "lora", "objective": "full", "steps_factor": 1.5},
 }
+# Variants sized for the 100-step invented-facts comparison (experiments/facts_150.sh).
+FACTS_KINDS: dict[str, dict[str, Any]] = {
+    # train wide, polish rank 1: LoRA's full loss for 75 of 100 steps, an SVD re-basis,
+    # then the mean of the rank-1 prefix's and the full adapter's losses (1.25 passes)
+    "lora_late1": {
+        "method": "lora",
+        "objective": {"name": "late-prefix", "start": 75, "ranks": [1]},
+    },
+}
 RESEARCH_ROWS: tuple[str, ...] = (  # every deployment of every variant
     "lora_trunc_paper",
     "lora_trunc_trained",
@@ -130,6 +139,7 @@ LEARNING_RATES: dict[str, list[float]] = {
     "mat_late": [8e-3],
     "mat_prefix1_w75": [8e-3],
     "lora_1p25x": [8e-3],
+    "lora_late1": [8e-3],
     "lora_1p5x": [8e-3],
 }
 
@@ -138,7 +148,9 @@ def research_spec(**fields: Any) -> ComparisonSpec:
     """A spec with the variants and the research grids (``fields`` override)."""
     rates = {**LEARNING_RATES, **fields.pop("learning_rates", {})}
     return ComparisonSpec(
-        kinds={**VARIANT_KINDS, **fields.pop("kinds", {})}, learning_rates=rates, **fields
+        kinds={**VARIANT_KINDS, **FACTS_KINDS, **fields.pop("kinds", {})},
+        learning_rates=rates,
+        **fields,
     )
 
 

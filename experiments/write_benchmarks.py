@@ -99,6 +99,11 @@ GSM8K_COMMAND = (
 def main() -> None:
     text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
     comparisons = {  # results folder (and notes-<name>.md) -> heading, command
+        "smollm2-facts": (
+            "Where capacity binds: SmolLM2-135M-Instruct recalling invented facts, q_proj and "
+            "v_proj, ranks 1..16",
+            "bash experiments/facts_150.sh A; then grid; then seed 1",
+        ),
         "smollm2-gsm-symbolic-150": (
             "Quality where rank matters: SmolLM2-135M-Instruct + GSM-Symbolic, 150 steps, ranks 1..16",
             "bash experiments/gsm_symbolic_150.sh A & bash experiments/gsm_symbolic_150.sh B; "
