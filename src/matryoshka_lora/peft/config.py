@@ -14,31 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any
 
 from peft import LoraConfig
 
-from ..config import NestedLoraConfig
-from ..nesting import (
-    INFERENCE_SCALES,
-    METHODS,
-    NORMALIZATIONS,
-    SCALINGS,
-    InferenceScale,
-    Method,
-    Normalization,
-    Scaling,
-    _check_choice,
-    check_max_rank,
-    check_rank_list,
-    check_train_ranks,
-    inference_p,
-    powers_of_two_ranks,
-)
+from ..config import AInit, NestedLoraConfig
+from ..nesting import InferenceScale, Method, Normalization, Scaling
 from ._registry import peft_type
 
-AInit = Literal["peft", "authors"]
-A_INITS: tuple[str, ...] = get_args(AInit)
 # the "format" key of a native save (matryoshka_lora.io), which PEFT cannot load
 NATIVE_FORMAT = "matryoshka-lora"
 # LoRA variants that replace the forward; the nested forward takes their place
@@ -113,21 +96,13 @@ class MatryoshkaLoraConfig(LoraConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = peft_type()
-        check_max_rank(self.r)
-        _check_choice("method", self.method, METHODS)
-        _check_choice("scaling", self.scaling, SCALINGS)
-        _check_choice("normalize", self.normalize, NORMALIZATIONS)
-        _check_choice("inference scale", self.inference_scale, INFERENCE_SCALES)
-        _check_choice("init_a", self.init_a, A_INITS)
-        ranks = powers_of_two_ranks(self.r) if self.train_ranks is None else self.train_ranks
-        self.train_ranks = list(check_train_ranks(ranks, self.r))
-        evals = self.train_ranks if self.eval_ranks is None else self.eval_ranks
-        self.eval_ranks = list(check_rank_list(evals, self.r, "eval ranks"))
-        alpha = self.lora_alpha
-        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or alpha <= 0:
-            raise ValueError(f"lora_alpha must be a positive number, got {alpha!r}")
-        self.lora_alpha = float(alpha)
         self._refuse_lora_options()
+        try:  # the native config's rules: one definition of a valid adapter
+            nested = self.to_nested()
+        except ValueError as err:
+            raise ValueError(f"MatryoshkaLoraConfig (lora_alpha is alpha): {err}") from None
+        self.train_ranks, self.eval_ranks = list(nested.train_ranks), list(nested.eval_ranks)
+        self.lora_alpha = nested.alpha
 
     def _refuse_lora_options(self) -> None:
         """LoRA options that would change the function the nested scales define."""
@@ -160,16 +135,7 @@ class MatryoshkaLoraConfig(LoraConfig):
 
     def deployed_scales(self, rank: int):
         """Scales q (float64, length ``rank``) of the rank-``rank`` adapter (method.md §6)."""
-        return inference_p(
-            self.method,
-            rank,
-            self.r,
-            self.train_ranks,
-            self.scaling,
-            self.lora_alpha,
-            self.normalize,
-            self.inference_scale,
-        )
+        return self.to_nested().deployed_scales(rank)
 
     def to_nested(self) -> NestedLoraConfig:
         """The native ``NestedLoraConfig`` of the same function (what a training
@@ -180,8 +146,8 @@ class MatryoshkaLoraConfig(LoraConfig):
         return NestedLoraConfig(
             r=self.r,
             method=self.method,
-            train_ranks=tuple(self.train_ranks),
-            eval_ranks=tuple(self.eval_ranks),
+            train_ranks=None if self.train_ranks is None else tuple(self.train_ranks),
+            eval_ranks=None if self.eval_ranks is None else tuple(self.eval_ranks),
             scaling=self.scaling,
             alpha=self.lora_alpha,
             normalize=self.normalize,
