@@ -8,31 +8,12 @@ import sys
 
 import matryoshka_lora as ml
 
-PUBLIC = [
-    "__version__",
-    "AdapterCheckpointError",
-    "NestedLoraConfig",
-    "PRESETS",
-    "TrainConfig",
-    "at_rank",
-    "attach",
-    "aurac",
-    "detach",
-    "export_peft",
-    "import_peft",
-    "load_adapter",
-    "merge",
-    "nesting",
-    "print_trainable_parameters",
-    "rank_sweep",
-    "save_adapter",
-    "save_merged",
-    "set_rank",
-    "svd_rebase_",
-    "train_adapter",
-    "training_loss",
-    "unmerge",
-]
+# the pinned top level, in __all__'s order
+PUBLIC = """
+__version__ AdapterCheckpointError NestedLoraConfig PRESETS TrainConfig at_rank attach aurac
+detach export_peft import_peft load_adapter merge nesting print_trainable_parameters rank_sweep
+save_adapter save_merged set_rank svd_rebase_ train_adapter training_loss unmerge
+""".split()
 
 # Names that left the top level, and the module each is imported from now.
 MOVED = {
