@@ -21,6 +21,29 @@ from report import BENCHMARKS_FILE, REPO_ROOT, RESULTS_DIR
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def add_memory_args(parser: argparse.ArgumentParser, *, steps: int) -> None:
+    """``--memory`` and ``--memory-steps``: how a training-step benchmark measures each
+    variant's peak memory (:func:`variant_run.variant_memory`)."""
+    parser.add_argument(
+        "--memory",
+        choices=["subprocess", "inprocess", "none"],
+        default="subprocess",
+        help="peak memory: a fresh process per variant (honest), or in this process one after "
+        "another (quick, CPU numbers then include earlier allocations), or not at all",
+    )
+    parser.add_argument(
+        "--memory-steps", type=int, default=steps, help="training-step calls per memory run"
+    )
+
+
+def smoke_memory(args: argparse.Namespace, steps: int | None = None) -> None:
+    """Under ``--smoke``: memory measured in this process (quick), ``steps`` calls if given."""
+    if args.memory == "subprocess":
+        args.memory = "inprocess"
+    if steps is not None:
+        args.memory_steps = steps
+
+
 def add_common_args(parser: argparse.ArgumentParser, *, repeats: int, warmup: int) -> None:
     g = parser.add_argument_group("common benchmark options")
     g.add_argument("--device", choices=["cpu", "cuda"], default="cpu")

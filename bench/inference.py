@@ -271,8 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         "inference",
         "Inference",
         settings,
-        lambda name, device: run_model(args, name, device),
-        lambda result: markdown(result, args),
+        run_model,
+        markdown,
     )
 
 

@@ -22,18 +22,16 @@ one fresh process per objective.
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 
 import torch
-from cli_args import DTYPES, add_common_args
-from memory import measure_memory_here
-from memory_worker import memory_in_fresh_processes
-from models import MODEL_DESCRIPTIONS, SEVEN_TARGETS, build_variant, load_base, variant
-from report import fmt_mib, fmt_ms, fmt_ratio, log, md_table
+from cli_args import add_common_args, add_memory_args, smoke_memory
+from models import MODEL_DESCRIPTIONS, SEVEN_TARGETS, variant
+from report import fmt_mib, fmt_ms, fmt_ratio, md_table
 from script_run import run_script
-from timing import interleaved_timing, paired_ratio, summarize
-from workload import make_batch, make_train_step, register_research_objectives
+from timing import paired_ratio, summarize
+from variant_run import load_with_batch, time_variants, variant_memory
+from workload import register_research_objectives
 
 from matryoshka_lora import NestedLoraConfig
 from matryoshka_lora.train.objective import (
@@ -137,19 +135,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=2,
         help="optimizer steps per timed call (the drawn ranks are averaged over them)",
     )
-    p.add_argument(
-        "--memory",
-        choices=["subprocess", "inprocess", "none"],
-        default="subprocess",
-        help="peak memory: a fresh process per objective, or in this process one after another",
-    )
-    p.add_argument("--memory-steps", type=int, default=1, help="timed calls per memory run")
+    add_memory_args(p, steps=1)
     add_common_args(p, repeats=5, warmup=1)
     args = p.parse_args(argv)
     if args.smoke:
         args.models, args.batch, args.seq, args.rank = "tiny", 2, 16, 4
-        if args.memory == "subprocess":
-            args.memory = "inprocess"
+        smoke_memory(args)
     names = args.objectives.split(",")
     unknown = set(names) - set(OBJECTIVES)
     if unknown:
@@ -163,23 +154,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_model(args: argparse.Namespace, model_name: str, device: torch.device) -> dict:
     specs = objective_variants(args.rank, args.objectives.split(","), args.steps_per_call)
-    log(f"[{model_name}] loading")
-    base = load_base(model_name, DTYPES[args.dtype], device, args.seed)
-    ids = make_batch(base, args.batch, args.seq, device, args.seed)
-    models = {s["name"]: build_variant(base, s, SEVEN_TARGETS) for s in specs}
-    calls = {s["name"]: make_train_step(models[s["name"]], s, ids) for s in specs}
-    log(f"[{model_name}] timing {len(specs)} objectives, interleaved")
-    times = interleaved_timing(calls, args.repeats, args.warmup, log=log)
-    memory: dict[str, dict] = {}
-    if args.memory == "inprocess":
-        for s in specs:
-            memory[s["name"]] = measure_memory_here(
-                models[s["name"]], calls[s["name"]], device, args.memory_steps
-            )
-    del models, calls, base
-    gc.collect()
-    if args.memory == "subprocess":
-        memory = memory_in_fresh_processes(specs, args, model_name, SEVEN_TARGETS)
+    base, ids = load_with_batch(args, model_name, device)
+    models, calls, times = time_variants(args, model_name, specs, base, ids, SEVEN_TARGETS)
+    del base  # the variants hold the base weights they share
+    memory = variant_memory(args, model_name, specs, models, calls, device, SEVEN_TARGETS)
     per_step = {name: [t / args.steps_per_call for t in samples] for name, samples in times.items()}
     rows = [
         {
@@ -301,8 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         "objective_step",
         "Training objectives",
         settings,
-        lambda name, device: run_model(args, name, device),
-        lambda result: markdown(result, args),
+        run_model,
+        markdown,
     )
 
 

@@ -14,27 +14,30 @@ mark; CUDA: torch.cuda.max_memory_allocated). A smaller batch than train_step.py
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 import time
 
-from cli_args import DTYPES, add_common_args, result_key, setup_runtime, title_suffix
+from cli_args import (
+    add_common_args,
+    add_memory_args,
+    result_key,
+    setup_runtime,
+    smoke_memory,
+    title_suffix,
+)
 from flops import adapter_flop_fraction
 from machine import finish_meta, run_meta
-from memory import measure_memory_here
-from memory_worker import memory_in_fresh_processes
-from models import MODEL_DESCRIPTIONS, SEVEN_TARGETS, build_variant, load_base, variant
+from models import MODEL_DESCRIPTIONS, SEVEN_TARGETS, variant
 from report import (
     fmt_mib,
     fmt_ms,
     fmt_ratio,
     header_lines,
-    log,
     md_table,
     publish,
 )
-from timing import interleaved_timing, paired_ratio, summarize
-from workload import make_batch, make_train_step
+from timing import paired_ratio, summarize
+from variant_run import load_with_batch, time_variants, variant_memory
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,20 +46,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ranks", default="8,16,32,64,128,256", help="max ranks R")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=64)
-    p.add_argument(
-        "--memory",
-        choices=["subprocess", "inprocess", "none"],
-        default="subprocess",
-        help="peak memory per configuration in a fresh process, in this process, or not at all",
-    )
-    p.add_argument("--memory-steps", type=int, default=3)
+    add_memory_args(p, steps=3)
     add_common_args(p, repeats=5, warmup=2)
     args = p.parse_args(argv)
     if args.smoke:
         args.model, args.ranks, args.batch, args.seq = "tiny", "4,8", 1, 16
-        if args.memory == "subprocess":
-            args.memory = "inprocess"
-        args.memory_steps = 2
+        smoke_memory(args, steps=2)
     args.rank_list = [int(r) for r in args.ranks.split(",")]
     return args
 
@@ -71,32 +66,17 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.warmup} warmup + {args.repeats} timed rounds"
     )
     meta = run_meta("scaling", device, settings)
-    dtype = DTYPES[args.dtype]
     targets = SEVEN_TARGETS
-    log(f"[{args.model}] loading")
-    base = load_base(args.model, dtype, device, args.seed)
-    ids = make_batch(base, args.batch, args.seq, device, args.seed)
+    base, ids = load_with_batch(args, args.model, device)
     per_layer = adapter_flop_fraction(base, targets, 1.0)
 
     specs = [variant("frozen base", "base")]
     for r in args.rank_list:
         specs.append(variant(f"matryoshka R={r}", "nested", method="matryoshka", r=r))
         specs.append(variant(f"PEFT LoRA r={r}", "peft", r=r))
-    models = {s["name"]: build_variant(base, s, targets) for s in specs}
-    steps = {s["name"]: make_train_step(models[s["name"]], s, ids) for s in specs}
-    log(f"[{args.model}] timing {len(specs)} configurations, interleaved")
-    times = interleaved_timing(steps, args.repeats, args.warmup, log=log)
-
-    memory: dict[str, dict] = {}
-    if args.memory == "inprocess":
-        for s in specs:
-            memory[s["name"]] = measure_memory_here(
-                models[s["name"]], steps[s["name"]], device, args.memory_steps
-            )
-    del models, steps, base
-    gc.collect()
-    if args.memory == "subprocess":
-        memory = memory_in_fresh_processes(specs, args, args.model, targets)
+    models, steps, times = time_variants(args, args.model, specs, base, ids, targets)
+    del base  # the variants hold the base weights they share
+    memory = variant_memory(args, args.model, specs, models, steps, device, targets)
 
     base_t = times["frozen base"]
     base_med = summarize(base_t)["median_s"]

@@ -18,26 +18,26 @@ def run_script(
     script: str,
     heading: str,
     settings: str,
-    measure: Callable[[str, torch.device], dict[str, Any]],
-    render: Callable[[dict[str, Any]], str],
+    measure: Callable[[argparse.Namespace, str, torch.device], dict[str, Any]],
+    render: Callable[[dict[str, Any], argparse.Namespace], str],
 ) -> int:
     """Measure every model of ``--models`` and print (with ``--write``, publish) the block.
 
-    ``measure(model_name, device)`` returns one model's result; ``render(result)`` its
-    Markdown. The block is ``### <heading> (<device>, <dtype>...)``, the machine header
+    ``measure(args, model_name, device)`` returns one model's result; ``render(result, args)``
+    its Markdown. The block is ``### <heading> (<device>, <dtype>...)``, the machine header
     and the models' sections; its key and JSON name come from :func:`cli_args.result_key`.
     """
     device = setup_runtime(args)
     start = time.perf_counter()
     meta = run_meta(script, device, settings)
-    results = [measure(name, device) for name in args.models.split(",")]
+    results = [measure(args, name, device) for name in args.models.split(",")]
     finish_meta(meta, start)
     publish_run(
         args,
         result_key(script, args),
         f"### {heading} ({title_suffix(args)})",
         meta,
-        [render(r) for r in results],
+        [render(r, args) for r in results],
         results,
     )
     return 0

@@ -1,10 +1,14 @@
-"""Training-step speed and peak memory: the default path vs PEFT LoRA, matryoshka, dylora, base.
+"""Training-step speed and peak memory: the default path vs PEFT LoRA, the PEFT-hosted adapter,
+matryoshka, dylora, base.
 
 One step = zero grads, forward with the LM loss, backward, AdamW step. The
 default path (``NestedLoraConfig()``: LoRA at R, trained with the ``lora-svd``
 objective) runs its steps through ``training_loss`` and the objective's
 ``after_step`` as the training loop does; its SVD re-basis of every adapter runs
-once, after the last step, and is timed apart as a one-off cost. All
+once, after the last step, and is timed apart as a one-off cost. The same
+adapter hosted by PEFT (``get_peft_model`` with ``MatryoshkaLoraConfig``) steps as
+any Trainer steps a PEFT model (its re-basis is a callback at the end of training);
+its step is compared with PEFT LoRA's and the default's, paired per round. All
 configurations share one set of frozen base weights in one process and are timed
 round-robin (A B C ... A B C ...), so machine noise hits them alike; the table
 gives medians and ratios to PEFT LoRA from the same run, the paired ratio with
@@ -25,16 +29,13 @@ import gc
 import sys
 
 import torch
-from cli_args import DTYPES, add_common_args
+from cli_args import add_common_args, add_memory_args, smoke_memory
 from flops import adapter_flop_fraction, count_flops
-from memory import measure_memory_here
-from memory_worker import memory_in_fresh_processes
 from models import (
     MODEL_DESCRIPTIONS,
     SEVEN_TARGETS,
     build_variant,
     effective_rank,
-    load_base,
     variant,
 )
 from profiling import profile_compare
@@ -47,7 +48,8 @@ from report import (
 )
 from script_run import run_script
 from timing import interleaved_timing, median_ci, paired_ratio, summarize
-from workload import make_batch, make_rebase, make_train_step
+from variant_run import load_with_batch, time_variants, variant_memory
+from workload import make_rebase
 
 from matryoshka_lora.model import adapter_layers
 from matryoshka_lora.train.objective import FullLoss, LoraSvd
@@ -57,12 +59,14 @@ ALL_CONFIGS = (
     "matryoshka",
     "dylora_bR",
     "dylora_b1",
+    "peft_nested",
     "peft_lora",
     "base",
     "default_addmm",
 )
 DEFAULT_CONFIGS = ALL_CONFIGS[:-1]  # the addmm candidate is measured by layer.py
 DEFAULT_LABEL = "default: lora, `lora-svd` (per step)"
+PEFT_NESTED_LABEL = "PEFT-hosted: `MatryoshkaLoraConfig`, lora"
 TARGET_X_PEFT = 1.10  # the default path's step, at most this many PEFT LoRA steps
 
 
@@ -80,6 +84,8 @@ def variants(rank: int, names: list[str]) -> list[dict]:
         # DyLoRA's layer at a fixed sampled prefix b (its objective draws b per micro-batch)
         "dylora_bR": variant(f"dylora b={rank}", "nested", method="dylora", r=rank, b=rank),
         "dylora_b1": variant("dylora b=1", "nested", method="dylora", r=rank, b=1),
+        # the default adapter as a PEFT method, stepped as a Trainer steps any PEFT model
+        "peft_nested": variant(PEFT_NESTED_LABEL, "peft_nested", method="lora", r=rank),
         "peft_lora": variant("PEFT LoRA", "peft", r=rank),
         "base": variant("frozen base (no adapter)", "base"),
         # a proposed layer.py change, patched into this model instance only (see models.addmm_forward)
@@ -101,14 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=",".join(DEFAULT_CONFIGS),
         help=f"comma list of {', '.join(ALL_CONFIGS)}",
     )
-    p.add_argument(
-        "--memory",
-        choices=["subprocess", "inprocess", "none"],
-        default="subprocess",
-        help="peak memory: a fresh process per configuration (honest), or in this process "
-        "one after another (quick, CPU numbers then include earlier allocations)",
-    )
-    p.add_argument("--memory-steps", type=int, default=2, help="training steps per memory run")
+    add_memory_args(p, steps=2)
     p.add_argument("--profile-configs", default="default,peft_lora,base")
     p.add_argument(
         "--rebase-repeats",
@@ -121,9 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.smoke:
         args.models, args.batch, args.seq, args.rank = "tiny", 1, 16, 4
-        if args.memory == "subprocess":
-            args.memory = "inprocess"
-        args.memory_steps = 2
+        smoke_memory(args, steps=2)
         args.rebase_repeats = min(args.rebase_repeats, 1)
     unknown = set(args.configs.split(",")) - set(ALL_CONFIGS)
     if unknown:
@@ -132,19 +129,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_model(args: argparse.Namespace, model_name: str, device: torch.device) -> dict:
-    dtype = DTYPES[args.dtype]
     names = args.configs.split(",")
     specs = variants(args.rank, names)
-    log(f"[{model_name}] loading")
-    base = load_base(model_name, dtype, device, args.seed)
-    ids = make_batch(base, args.batch, args.seq, device, args.seed)
+    base, ids = load_with_batch(args, model_name, device)
     targets = SEVEN_TARGETS
     per_layer = adapter_flop_fraction(base, targets, 1.0)
 
-    models = {s["name"]: build_variant(base, s, targets) for s in specs}
-    steps = {s["name"]: make_train_step(models[s["name"]], s, ids) for s in specs}
-    log(f"[{model_name}] timing {len(specs)} configurations, interleaved")
-    times = interleaved_timing(steps, args.repeats, args.warmup, log=log)
+    models, steps, times = time_variants(args, model_name, specs, base, ids, targets)
 
     rebase = None
     if "default" in names and args.rebase_repeats > 0:
@@ -166,16 +157,8 @@ def run_model(args: argparse.Namespace, model_name: str, device: torch.device) -
             args.profile_rounds,
         )
 
-    memory: dict[str, dict] = {}
-    if args.memory == "inprocess":
-        for s in specs:
-            memory[s["name"]] = measure_memory_here(
-                models[s["name"]], steps[s["name"]], device, args.memory_steps
-            )
-    del models, steps, base
-    gc.collect()
-    if args.memory == "subprocess":
-        memory = memory_in_fresh_processes(specs, args, model_name, targets)
+    del base  # the variants hold the base weights they share
+    memory = variant_memory(args, model_name, specs, models, steps, device, targets)
 
     rows = []
     for s in specs:
@@ -248,6 +231,8 @@ def add_ratios(result: dict) -> None:
         if peft:
             r["x_peft"] = t / peft["time"]["median_s"]
             r["x_peft_paired"] = paired_ratio(r["times_s"], peft["times_s"])
+        if default:
+            r["x_default_paired"] = paired_ratio(r["times_s"], default["times_s"])
         if base:
             r["overhead_vs_base"] = t / base["time"]["median_s"] - 1
             r["overhead_vs_base_paired"] = paired_ratio(r["times_s"], base["times_s"])["median"] - 1
@@ -359,18 +344,35 @@ def markdown(result: dict, args: argparse.Namespace) -> str:
     return "\n".join(out)
 
 
+def paired_words(what: str, paired: dict) -> str:
+    """``what``, paired per round: the median ratio and the 95 % CI of that median."""
+    return (
+        f"- {what}, paired per round: **{paired['median']:.3f}**, "
+        f"95% CI of the median [{paired['ci_low']:.3f}, {paired['ci_high']:.3f}] "
+        f"(exact coverage {100 * paired['ci_coverage']:.1f}%)"
+    )
+
+
 def headline(result: dict) -> list[str]:
-    """The default path's step against PEFT LoRA's and its one-off re-basis, in words."""
+    """The default path's step against PEFT LoRA's, the PEFT-hosted adapter's step against
+    both, and the default's one-off re-basis, in words."""
     lines = []
-    default = next((r for r in result["rows"] if r["name"] == DEFAULT_LABEL), None)
+    rows = {r["name"]: r for r in result["rows"]}
+    default, hosted = rows.get(DEFAULT_LABEL), rows.get(PEFT_NESTED_LABEL)
     paired = default and default.get("x_peft_paired")
     if paired:
         met = "met" if paired["ci_high"] <= TARGET_X_PEFT else "not shown"
         lines.append(
-            f"- Default step ÷ PEFT LoRA step, paired per round: **{paired['median']:.3f}**, "
-            f"95% CI of the median [{paired['ci_low']:.3f}, {paired['ci_high']:.3f}] "
-            f"(exact coverage {100 * paired['ci_coverage']:.1f}%); target ≤ {TARGET_X_PEFT:.2f}: "
-            f"{met}."
+            paired_words("Default step ÷ PEFT LoRA step", paired)
+            + f"; target ≤ {TARGET_X_PEFT:.2f}: {met}."
+        )
+    if hosted and hosted.get("x_peft_paired"):
+        lines.append(
+            paired_words("PEFT-hosted step ÷ PEFT LoRA step", hosted["x_peft_paired"]) + "."
+        )
+    if hosted and hosted.get("x_default_paired"):
+        lines.append(
+            paired_words("PEFT-hosted step ÷ default step", hosted["x_default_paired"]) + "."
         )
     rebase = result.get("rebase")
     if rebase:
@@ -397,8 +399,8 @@ def main(argv: list[str] | None = None) -> int:
         "train_step",
         "Training step",
         settings,
-        lambda name, device: run_model(args, name, device),
-        lambda result: markdown(result, args),
+        run_model,
+        markdown,
     )
 
 
