@@ -23,6 +23,12 @@ from research import RESEARCH_ROWS, complete_records, research_spec, saved_spec,
 from matryoshka_lora.assets import load_causal_lm, load_sequence_classifier
 from matryoshka_lora.compare import METHOD_ROWS, ComparisonRunner
 
+# the options that pass to the comparison spec unchanged, under the same name
+SPEC_OPTIONS = (
+    "model dataset format max_rank scaling steps batch_size max_length train_size val_size "
+    "test_size warmup_steps eval_batch_size autocast_dtype task num_labels"
+).split()
+
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -105,25 +111,10 @@ def main() -> None:
         kind, _, values = item.partition("=")
         rates[kind] = [float(x) for x in values.split(",")]
     spec = research_spec(
-        model=args.model,
-        dataset=args.dataset,
-        format=args.format,
-        max_rank=args.max_rank,
-        scaling=args.scaling,
+        **{name: getattr(args, name) for name in SPEC_OPTIONS},
         rows={"research": RESEARCH_ROWS, "methods": METHOD_ROWS}.get(args.rows)
         or tuple(args.rows.split(",")),
         seeds=tuple(int(s) for s in args.seeds.split(",")),
-        steps=args.steps,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        train_size=args.train_size,
-        val_size=args.val_size,
-        test_size=args.test_size,
-        warmup_steps=args.warmup_steps,
-        eval_batch_size=args.eval_batch_size,
-        autocast_dtype=args.autocast_dtype,
-        task=args.task,
-        num_labels=args.num_labels,
         metric=args.metric or ("accuracy" if args.task == "seq-cls" else "token_accuracy"),
         learning_rates=rates,
         **({"target_modules": args.target_modules.split(",")} if args.target_modules else {}),
