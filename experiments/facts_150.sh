@@ -5,8 +5,8 @@
 # phrasing and 216 test questions in 4 more (about 1,560 answer tokens); q_proj and v_proj
 # only, R = 16; STEPS steps x 8 questions (about 5 epochs at 100 steps).
 # One process, one thread; resumable (a rerun skips finished runs):
-#   bash experiments/facts_150.sh A        # seed 0: the deciding rows, cheapest first
-#   bash experiments/facts_150.sh grid     # seed 0: the second rate of each deciding row
+#   bash experiments/facts_150.sh A        # seed 0: the deciding rows at 1.2e-2
+#   bash experiments/facts_150.sh grid     # seed 0: their second rate, 2.4e-2 (r = 1: 4.8e-2 too)
 #   bash experiments/facts_150.sh seed 1   # one more seed of the deciding rows
 #   bash experiments/facts_150.sh screen   # seed 0: rank-1 polish (late-prefix) and its bar
 #   bash experiments/facts_150.sh report   # rewrite results.* from the finished runs
@@ -22,9 +22,9 @@ SEEDS=0
 if [ "${1:-}" = seed ]; then SEEDS=0,${2:?usage: $0 seed N}; fi
 if [ "${1:-}" = report ]; then SEEDS=0,1,2; fi  # the table shows the seeds that ran
 # the full grids (the rates every mode may run); a mode narrows one kind's grid with --lr
-GRIDS=(--lr lora=1.2e-2,6e-3 --lr lora_r=1.2e-2 --lr lora_r:1=2e-3,1.2e-2,2.4e-2
-  --lr lora_2x=1.2e-2 --lr mat_prefix1=1.2e-2
-  --lr matryoshka=1.2e-2 --lr dylora=1.2e-2 --lr lora_late1=1.2e-2 --lr lora_1p25x=1.2e-2)
+GRIDS=(--lr lora=1.2e-2,2.4e-2 --lr lora_r=1.2e-2,2.4e-2 --lr lora_r:1=2e-3,1.2e-2,2.4e-2,4.8e-2
+  --lr lora_2x=1.2e-2,2.4e-2 --lr mat_prefix1=1.2e-2,2.4e-2 --lr matryoshka=1.2e-2,2.4e-2
+  --lr dylora=1.2e-2,2.4e-2 --lr lora_late1=2.4e-2 --lr lora_1p25x=2.4e-2)
 COMMON=(--output "$OUT" --dataset "$DATA" --format prompt-completion
   --target-modules q_proj,v_proj --steps $STEPS --batch-size 8 --max-length 64
   --train-size 162 --val-size 32 --test-size 216 --warmup-steps $((STEPS / 10))
@@ -34,12 +34,13 @@ COMMON=(--output "$OUT" --dataset "$DATA" --format prompt-completion
 compare() { python experiments/compare.py "${COMMON[@]}" --seeds "$SEEDS" "$@"; }
 case "${1:-}" in
   A) compare --kinds lora --lr lora=1.2e-2
-     compare --kinds lora_r
-     compare --kinds lora_2x
-     compare --kinds mat_prefix1
-     compare --kinds matryoshka
-     compare --kinds dylora ;;
-  grid) compare --kinds lora ;;
+     compare --kinds lora_r --lr lora_r=1.2e-2 --lr lora_r:1=2e-3,1.2e-2,2.4e-2
+     for kind in lora_2x mat_prefix1 matryoshka dylora; do
+       compare --kinds "$kind" --lr "$kind=1.2e-2"
+     done ;;
+  grid) compare --kinds lora
+        compare --kinds lora_r
+        for kind in lora_2x mat_prefix1 matryoshka dylora; do compare --kinds "$kind"; done ;;
   screen) compare --kinds lora_late1
           compare --kinds lora_1p25x ;;
   seed) for kind in lora lora_2x mat_prefix1; do compare --kinds "$kind"; done ;;
