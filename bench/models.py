@@ -10,6 +10,9 @@ worker in a fresh process can rebuild it) naming its ``kind``:
   :func:`workload.make_train_step` trains it with, a sampled rank ``b``, a deployed
   ``rank``, ``merged``, or ``patch="addmm"``);
 - ``peft``: PEFT LoRA at rank ``r`` with ``lora_alpha = r`` (scale 1, as ours);
+- ``peft_nested``: this library's adapter hosted by PEFT (``get_peft_model`` with
+  :class:`matryoshka_lora.peft.MatryoshkaLoraConfig` at ``method`` and max rank ``r``;
+  optionally more of its fields in ``config``), trained as any Trainer trains a PEFT model;
 - ``base``: the frozen model with no adapter.
 
 Every variant of a run is built over the same frozen tensors
@@ -126,7 +129,8 @@ def target_linears(model: nn.Module, targets: Sequence[str]) -> list[tuple[str, 
 
 # --------------------------------------------------------------------------- variants
 def variant(name: str, kind: str, **fields: Any) -> dict[str, Any]:
-    """A configuration to measure: ``kind`` is ``nested`` (this library), ``peft`` or ``base``."""
+    """A configuration to measure: ``kind`` is ``nested`` (this library), ``peft_nested`` (this
+    library's adapter as a PEFT method), ``peft`` (PEFT LoRA) or ``base``."""
     return {"name": name, "kind": kind, **fields}
 
 
@@ -179,6 +183,22 @@ def build_variant(
             lora_alpha=spec["r"],
             lora_dropout=0.0,
             target_modules=list(targets),
+        )
+        model = get_peft_model(model, config)
+        if random_b:
+            randomise_b(model)
+        if spec.get("merged"):
+            model = model.merge_and_unload()
+    elif kind == "peft_nested":
+        from peft import get_peft_model
+
+        from matryoshka_lora.peft import MatryoshkaLoraConfig
+
+        config = MatryoshkaLoraConfig(
+            r=spec["r"],
+            method=spec["method"],
+            target_modules=list(targets),
+            **spec.get("config", {}),
         )
         model = get_peft_model(model, config)
         if random_b:

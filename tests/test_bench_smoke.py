@@ -15,6 +15,7 @@ from matryoshka_lora.model import adapter_layers
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
+from models import build_variant, variant  # noqa: E402
 from timing import median_ci  # noqa: E402
 from workload import make_rebase, make_train_step  # noqa: E402
 
@@ -51,6 +52,14 @@ def test_bench_script_smoke(tmp_path, script):
         assert model["rebase"]["adapters"] == 14  # 2 layers x 7 projections
         assert model["rebase"]["time"]["median_s"] > 0
         assert "the SVD re-basis of all 14 adapters" in text
+        # the PEFT-hosted adapter, paired per round against PEFT LoRA and against the default
+        hosted = rows["PEFT-hosted: `MatryoshkaLoraConfig`, lora"]
+        assert hosted["spec"]["kind"] == "peft_nested"
+        for key, other in (("x_peft_paired", "PEFT LoRA"), ("x_default_paired", "default")):
+            ratio = hosted[key]
+            assert ratio["ci_low"] <= ratio["median"] <= ratio["ci_high"]
+            words = f"PEFT-hosted step ÷ {other} step, paired per round: **{ratio['median']:.3f}**"
+            assert words in text
     else:  # x base is the paired ratio against the frozen base, which is 1
         assert table["frozen base (no adapter)"][2] == "1.000"
         for row_name, row in rows.items():
@@ -139,3 +148,30 @@ def test_default_step_leaves_factors_and_rebase_call_rebases_them(input_ids):
     for name, m in layers.items():
         assert torch.allclose(gram(m), eye, atol=1e-6)
         assert torch.allclose(update(m), before[name], rtol=1e-4, atol=1e-9)
+
+
+def test_peft_nested_variant_is_the_default_adapter_hosted_by_peft(input_ids):
+    """The ``peft_nested`` configuration is a PeftModel of the registered method whose function,
+    given the native default's factors, is the native default's (so the timings compare hosts)."""
+    from peft import PeftModel
+
+    from matryoshka_lora.peft import PEFT_TYPE, MatryoshkaLoraConfig
+
+    base, targets = make_tiny_llama(), ["q_proj", "v_proj"]
+    native = build_variant(base, variant("n", "nested", method="lora", r=4), targets, random_b=True)
+    hosted = build_variant(base, variant("h", "peft_nested", method="lora", r=4), targets)
+    assert isinstance(hosted, PeftModel)
+    config = hosted.peft_config["default"]
+    assert isinstance(config, MatryoshkaLoraConfig) and config.peft_type == PEFT_TYPE
+    assert (config.r, config.method, set(config.target_modules)) == (4, "lora", set(targets))
+
+    def factors(model):
+        return [p for n, p in model.named_parameters() if "lora_A" in n or "lora_B" in n]
+
+    with torch.no_grad():
+        for mine, theirs in zip(factors(hosted), factors(native), strict=True):
+            mine.copy_(theirs)
+    assert sum(p.requires_grad for p in hosted.parameters()) == 2 * 2 * len(targets)
+    expected = native(input_ids=input_ids).logits
+    torch.testing.assert_close(hosted(input_ids=input_ids).logits, expected, rtol=0, atol=1e-6)
+    assert not torch.allclose(expected, base(input_ids=input_ids).logits)  # B is not zero
