@@ -334,10 +334,11 @@ def end_processes() -> None:
         torch.distributed.destroy_process_group()
 
 
-def run_worker(script, out_dir, mode: str, timeout: float = 600, **env: str) -> None:
-    """Run the worker ``script OUT_DIR MODE`` (``env`` added to its environment, one intra-op
-    thread, this folder importable): alone for mode ``one``, else in 2 processes under
-    torchrun. It must succeed; its output ends the failure message."""
+def run_workers(script, root, modes, timeout: float = 600, **env: str) -> dict:
+    """Run the worker ``script OUT_DIR MODE`` once per mode, each into its own folder under
+    ``root`` (``env`` added to its environment, one intra-op thread, this folder importable):
+    alone for mode ``one``, else in 2 processes under torchrun. Each must succeed (its output
+    ends the failure message). Returns mode -> its folder."""
     import os
     import subprocess
     from pathlib import Path
@@ -345,11 +346,16 @@ def run_worker(script, out_dir, mode: str, timeout: float = 600, **env: str) -> 
     folder = str(Path(__file__).parent)
     path = os.pathsep.join([folder, os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **env}
-    command = [sys.executable, str(script), str(out_dir), mode]
-    if mode != "one":
-        command = torchrun(script, out_dir, mode)
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, f"{mode}:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    out = {}
+    for mode in modes:
+        out[mode] = root / mode
+        out[mode].mkdir()
+        command = [sys.executable, str(script), str(out[mode]), mode]
+        if mode != "one":
+            command = torchrun(script, out[mode], mode)
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+        assert done.returncode == 0, f"{mode}:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return out
 
 
 def gathered_runs(runs: dict, mode: str, variant: str) -> tuple[dict, dict, dict]:

@@ -18,18 +18,20 @@ import os
 import sys
 
 import torch
-from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import LLAMA_TARGETS, make_tiny_llama  # noqa: E402
+from conftest import (  # noqa: E402
+    CrashAt,
+    end_processes,
+    export_gathered,
+    llama_with_adapter,
+    save_adapter_tensors,
+)
 from ddp_worker import fixed_length_dataset  # noqa: E402
-from transformers import TrainerCallback, TrainingArguments  # noqa: E402
+from transformers import TrainingArguments  # noqa: E402
 
-import matryoshka_lora as ml  # noqa: E402
-from matryoshka_lora.export import export_peft, save_merged  # noqa: E402
-from matryoshka_lora.model import adapter_state_dict  # noqa: E402
 from matryoshka_lora.train import PaddingCollator  # noqa: E402
-from matryoshka_lora.train.distributed import gathered_adapters, is_zero3, run_gathered  # noqa: E402
+from matryoshka_lora.train.distributed import is_zero3  # noqa: E402
 from matryoshka_lora.train.hf_trainer import NestedLoraTrainer  # noqa: E402
 
 # each variant: the adapter config's overrides and the base's dtype, and its training
@@ -76,23 +78,11 @@ def deepspeed_state_on_cpu() -> None:
     assert state.num_processes == int(os.environ["WORLD_SIZE"]), state
 
 
-class CrashAt(TrainerCallback):
-    """Raise at the end of optimizer step ``step`` on every process: a simulated kill."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt("simulated kill")
-
-
 def make_trainer(
     variant: str, output_dir: str, zero: int | None, save_steps: int | None = None, **kw
 ) -> tuple[torch.nn.Module, NestedLoraTrainer]:
     overrides, dtype = VARIANTS[variant]
-    model = make_tiny_llama(dtype=dtype)
-    ml.attach(model, ml.NestedLoraConfig(r=8, target_modules=LLAMA_TARGETS, **overrides))
+    model = llama_with_adapter(dtype, **overrides)
     args = TrainingArguments(
         output_dir=output_dir,
         per_device_train_batch_size=4 // int(os.environ.get("WORLD_SIZE", "1")),
@@ -128,12 +118,6 @@ def reset_accelerate(zero: int | None) -> None:
         AcceleratorState._reset_state()  # the next Trainer brings its own DeepSpeed plugin
 
 
-def dump(model: torch.nn.Module, path: str) -> None:
-    with gathered_adapters(model):
-        tensors = {k: v.detach().clone().contiguous() for k, v in adapter_state_dict(model).items()}
-    save_file(tensors, path)
-
-
 def main() -> None:
     out_dir, mode = sys.argv[1], sys.argv[2]
     torch.use_deterministic_algorithms(True)
@@ -152,7 +136,7 @@ def main() -> None:
         reset_accelerate(zero)
         resumed, trainer = make_trainer("dylora", crashed, zero, save_steps=2)
         trainer.train(resume_from_checkpoint=True)
-        dump(resumed, os.path.join(out_dir, f"resumed_rank{rank}.safetensors"))
+        save_adapter_tensors(resumed, os.path.join(out_dir, f"resumed_rank{rank}.safetensors"))
     for variant in VARIANTS if mode != "zero3-resume" else ():
         folder = os.path.join(out_dir, variant)
         os.makedirs(folder, exist_ok=True)
@@ -160,20 +144,13 @@ def main() -> None:
         trainer.train()
         assert is_zero3(model) == (mode == "zero3"), mode
         trainer.save_model(os.path.join(folder, "adapter"))
-        dump(model, os.path.join(folder, f"rank{rank}.safetensors"))
+        save_adapter_tensors(model, os.path.join(folder, f"rank{rank}.safetensors"))
         if mode == "zero3":
             local = model.model.layers[0].self_attn.q_proj.lora_A
             assert local.ds_tensor.numel() == local.ds_numel // world, "not partitioned"
-            run_gathered(model, lambda m, f=folder: export_peft(m, 4, os.path.join(f, "peft")))
-            if variant == "prefix_loss":
-                run_gathered(
-                    model,
-                    lambda m, f=folder: save_merged(m, 4, os.path.join(f, "merged")),
-                    include_base=True,
-                )
+            export_gathered(model, folder, merged=variant == "prefix_loss")
         reset_accelerate(zero)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    end_processes()
 
 
 if __name__ == "__main__":

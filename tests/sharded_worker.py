@@ -22,18 +22,24 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import LLAMA_TARGETS, make_tiny_llama  # noqa: E402
+from conftest import (  # noqa: E402
+    LLAMA_TARGETS,
+    end_processes,
+    export_gathered,
+    llama_with_adapter,
+    save_adapter_tensors,
+    tiny_llama_config,
+    worker_train_config,
+)
 from ddp_worker import fixed_length_dataset  # noqa: E402
 
 import matryoshka_lora as ml  # noqa: E402
-from matryoshka_lora.export import export_peft, save_merged  # noqa: E402
 from matryoshka_lora.model import adapter_state_dict  # noqa: E402
 from matryoshka_lora.svd import svd_rebase_  # noqa: E402
-from matryoshka_lora.train import PaddingCollator, TrainConfig, train_adapter  # noqa: E402
+from matryoshka_lora.train import PaddingCollator, train_adapter  # noqa: E402
 from matryoshka_lora.train.distributed import (  # noqa: E402
     gathered_adapters,
     reset_scales,
-    run_gathered,
     save_adapter_sharded,
     shard_model,
 )
@@ -59,8 +65,7 @@ def adapter_config(variant: str) -> ml.NestedLoraConfig:
 
 
 def build(variant: str, mode: str) -> torch.nn.Module:
-    model = make_tiny_llama(dtype=VARIANTS[variant][1])
-    ml.attach(model, adapter_config(variant))
+    model = llama_with_adapter(VARIANTS[variant][1], **VARIANTS[variant][0])
     if mode == "fsdp":
         shard_model(model)
     elif mode == "accelerate-fsdp":
@@ -93,25 +98,6 @@ def accelerate_fsdp(model: torch.nn.Module) -> torch.nn.Module:
     return fsdp2_prepare_model(accelerator, model)
 
 
-def train_config(out: str, batch_size: int, **kw) -> TrainConfig:
-    base = dict(
-        output_dir=out,
-        learning_rate=1e-2,
-        batch_size=batch_size,
-        gradient_accumulation_steps=2,
-        max_steps=4,
-        progress=False,
-        seed=3,
-    )
-    return TrainConfig(**{**base, **kw})
-
-
-def dump(model: torch.nn.Module, path: str) -> None:
-    with gathered_adapters(model):
-        tensors = {k: v.detach().clone().contiguous() for k, v in adapter_state_dict(model).items()}
-    save_file(tensors, path)
-
-
 def dump_gradient(model: torch.nn.Module, data: list[dict], path: str) -> None:
     """The full adapter gradient of one backward of the first global batch of 4 examples."""
     from torch.distributed.tensor import DTensor
@@ -135,9 +121,8 @@ def meta_init_scales(out_dir: str, rank: int) -> None:
     """P and the deployed scales of a model built on the meta device, sharded, then materialised."""
     from transformers import LlamaForCausalLM
 
-    config = make_tiny_llama().config
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(tiny_llama_config())
     ml.attach(model, adapter_config("prefix_loss"))
     shard_model(model)
     model.to_empty(device="cpu")
@@ -176,26 +161,21 @@ def main() -> None:
         train_adapter(
             model,
             data,
-            train_config(run, batch_size, save_every=save_every),
+            worker_train_config(run, batch_size, save_every=save_every),
             collate,
             resume=False,
             objective=objective,
         )
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        dump(model, os.path.join(folder, f"rank{rank}.safetensors"))
+        save_adapter_tensors(model, os.path.join(folder, f"rank{rank}.safetensors"))
         if mode == "ddp":
             continue
         if variant in ("dylora", "prefix_loss"):
             dump_gradient(model, data, os.path.join(folder, f"grad_rank{rank}.safetensors"))
         if mode != "fsdp":
             continue
-        run_gathered(model, lambda m, f=folder: export_peft(m, 4, os.path.join(f, "peft")))
+        export_gathered(model, folder, merged=variant == "prefix_loss")
         if variant == "prefix_loss":
-            run_gathered(
-                model,
-                lambda m, f=folder: save_merged(m, 4, os.path.join(f, "merged")),
-                include_base=True,
-            )
             with gathered_adapters(model, writeback=True):  # an in-place change of the shards
                 svd_rebase_(model)
             save_adapter_sharded(model, os.path.join(folder, "svd"))
@@ -210,7 +190,7 @@ def main() -> None:
                 train_adapter(
                     build(variant, mode),
                     data,
-                    train_config(crashed, batch_size, save_every=2),
+                    worker_train_config(crashed, batch_size, save_every=2),
                     collate,
                     resume=False,
                     on_step=crash_at_3,
@@ -223,16 +203,15 @@ def main() -> None:
             result = train_adapter(
                 resumed,
                 data,
-                train_config(crashed, batch_size, save_every=2),
+                worker_train_config(crashed, batch_size, save_every=2),
                 collate,
                 objective=objective,
             )
             assert result.resumed_from == 2, result.resumed_from
-            dump(resumed, os.path.join(folder, f"resumed_rank{rank}.safetensors"))
+            save_adapter_tensors(resumed, os.path.join(folder, f"resumed_rank{rank}.safetensors"))
     if mode == "fsdp":
         meta_init_scales(out_dir, rank)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    end_processes()
 
 
 if __name__ == "__main__":
