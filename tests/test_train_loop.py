@@ -190,41 +190,28 @@ def test_resume_after_crash_is_bit_identical(tmp_path, method, dropout, objectiv
     """The default (LoRA, re-based after the last step) included: the resumed run re-bases
     the same factors as the uninterrupted one."""
     torch.use_deterministic_algorithms(True)
-    kw = {"save_every": 3}
+
+    def run(name, rng_seed=None, **kw):
+        """A fresh model (a new process: same config) trained in ``tmp_path/name``, the global
+        RNG seeded with ``rng_seed`` after the model is built if given."""
+        model = fresh(method, dropout)
+        if rng_seed is not None:
+            torch.manual_seed(rng_seed)
+        config = cfg(tmp_path, name, save_every=3)
+        result = train_adapter(model, fixed_length_dataset(), config, COLLATE, **kw)
+        return model, result
+
+    def crash_at_5(step, loss):
+        if step == 5:
+            raise Crash("simulated kill")
+
     try:
-        whole = fresh(method, dropout)
-        train_adapter(
-            whole,
-            fixed_length_dataset(),
-            cfg(tmp_path, "whole", **kw),
-            COLLATE,
-            objective=objective,
-        )
-
-        def crash_at_5(step, loss):
-            if step == 5:
-                raise Crash("simulated kill")
-
-        crashed = fresh(method, dropout)
+        whole, _ = run("whole", objective=objective)
         with pytest.raises(Crash):
-            train_adapter(
-                crashed,
-                fixed_length_dataset(),
-                cfg(tmp_path, "crash", **kw),
-                COLLATE,
-                on_step=crash_at_5,
-                objective=objective,
-            )
+            run("crash", on_step=crash_at_5, objective=objective)
         assert [s for s, _ in list_checkpoints(tmp_path / "crash" / "checkpoints")] == [3]
-        resumed = fresh(method, dropout)  # a new process: fresh model, same config
-        torch.manual_seed(12345)  # whatever RNG state the new process has
-        result = train_adapter(
-            resumed,
-            fixed_length_dataset(),
-            cfg(tmp_path, "crash", **kw),
-            COLLATE,
-            objective=objective,
-        )
+        # whatever RNG state the new process has
+        resumed, result = run("crash", rng_seed=12345, objective=objective)
         assert result.resumed_from == 3
         want = adapter_copy(whole)
         for key, value in adapter_copy(resumed).items():
