@@ -134,8 +134,10 @@ class TrainingObjective(Protocol):
     def to_dict(self) -> dict[str, Any]: ...
 
 
-class _Objective:
-    """Defaults of the protocol for dataclass objectives: no check, nothing after a step."""
+class BaseObjective:
+    """Defaults of the protocol for dataclass objectives: no check, nothing after a step,
+    the record ``{"name": ..., **fields}``. Subclass it (with ``@dataclass(frozen=True)``
+    and a ``name``) and write ``plan``."""
 
     name: ClassVar[str]
 
@@ -152,7 +154,7 @@ class _Objective:
 
 
 @dataclass(frozen=True)
-class FullLoss(_Objective):
+class FullLoss(BaseObjective):
     """The full training function's loss alone: ``L = loss(f(x))`` with the method's P."""
 
     name: ClassVar[str] = "full"
@@ -181,7 +183,7 @@ class LoraSvd(FullLoss):
 
 
 @dataclass(frozen=True)
-class PrefixLoss(_Objective):
+class PrefixLoss(BaseObjective):
     """The mean loss of the deployed prefixes at R and ``sample`` drawn ranks of S below R.
 
     ``L = (1/|S'|) sum_{r in S'} loss(f_r(x))``, ``S'`` from
@@ -226,7 +228,7 @@ class PrefixLoss(_Objective):
 
 
 @dataclass(frozen=True)
-class RankSampling(_Objective):
+class RankSampling(BaseObjective):
     """DyLoRA's objective: the loss of the deployed prefix b, ``L = loss(f_b(x))``.
 
     b is drawn by a :class:`~matryoshka_lora.sampling.RankSampler` from
@@ -531,6 +533,7 @@ def forward_passes(
 
 __all__ = [
     "FULL",
+    "BaseObjective",
     "OBJECTIVES",
     "FullLoss",
     "LoraSvd",
