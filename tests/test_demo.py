@@ -78,7 +78,7 @@ def test_help_gives_every_option_a_help_text_and_its_default(monkeypatch):
         "(default: 24)",
         "(default: 48)",
         "(default: q_proj,v_proj)",
-        "(default: 0.008)",
+        "(default: 0.02)",
         "(default: 4)",
     ):
         assert needle in text, needle

@@ -117,11 +117,11 @@ class DemoOptions:
         },
     )
     lr_lora: float = field(
-        default=8e-3,
+        default=2e-2,
         metadata={"help": "learning rate of the LoRA run (the library's path, SVD re-based)"},
     )
     lr_paper: float = field(
-        default=8e-3, metadata={"help": "learning rate of the paper's MatryoshkaLoRA run"}
+        default=2e-2, metadata={"help": "learning rate of the paper's MatryoshkaLoRA run"}
     )
     export_rank: int = field(
         default=4, metadata={"help": "rank of the PEFT export of the LoRA run's adapter (<= R)"}
