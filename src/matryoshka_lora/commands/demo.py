@@ -275,13 +275,17 @@ def findings(table, base_label: str | None = None) -> list[str]:
     ]
     ahead = [r for r in ranks if diffs[r][0] > 0]
     behind = [r for r in ranks if diffs[r][0] < 0]
+    level = [r for r in ranks if diffs[r][0] == 0]
     if len(ahead) == len(ranks):
         where = "the default path scores higher at every rank"
     elif len(behind) == len(ranks):
         where = "the paper's MatryoshkaLoRA scores higher at every rank"
+    elif len(level) == len(ranks):
+        where = "the two score the same at every rank"
     else:
-        where = (
-            f"the default path is ahead at r = {_ranks(ahead)} and behind at r = {_ranks(behind)}"
+        parts = [("ahead", ahead), ("behind", behind), ("level", level)]
+        where = "the default path is " + "; ".join(
+            f"{word} at r = {_ranks(at)}" for word, at in parts if at
         )
     if n > 1:
         sure = [r for r in ranks if diffs[r][1] is not None and abs(diffs[r][0]) > 2 * diffs[r][1]]
@@ -314,6 +318,8 @@ def next_steps(
     from ..compare.run import split_seed
     from ..serving import vllm_max_lora_rank
 
+    adapter_dir, peft_dir = adapter_dir.resolve(), peft_dir.resolve()
+    out = Path(args.output_dir).resolve()
     ranks = ",".join(map(str, spec.ranks))
     lines = [
         f"transformers + PEFT (rank {args.export_rank}):",
@@ -330,7 +336,6 @@ def next_steps(
     else:
         data = f"--dataset {spec.dataset} --split test"
     data += f" --limit {spec.test_size}"
-    out = Path(args.output_dir)
     lines += [
         "evaluate every rank (reproduces the default row's test numbers, teacher-forced):",
         f"  matryoshka-lora eval {adapter_dir} {data} --format {spec.format} --max-length "
