@@ -184,6 +184,8 @@ def test_writes_the_table_the_plot_and_a_peft_folder_each_printed_once(tiny, fir
     markdown = (out / "results.md").read_text()
     assert "chosen on the validation split" not in markdown
     assert "Learning rate (one per training method, none chosen):" in markdown
+    said = [x for x in first.splitlines() if x.startswith("default path minus")]
+    assert said and f"- {said[0]}" in markdown.split("What the table shows:")[1]
     assert (out / "peft-r2" / "adapter_config.json").is_file()
 
 

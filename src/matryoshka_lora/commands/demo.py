@@ -54,6 +54,7 @@ ROW_LABELS = {
     DEFAULT_ROW: "default path (LoRA, SVD re-basis, trained scales)",
     PAPER_ROW: "MatryoshkaLoRA as in the paper (preset matryoshka-paper)",
 }
+BASE_LABEL = "base model (no adapter)"  # the reference row of ComparisonRunner.table
 # Validation-split size: each method trains at one rate, so the validation split chooses
 # nothing and only needs to exist (the comparison runner scores it beside the test split).
 VAL_SIZE = 2
@@ -394,13 +395,16 @@ def run_demo(args: argparse.Namespace) -> int:
     export_peft(model, args.export_rank, peft_dir, overwrite=True)
     detach(model)
     table = runner.table()
+    said = findings(table, base_label=BASE_LABEL)
+    with open(paths["markdown"], "a", encoding="utf-8") as fh:
+        fh.write("\nWhat the table shows:\n\n" + "".join(f"- {line}\n" for line in said))
     print()
     print(table.to_markdown())
     print()
     for key, label in ROW_LABELS.items():
         print(f"{key}: {label}")
     print()
-    for line in findings(table, base_label="base model (no adapter)"):
+    for line in said:
         print(line)
     elapsed = time.perf_counter() - started
     print()
