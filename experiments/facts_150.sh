@@ -24,7 +24,7 @@ if [ "${1:-}" = report ]; then SEEDS=0,1,2; fi  # the table shows the seeds that
 # the full grids (the rates every mode may run); a mode narrows one kind's grid with --lr
 GRIDS=(--lr lora=1.2e-2,2.4e-2 --lr lora_r=1.2e-2,2.4e-2 --lr lora_r:1=2e-3,1.2e-2,2.4e-2,4.8e-2
   --lr lora_2x=1.2e-2,2.4e-2 --lr mat_prefix1=1.2e-2,2.4e-2 --lr matryoshka=1.2e-2,2.4e-2
-  --lr dylora=1.2e-2,2.4e-2 --lr lora_late1=2.4e-2 --lr lora_1p25x=2.4e-2)
+  --lr dylora=1.2e-2,2.4e-2 --lr lora_late1=2.4e-2,1.2e-2 --lr lora_1p25x=2.4e-2,1.2e-2)
 COMMON=(--output "$OUT" --dataset "$DATA" --format prompt-completion
   --target-modules q_proj,v_proj --steps $STEPS --batch-size 8 --max-length 64
   --train-size 162 --val-size 32 --test-size 216 --warmup-steps $((STEPS / 10))
