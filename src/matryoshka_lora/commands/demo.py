@@ -40,8 +40,8 @@ from .options import add_groups, resolve
 DESCRIPTION = (
     __doc__.replace("``", "")
     + """
-  matryoshka-lora demo                   # about 3 minutes on 2 CPU cores
-  matryoshka-lora demo --full            # the same comparison on 3 seeds (about 3x longer)
+  matryoshka-lora demo                   # about 2 minutes on 2 CPU cores
+  matryoshka-lora demo --full            # seeds 1 and 2 added in the same folder
   matryoshka-lora demo --steps 40 --r 16 --output-dir demo-r16
 """
 )
