@@ -176,7 +176,7 @@ def build_variant(
         if spec.get("patch") == "addmm":
             patch_addmm_forward(model)
     elif kind == "peft":
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig
 
         config = LoraConfig(
             r=spec["r"],
@@ -184,14 +184,8 @@ def build_variant(
             lora_dropout=0.0,
             target_modules=list(targets),
         )
-        model = get_peft_model(model, config)
-        if random_b:
-            randomise_b(model)
-        if spec.get("merged"):
-            model = model.merge_and_unload()
+        model = _peft_model(model, config, spec, random_b)
     elif kind == "peft_nested":
-        from peft import get_peft_model
-
         from matryoshka_lora.peft import MatryoshkaLoraConfig
 
         config = MatryoshkaLoraConfig(
@@ -200,11 +194,7 @@ def build_variant(
             target_modules=list(targets),
             **spec.get("config", {}),
         )
-        model = get_peft_model(model, config)
-        if random_b:
-            randomise_b(model)
-        if spec.get("merged"):
-            model = model.merge_and_unload()
+        model = _peft_model(model, config, spec, random_b)
     elif kind != "base":
         raise ValueError(f"unknown variant kind {kind!r}")
     return model
@@ -261,3 +251,13 @@ def patch_addmm_forward(model: nn.Module) -> int:
     for layer in layers.values():
         layer.forward = types.MethodType(addmm_forward, layer)
     return len(layers)
+
+
+def _peft_model(model, config, spec: dict, random_b: bool):
+    """``get_peft_model`` with ``config``, B randomised if asked, merged if the spec says so."""
+    from peft import get_peft_model
+
+    model = get_peft_model(model, config)
+    if random_b:
+        randomise_b(model)
+    return model.merge_and_unload() if spec.get("merged") else model

@@ -40,6 +40,7 @@ from matryoshka_lora.sampling import RankSampler
 from matryoshka_lora.svd import svd_rebase_
 from matryoshka_lora.train.objective import (
     FULL,
+    BaseObjective,
     MicroBatch,
     MicroBatchPlan,
     PrefixLoss,
@@ -59,7 +60,7 @@ def _is_int(value: Any) -> bool:
 
 @register_objective
 @dataclass(frozen=True)
-class PrefixLossVariant:
+class PrefixLossVariant(BaseObjective):
     """The prefix loss with a schedule, a weighting and one-forward forms.
 
     On micro-batch ``micro`` of optimizer step ``step`` (of ``accumulation``), with
@@ -167,14 +168,6 @@ class PrefixLossVariant:
         if self.full_weight is None or m == 1:
             return None
         return ((1.0 - self.full_weight) / (m - 1),) * (m - 1) + (float(self.full_weight),)
-
-    def after_step(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer | None, done: int, total: int
-    ) -> None:
-        pass
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, **dataclasses.asdict(self)}
 
 
 @register_objective
