@@ -595,13 +595,8 @@ def test_demo_hook_is_optional(monkeypatch):
     )  # import raises ImportError
     assert "demo" not in _command_parsers()
     fake = types.ModuleType("matryoshka_lora.commands.demo")
-
-    def add_demo_parser(subparsers):
-        demo = subparsers.add_parser("demo", help="a demo")
-        demo.set_defaults(func=lambda args: 0)
-        return demo
-
-    fake.add_demo_parser = add_demo_parser
+    fake.NAME, fake.HELP, fake.DESCRIPTION = "demo", "a demo", "A demo."
+    fake.add_arguments = lambda parser: parser.set_defaults(func=lambda args: 0)
     monkeypatch.setitem(sys.modules, "matryoshka_lora.commands.demo", fake)
     assert "demo" in _command_parsers()
     assert cli.main(["demo"]) == 0

@@ -1,8 +1,9 @@
 """The ``matryoshka-lora`` command line.
 
-Sub-commands (one module each in :mod:`matryoshka_lora.commands`): ``train``,
-``eval``, ``export``, ``info``, and ``demo`` when :mod:`matryoshka_lora.commands.demo`
-provides ``add_demo_parser(subparsers)``.
+Sub-commands (one module each in :mod:`matryoshka_lora.commands`, each with ``NAME``,
+``HELP``, ``DESCRIPTION`` and ``add_arguments(parser)``): ``train``, ``eval``,
+``export``, ``info``, ``slice``, and ``demo`` when :mod:`matryoshka_lora.commands.demo`
+imports (its extra is installed).
 
 Errors in the input (a missing model or dataset, a dataset without the fields
 its format needs, conflicting options, a rank above R, an unknown config-file
@@ -13,12 +14,13 @@ failures print one line and exit with 1. ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from typing import Any, NoReturn
 
 from ._version import __version__
 from .commands import evaluate, export, info, slice_adapter, train
-from .commands._common import HelpFormatter, one_line
+from .commands._common import HelpFormatter, add_command, one_line
 
 PROG = "matryoshka-lora"
 COMMANDS = (train, evaluate, export, info, slice_adapter)
@@ -55,13 +57,13 @@ def build_parser() -> ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parser.commands = sub.choices  # name -> sub-command parser, for the tests and tools
     for command in COMMANDS:
-        command.add_parser(sub)
+        add_command(sub, command)
     try:
-        from .commands.demo import add_demo_parser
+        demo = importlib.import_module(".commands.demo", __package__)
     except ImportError:  # the demo module (or its dependencies) is not available
-        add_demo_parser = None
-    if add_demo_parser is not None:
-        add_demo_parser(sub)
+        demo = None
+    if demo is not None:
+        add_command(sub, demo)
     return parser
 
 

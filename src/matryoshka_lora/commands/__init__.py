@@ -1,7 +1,9 @@
 """Sub-commands of the ``matryoshka-lora`` command line (one module per command).
 
-Each command module has ``add_parser(subparsers)``, which registers the
-sub-command and its options, and ``run(args) -> int``, the exit status.
+Each command module declares ``NAME``, ``HELP``, ``DESCRIPTION`` (and ``CONFIG_FILE``
+where options may come from a file), ``add_arguments(parser)``, which declares its
+options, and ``run(args) -> int``, the exit status; ``_common.add_command`` builds
+its parser.
 Heavy imports (transformers, datasets, lm-eval, matplotlib) happen inside
 ``run`` so that ``--help`` and option errors stay fast.
 

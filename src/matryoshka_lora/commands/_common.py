@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from types import ModuleType
 from typing import Any
 
 from .config_files import (
@@ -27,6 +28,7 @@ from .models import DTYPES, load_model, model_source, resolve_device, torch_dtyp
 
 __all__ = [
     "DTYPES",
+    "ADAPTER_HELP",
     "RESOLVED_CONFIG_STEM",
     "CLIError",
     "HelpFormatter",
@@ -72,28 +74,35 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text + " (default: %(default)s)"
 
 
-def add_command(
-    subparsers: Any,
-    name: str,
-    help: str,
-    description: str,
-    config: tuple[str, str] | None = None,
-) -> argparse.ArgumentParser:
-    """The parser of sub-command ``name``, with the hidden ``--debug`` (read by ``cli.main``).
+ADAPTER_HELP = "adapter folder (save_adapter output) or a training --output-dir"
 
-    ``config``: the help of ``--config FILE`` and of ``--print-config``, for a
-    command whose options may come from a config file.
-    """
+
+def add_command(subparsers: Any, command: ModuleType) -> argparse.ArgumentParser:
+    """The parser of a command module: its ``NAME``, ``HELP`` and ``DESCRIPTION``, the
+    arguments its ``add_arguments(parser)`` declares, ``--config`` / ``--print-config``
+    where ``CONFIG_FILE`` is true, and the hidden ``--debug`` (read by ``cli.main``)."""
     p = subparsers.add_parser(
-        name, help=help, description=description, formatter_class=HelpFormatter
+        command.NAME,
+        help=command.HELP,
+        description=command.DESCRIPTION,
+        formatter_class=HelpFormatter,
     )
-    if config is not None:
-        config_help, print_help = config
-        p.add_argument("--config", metavar="FILE", help=config_help)
-        p.add_argument("--print-config", action="store_true", help=print_help)
+    if getattr(command, "CONFIG_FILE", False):
+        p.add_argument(
+            "--config",
+            metavar="FILE",
+            help="YAML or JSON file of options (keys: long option names, dashes or "
+            "underscores); command-line options override it; an unknown key is an error",
+        )
+        p.add_argument(
+            "--print-config",
+            action="store_true",
+            help="check the options, print them as YAML and exit (loads no model or data)",
+        )
     p.add_argument(
         "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
     )
+    command.add_arguments(p)
     return p
 
 

@@ -31,7 +31,7 @@ from typing import Any
 
 from ..config import PRESETS
 from ..train.data import DatasetFormat
-from ._common import add_command, resolve_device
+from ._common import resolve_device
 from .errors import CLIError
 from .option_spec import Option, option
 from .option_types import name_list, positive_float, positive_int
@@ -183,17 +183,16 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     return resolve(args, OPTIONS, "demo", presets=_full_layer)
 
 
-def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
-    p = add_command(
-        subparsers,
-        "demo",
-        help="train the default path and the paper's MatryoshkaLoRA on the packaged SmolLM2 + "
-        "GSM-Symbolic, sweep every rank, export a PEFT folder (minutes on a CPU)",
-        description=DESCRIPTION,
-    )
+NAME = "demo"
+HELP = (
+    "train the default path and the paper's MatryoshkaLoRA on the packaged SmolLM2 + "
+    "GSM-Symbolic, sweep every rank, export a PEFT folder (minutes on a CPU)"
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     add_groups(p, GROUPS)
     p.set_defaults(func=run_demo, resolve=resolve_args)
-    return p
 
 
 # ---------------------------------------------------------------------------- the comparison

@@ -17,11 +17,10 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
-from typing import Any
 
 from ._common import (
+    ADAPTER_HELP,
     CLIError,
-    add_command,
     base_model_name,
     check_ranks,
     dump_config,
@@ -73,24 +72,15 @@ of a --task seq-cls adapter), lm-eval (lm-evaluation-harness tasks; pip install
 """
 
 
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    p = add_command(
-        subparsers,
-        "eval",
-        help="evaluate a saved adapter at every eval rank (rank curve, AURAC, plot)",
-        description=DESCRIPTION,
-        config=(
-            "YAML or JSON file of options (keys: long option names); command-line options "
-            "override it",
-            "check the options, print them as YAML and exit (loads nothing)",
-        ),
-    )
-    p.add_argument(
-        "adapter", help="adapter folder (save_adapter output) or a training --output-dir"
-    )
+NAME = "eval"
+HELP = "evaluate a saved adapter at every eval rank (rank curve, AURAC, plot)"
+CONFIG_FILE = True
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter", help=ADAPTER_HELP)
     add_groups(p, GROUPS)
     p.set_defaults(func=run, resolve=resolve_args)
-    return p
 
 
 # ---------------------------------------------------------------------------- checks

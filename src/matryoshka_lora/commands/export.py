@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from ..nesting import InferenceScale
 from ._common import (
+    ADAPTER_HELP,
     CLIError,
-    add_command,
     base_model_name,
     check_ranks,
     load_model,
@@ -159,19 +159,14 @@ Every PEFT folder gets a Hub model card (README.md); --push-to-hub uploads it.
 """
 
 
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    p = add_command(
-        subparsers,
-        "export",
-        help="write a PEFT LoRA folder or a merged model at chosen ranks",
-        description=DESCRIPTION,
-    )
-    p.add_argument(
-        "adapter", help="adapter folder (save_adapter output) or a training --output-dir"
-    )
+NAME = "export"
+HELP = "write a PEFT LoRA folder or a merged model at chosen ranks"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter", help=ADAPTER_HELP)
     add_options(p, OPTIONS)
     p.set_defaults(func=run, resolve=lambda args: resolve(args, OPTIONS, "export"))
-    return p
 
 
 def check_options(args: argparse.Namespace, max_rank: int) -> tuple[int, ...]:

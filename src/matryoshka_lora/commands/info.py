@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import dataclass, field
-from typing import Any
 
-from ._common import add_command, locate_adapter
+from ._common import ADAPTER_HELP, locate_adapter
 from .option_spec import option
 from .options import add_options, resolve
 
@@ -22,18 +21,18 @@ class InfoOptions:
 OPTIONS = (option(InfoOptions, "json", switch=True),)
 
 
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    p = add_command(
-        subparsers,
-        "info",
-        help="show a saved adapter's config, ranks and parameter counts per rank",
-        description="Show a saved adapter's config, its adapted modules and the number of "
-        "adapter parameters deployed at each eval rank.",
-    )
-    p.add_argument("adapter", help="folder written by save_adapter (or a training --output-dir)")
+NAME = "info"
+HELP = "show a saved adapter's config, ranks and parameter counts per rank"
+DESCRIPTION = (
+    "Show a saved adapter's config, its adapted modules and the number of "
+    "adapter parameters deployed at each eval rank."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter", help=ADAPTER_HELP)
     add_options(p, OPTIONS)
     p.set_defaults(func=run, resolve=lambda args: resolve(args, OPTIONS, "info"))
-    return p
 
 
 def run(args: argparse.Namespace) -> int:

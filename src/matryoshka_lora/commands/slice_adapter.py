@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
-from typing import Any
 
-from ._common import add_command, require_options
+from ._common import require_options
 from .option_spec import option
 from .option_types import positive_int
 from .options import add_options, resolve
@@ -52,17 +51,14 @@ OPTIONS = (
 )
 
 
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    p = add_command(
-        subparsers,
-        "slice",
-        help="cut a rank-r PEFT folder out of a larger-rank PEFT export (no model loaded)",
-        description=DESCRIPTION,
-    )
+NAME = "slice"
+HELP = "cut a rank-r PEFT folder out of a larger-rank PEFT export (no model loaded)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="a PEFT folder written by `matryoshka-lora export`")
     add_options(p, OPTIONS)
     p.set_defaults(func=run, resolve=lambda args: resolve(args, OPTIONS, "slice"))
-    return p
 
 
 def run(args: argparse.Namespace) -> int:

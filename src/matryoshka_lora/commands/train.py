@@ -32,7 +32,6 @@ from ..train.objective import (
 )
 from ._common import (
     CLIError,
-    add_command,
     dump_config,
     is_main_process,
     load_model,
@@ -75,22 +74,14 @@ same command under torchrun (--batch-size is per process).
 """
 
 
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    p = add_command(
-        subparsers,
-        "train",
-        help="fine-tune a nested-rank adapter (one run, every rank r <= R usable)",
-        description=DESCRIPTION,
-        config=(
-            "YAML or JSON file of options (keys: long option names, dashes or underscores); "
-            "command-line options override it; an unknown key is an error",
-            "check the options, print the resolved configuration as YAML and exit "
-            "(loads no model or data)",
-        ),
-    )
+NAME = "train"
+HELP = "fine-tune a nested-rank adapter (one run, every rank r <= R usable)"
+CONFIG_FILE = True
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     add_groups(p, GROUPS, EXCLUSIVE)
     p.set_defaults(func=run, resolve=resolve_args)
-    return p
 
 
 # ---------------------------------------------------------------------------- validation
