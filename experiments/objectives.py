@@ -36,6 +36,7 @@ from draws import geometric_example_ranks, mixed_example_ranks
 from torch import nn
 
 from matryoshka_lora.config import NestedLoraConfig
+from matryoshka_lora.described import described
 from matryoshka_lora.sampling import RankSampler
 from matryoshka_lora.svd import svd_rebase_
 from matryoshka_lora.train.objective import (
@@ -85,24 +86,17 @@ class PrefixLossVariant(BaseObjective):
     """
 
     name: ClassVar[str] = "prefix-loss-variant"
-    sample: int | None = dataclasses.field(
-        default=None,
-        metadata={"help": "ranks drawn below R per micro-batch (default 1; geometric: 0)"},
+    sample: int | None = described(
+        None, "ranks drawn below R per micro-batch (default 1; geometric: 0)"
     )
-    mode: PrefixLossMode = dataclasses.field(
-        default="per_rank",
-        metadata={"help": "per_rank: one forward per rank; mixed, geometric: one forward"},
+    mode: PrefixLossMode = described(
+        "per_rank", "per_rank: one forward per rank; mixed, geometric: one forward"
     )
-    full_weight: float | None = dataclasses.field(
-        default=None,
-        metadata={"help": "per_rank: weight of R's loss; geometric: P(b = R) (default: 1/m)"},
+    full_weight: float | None = described(
+        None, "per_rank: weight of R's loss; geometric: P(b = R) (default: 1/m)"
     )
-    every: int = dataclasses.field(
-        default=1, metadata={"help": "the prefix loss on every k-th global micro-batch"}
-    )
-    start: int = dataclasses.field(
-        default=0, metadata={"help": "first optimizer step (0-based) that trains it"}
-    )
+    every: int = described(1, "the prefix loss on every k-th global micro-batch")
+    start: int = described(0, "first optimizer step (0-based) that trains it")
 
     def __post_init__(self) -> None:
         if self.mode not in PREFIX_LOSS_MODES:
@@ -184,10 +178,7 @@ class PrefixSampling(RankSampling):
     """
 
     name: ClassVar[str] = "prefix-sampling"
-    probability: float = dataclasses.field(
-        default=0.5,
-        metadata={"help": "chance that a micro-batch trains a sampled prefix b"},
-    )
+    probability: float = described(0.5, "chance that a micro-batch trains a sampled prefix b")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -227,9 +218,7 @@ class PeriodicSvdRebase:
     """
 
     name: ClassVar[str] = "periodic-svd-rebase"
-    every: int = dataclasses.field(
-        default=25, metadata={"help": "re-base after every K-th optimizer step"}
-    )
+    every: int = described(25, "re-base after every K-th optimizer step")
     objective: TrainingObjective | Mapping[str, Any] | str = "full"
 
     def __post_init__(self) -> None:
@@ -278,15 +267,9 @@ class LatePrefix:
     """
 
     name: ClassVar[str] = "late-prefix"
-    start: int = dataclasses.field(
-        default=0, metadata={"help": "the step (0-based) the re-basis precedes"}
-    )
-    ranks: tuple[int, ...] = dataclasses.field(
-        default=(1,), metadata={"help": "the low ranks trained from step start on"}
-    )
-    low_weight: float | None = dataclasses.field(
-        default=None, metadata={"help": "weight of each low rank's loss (default: 1/(m+1))"}
-    )
+    start: int = described(0, "the step (0-based) the re-basis precedes")
+    ranks: tuple[int, ...] = described((1,), "the low ranks trained from step start on")
+    low_weight: float | None = described(None, "weight of each low rank's loss (default: 1/(m+1))")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ranks", tuple(self.ranks))

@@ -51,6 +51,7 @@ LAYERS: dict[str, int] = {
     "_version": 0,
     "_peft_type": 0,
     "nesting": 0,
+    "described": 0,
     "batches": 0,
     "sampling": 1,  # rank draws: pure functions of the maths, never the model
     "config": 1,

@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 import torch
 
+from .described import described
 from .nesting import (
     INFERENCE_SCALES,
     METHODS,
@@ -93,70 +94,50 @@ class NestedLoraConfig:
         base_model_name_or_path: recorded in saved adapters and exports.
     """
 
-    r: int = field(default=16, metadata={"help": "max rank R"})
-    method: Method = field(
-        default="lora",
-        metadata={
-            "help": "the diagonal P between the factors: lora = s(R) (default), matryoshka = "
-            "the fixed nested P, dylora = s(b) on a sampled prefix b"
-        },
+    r: int = described(16, "max rank R")
+    method: Method = described(
+        "lora",
+        "the diagonal P between the factors: lora = s(R) (default), matryoshka = "
+        "the fixed nested P, dylora = s(b) on a sampled prefix b",
     )
-    train_ranks: tuple[int, ...] | None = field(
-        default=None,
-        metadata={
-            "help": "train ranks S, increasing, must include R "
-            "(default: powers of two up to R, plus R)"
-        },
+    train_ranks: tuple[int, ...] | None = described(
+        None, "train ranks S, increasing, must include R (default: powers of two up to R, plus R)"
     )
-    eval_ranks: tuple[int, ...] | None = field(
-        default=None,
-        metadata={"help": "ranks recorded for evaluation (default: the train ranks)"},
+    eval_ranks: tuple[int, ...] | None = described(
+        None, "ranks recorded for evaluation (default: the train ranks)"
     )
-    scaling: Scaling = field(
-        default="sqrt",
-        metadata={"help": "scale s(r): sqrt = alpha/sqrt(r), rank = alpha/r, none = alpha"},
+    scaling: Scaling = described(
+        "sqrt", "scale s(r): sqrt = alpha/sqrt(r), rank = alpha/r, none = alpha"
     )
-    alpha: float = field(default=1.0, metadata={"help": "multiplier alpha of s(r)"})
-    normalize: Normalization = field(
-        default="none",
-        metadata={
-            "help": "none: the authors' diagonal P; mean: divide the Matryoshka P by |S|; "
-            "rms: scale P to LoRA's step size (so LoRA's learning rate applies)"
-        },
+    alpha: float = described(1.0, "multiplier alpha of s(r)")
+    normalize: Normalization = described(
+        "none",
+        "none: the authors' diagonal P; mean: divide the Matryoshka P by |S|; "
+        "rms: scale P to LoRA's step size (so LoRA's learning rate applies)",
     )
-    target_modules: list[str] | str = field(
-        default_factory=lambda: list(LLAMA_PROJECTIONS),
-        metadata={
-            "help": f"module-name suffixes to adapt (default: {','.join(LLAMA_PROJECTIONS)})"
-        },
+    target_modules: list[str] | str = described(
+        help=f"module-name suffixes to adapt (default: {','.join(LLAMA_PROJECTIONS)})",
+        factory=lambda: list(LLAMA_PROJECTIONS),
     )
-    dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input"})
-    init_a: AInit = field(
-        default="peft",
-        metadata={
-            "help": "init of A: peft = U(+-1/sqrt(in)), authors = U(+-1/sqrt(R)); B starts at 0"
-        },
+    dropout: float = described(0.0, "dropout on the adapter input")
+    init_a: AInit = described(
+        "peft", "init of A: peft = U(+-1/sqrt(in)), authors = U(+-1/sqrt(R)); B starts at 0"
     )
-    inference_scale: InferenceScale = field(
-        default="trained",
-        metadata={
-            "help": "scales at a deployed rank r: trained = p[:r], the trained function "
-            "truncated (default); paper = s(r) with P dropped, the authors' rule"
-        },
+    inference_scale: InferenceScale = described(
+        "trained",
+        "scales at a deployed rank r: trained = p[:r], the trained function "
+        "truncated (default); paper = s(r) with P dropped, the authors' rule",
     )
-    modules_to_save: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "further modules trained in full and saved with the adapter, e.g. a "
-            "classifier head (PEFT's modules_to_save)"
-        },
+    modules_to_save: list[str] | None = described(
+        None,
+        "further modules trained in full and saved with the adapter, e.g. a "
+        "classifier head (PEFT's modules_to_save)",
     )
-    adapter_dtype: str | None = field(
-        default="float32",
-        metadata={"help": "dtype of A and B; None follows the base weight"},
+    adapter_dtype: str | None = described(
+        "float32", "dtype of A and B; None follows the base weight"
     )
-    base_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "base model recorded in saved adapters and exports"}
+    base_model_name_or_path: str | None = described(
+        None, "base model recorded in saved adapters and exports"
     )
 
     def __post_init__(self) -> None:

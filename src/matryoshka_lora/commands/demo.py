@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..config import PRESETS
+from ..described import described
 from ..train.data import DatasetFormat
 from ._common import resolve_device
 from .errors import CLIError
@@ -80,65 +81,40 @@ _seed_list.__name__ = "seed list"
 class DemoOptions:
     """The options of ``matryoshka-lora demo`` (the defaults are the 3-minute demo)."""
 
-    output_dir: str = field(
-        default="matryoshka-lora-demo", metadata={"help": "folder for the results and the export"}
+    output_dir: str = described("matryoshka-lora-demo", "folder for the results and the export")
+    model: str = described("smollm2", "causal LM: packaged alias smollm2, hub id or local folder")
+    dataset: str = described(
+        "reasoning-gym:gsm_symbolic",
+        "reasoning-gym:<name>, or a local folder with train.* and test.* record files",
     )
-    model: str = field(
-        default="smollm2",
-        metadata={"help": "causal LM: packaged alias smollm2, hub id or local folder"},
+    format: DatasetFormat = described(
+        "gsm8k", "record format; the prompt is masked out of the loss"
     )
-    dataset: str = field(
-        default="reasoning-gym:gsm_symbolic",
-        metadata={
-            "help": "reasoning-gym:<name>, or a local folder with train.* and test.* record files"
-        },
+    r: int = described(8, "adapter rank R; the ranks swept are the powers of two up to R, and R")
+    target_modules: list[str] = described(
+        help="projections that get an adapter, comma-separated",
+        factory=lambda: ["q_proj", "v_proj"],
     )
-    format: DatasetFormat = field(
-        default="gsm8k", metadata={"help": "record format; the prompt is masked out of the loss"}
+    steps: int = described(24, "optimizer steps per method")
+    batch_size: int = described(4, "training examples per step")
+    max_length: int = described(128, "tokens per example, prompt included (longer ones are cut)")
+    test_size: int = described(48, "held-out problems scored at every rank")
+    seeds: tuple[int, ...] = described(
+        (0,),
+        "training seeds, comma-separated; with several the table shows mean ± std "
+        "and the summary the paired differences",
     )
-    r: int = field(
-        default=8,
-        metadata={"help": "adapter rank R; the ranks swept are the powers of two up to R, and R"},
+    lr_lora: float = described(
+        2e-2, "learning rate of the LoRA run (the library's path, SVD re-based)"
     )
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "v_proj"],
-        metadata={"help": "projections that get an adapter, comma-separated"},
-    )
-    steps: int = field(default=24, metadata={"help": "optimizer steps per method"})
-    batch_size: int = field(default=4, metadata={"help": "training examples per step"})
-    max_length: int = field(
-        default=128, metadata={"help": "tokens per example, prompt included (longer ones are cut)"}
-    )
-    test_size: int = field(default=48, metadata={"help": "held-out problems scored at every rank"})
-    seeds: tuple[int, ...] = field(
-        default=(0,),
-        metadata={
-            "help": "training seeds, comma-separated; with several the table shows mean ± std "
-            "and the summary the paired differences"
-        },
-    )
-    lr_lora: float = field(
-        default=2e-2,
-        metadata={"help": "learning rate of the LoRA run (the library's path, SVD re-based)"},
-    )
-    lr_paper: float = field(
-        default=2e-2, metadata={"help": "learning rate of the paper's MatryoshkaLoRA run"}
-    )
-    export_rank: int = field(
-        default=4, metadata={"help": "rank of the PEFT export of the LoRA run's adapter (<= R)"}
-    )
-    device: str = field(
-        default="auto", metadata={"help": "auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps"}
-    )
-    threads: int | None = field(
-        default=None, metadata={"help": "torch CPU threads (default: torch's choice, all cores)"}
-    )
-    full: bool = field(
-        default=False,
-        metadata={
-            "help": "the longer comparison: seeds 0,1,2, reusing the demo's seed-0 runs in the "
-            "same folder (an explicit --seeds wins)"
-        },
+    lr_paper: float = described(2e-2, "learning rate of the paper's MatryoshkaLoRA run")
+    export_rank: int = described(4, "rank of the PEFT export of the LoRA run's adapter (<= R)")
+    device: str = described("auto", "auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps")
+    threads: int | None = described(None, "torch CPU threads (default: torch's choice, all cores)")
+    full: bool = described(
+        False,
+        "the longer comparison: seeds 0,1,2, reusing the demo's seed-0 runs in the "
+        "same folder (an explicit --seeds wins)",
     )
 
 

@@ -10,9 +10,10 @@ merges the sources, defaults < ``--config`` file < command line.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, get_args
 
+from ..described import described
 from ..eval.sweep import DEPLOYMENTS
 from ..train.data import DatasetFormat
 from .models import Dtype
@@ -28,117 +29,71 @@ EVALUATORS: tuple[str, ...] = get_args(Evaluator)
 class EvalOptions:
     """The options of a rank-sweep evaluation (``None``: not given, the evaluator's default)."""
 
-    evaluator: Evaluator = field(default="teacher-forced", metadata={"help": "what to measure"})
-    model: str | None = field(
-        default=None,
-        metadata={
-            "help": "base model (hub id, local folder, smollm2, minilm; default: the one "
-            "recorded in the adapter)"
-        },
+    evaluator: Evaluator = described("teacher-forced", "what to measure")
+    model: str | None = described(
+        None,
+        "base model (hub id, local folder, smollm2, minilm; default: the one "
+        "recorded in the adapter)",
     )
-    ranks: tuple[int, ...] | None = field(
-        default=None,
-        metadata={"help": "ranks to evaluate, each <= R (default: the adapter's eval ranks)"},
+    ranks: tuple[int, ...] | None = described(
+        None, "ranks to evaluate, each <= R (default: the adapter's eval ranks)"
     )
-    inference_scales: list[str] = field(
-        default_factory=lambda: ["paper", "trained"],
-        metadata={
-            "help": "paper (s(r), P dropped), trained (p[:r]) and/or svd (best rank-r "
-            "approximation of each module's full update, as export --svd), comma-separated "
-            "(default: paper,trained; identical deployments are evaluated once)"
-        },
+    inference_scales: list[str] = described(
+        help="paper (s(r), P dropped), trained (p[:r]) and/or svd (best rank-r "
+        "approximation of each module's full update, as export --svd), comma-separated "
+        "(default: paper,trained; identical deployments are evaluated once)",
+        factory=lambda: ["paper", "trained"],
     )
-    include_base: bool = field(
-        default=False,
-        metadata={
-            "help": "also evaluate the base model with the adapter disabled (a reference row)"
-        },
+    include_base: bool = described(
+        False, "also evaluate the base model with the adapter disabled (a reference row)"
     )
-    metric: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "metric for the tables and plots; repeat for several (default: "
-            "token_accuracy, strict_match, accuracy, or the first metric of each lm-eval task, "
-            "e.g. 'gsm8k/exact_match,strict-match'); sweep.json holds every metric"
-        },
+    metric: list[str] | None = described(
+        None,
+        "metric for the tables and plots; repeat for several (default: "
+        "token_accuracy, strict_match, accuracy, or the first metric of each lm-eval task, "
+        "e.g. 'gsm8k/exact_match,strict-match'); sweep.json holds every metric",
     )
-    name: str | None = field(
-        default=None, metadata={"help": "row label in the tables (default: the adapter's method)"}
+    name: str | None = described(None, "row label in the tables (default: the adapter's method)")
+    dataset: str | None = described(
+        None, "hub dataset, local .jsonl/.json/.csv/.parquet file, or reasoning-gym:<name>"
     )
-    dataset: str | None = field(
-        default=None,
-        metadata={
-            "help": "hub dataset, local .jsonl/.json/.csv/.parquet file, or reasoning-gym:<name>"
-        },
+    dataset_subset: str | None = described(None, "hub dataset configuration")
+    split: str | None = described(
+        None, "dataset split for hub datasets and folders (default: test)"
     )
-    dataset_subset: str | None = field(default=None, metadata={"help": "hub dataset configuration"})
-    split: str | None = field(
-        default=None,
-        metadata={"help": "dataset split for hub datasets and folders (default: test)"},
+    format: DatasetFormat | None = described(
+        None, "teacher-forced record format (default: gsm8k); the loss covers the target only"
     )
-    format: DatasetFormat | None = field(
-        default=None,
-        metadata={
-            "help": "teacher-forced record format (default: gsm8k); the loss covers the target only"
-        },
+    max_length: int | None = described(None, "teacher-forced, seq-cls: truncate (default: 512)")
+    limit: int | None = described(None, "evaluate at most N examples (lm-eval: N per task)")
+    data_seed: int = described(0, "seed of reasoning-gym's generators")
+    text_field: str | None = described(None, "seq-cls: field holding the text (default: text)")
+    label_field: str | None = described(
+        None, "seq-cls: field holding the class index (default: label)"
     )
-    max_length: int | None = field(
-        default=None, metadata={"help": "teacher-forced, seq-cls: truncate (default: 512)"}
+    num_labels: int | None = described(
+        None, "seq-cls: number of classes when the adapter folder has no classifier head file"
     )
-    limit: int | None = field(
-        default=None, metadata={"help": "evaluate at most N examples (lm-eval: N per task)"}
+    num_fewshot: int | dict[str, int] | None = described(
+        None,
+        "solved examples in the prompt: gsm8k: N (default 0); lm-eval: N for all "
+        "tasks or TASK=N per task",
     )
-    data_seed: int = field(default=0, metadata={"help": "seed of reasoning-gym's generators"})
-    text_field: str | None = field(
-        default=None, metadata={"help": "seq-cls: field holding the text (default: text)"}
+    fewshot_dataset: str | None = described(
+        None,
+        "gsm8k: where the shots come from, the first N records (default: --dataset; "
+        "from the same file, the shots are left out of the evaluated examples)",
     )
-    label_field: str | None = field(
-        default=None,
-        metadata={"help": "seq-cls: field holding the class index (default: label)"},
+    fewshot_split: str | None = described(
+        None, "gsm8k: split of the shots for hub datasets (default: train)"
     )
-    num_labels: int | None = field(
-        default=None,
-        metadata={
-            "help": "seq-cls: number of classes when the adapter folder has no classifier head file"
-        },
-    )
-    num_fewshot: int | dict[str, int] | None = field(
-        default=None,
-        metadata={
-            "help": "solved examples in the prompt: gsm8k: N (default 0); lm-eval: N for all "
-            "tasks or TASK=N per task"
-        },
-    )
-    fewshot_dataset: str | None = field(
-        default=None,
-        metadata={
-            "help": "gsm8k: where the shots come from, the first N records (default: --dataset; "
-            "from the same file, the shots are left out of the evaluated examples)"
-        },
-    )
-    fewshot_split: str | None = field(
-        default=None,
-        metadata={"help": "gsm8k: split of the shots for hub datasets (default: train)"},
-    )
-    max_new_tokens: int | None = field(
-        default=None, metadata={"help": "gsm8k: generation length (default: 256)"}
-    )
-    tasks: list[str] | None = field(
-        default=None, metadata={"help": "lm-eval: task names (required)"}
-    )
-    batch_size: int = field(default=8, metadata={"help": "evaluation batch size"})
-    dtype: Dtype = field(
-        default="auto",
-        metadata={"help": "base weights dtype (auto: as stored in the checkpoint)"},
-    )
-    device: str = field(
-        default="auto",
-        metadata={"help": "auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps"},
-    )
-    output_dir: str = field(
-        default="eval-results", metadata={"help": "folder for the results and plots"}
-    )
-    progress: bool = field(default=True, metadata={"help": "show a progress bar on stderr"})
+    max_new_tokens: int | None = described(None, "gsm8k: generation length (default: 256)")
+    tasks: list[str] | None = described(None, "lm-eval: task names (required)")
+    batch_size: int = described(8, "evaluation batch size")
+    dtype: Dtype = described("auto", "base weights dtype (auto: as stored in the checkpoint)")
+    device: str = described("auto", "auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps")
+    output_dir: str = described("eval-results", "folder for the results and plots")
+    progress: bool = described(True, "show a progress bar on stderr")
 
 
 EVAL = EvalOptions

@@ -15,10 +15,11 @@ writes) when given; ``--push-to-hub REPO`` uploads the finished folder as writte
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from ..described import described
 from ..nesting import InferenceScale
 from ._common import (
     ADAPTER_HELP,
@@ -44,83 +45,59 @@ ScaleEncoding = Literal["baked", "alpha"]  # matryoshka_lora.export.SCALE_ENCODI
 class ExportOptions:
     """The options of ``export``, each declared once (help, choices, default)."""
 
-    format: ExportFormat = field(
-        default="peft",
-        metadata={
-            "help": "peft: PEFT LoRA folder; merged: full model with the update folded into "
-            "the weights"
-        },
+    format: ExportFormat = described(
+        "peft", "peft: PEFT LoRA folder; merged: full model with the update folded into the weights"
     )
-    rank: tuple[int, ...] | None = field(
-        default=None,
-        metadata={
-            "help": "rank(s) to export, each <= R; several ranks (peft only) give rank-<r>/ "
-            "sub-folders (required)"
-        },
+    rank: tuple[int, ...] | None = described(
+        None,
+        "rank(s) to export, each <= R; several ranks (peft only) give rank-<r>/ "
+        "sub-folders (required)",
     )
-    output_dir: str | None = field(
-        default=None, metadata={"help": "folder to create, empty unless --overwrite (required)"}
+    output_dir: str | None = described(
+        None, "folder to create, empty unless --overwrite (required)"
     )
-    overwrite: bool = field(default=False, metadata={"help": "replace a non-empty --output-dir"})
-    scale_encoding: ScaleEncoding | None = field(
-        default=None,
-        metadata={
-            "help": "peft: baked = per-component scales folded into B, lora_alpha = r (exact for "
-            "every method); alpha = B unscaled, scale in lora_alpha/use_rslora (constant scales "
-            "only) (default: baked)"
-        },
+    overwrite: bool = described(False, "replace a non-empty --output-dir")
+    scale_encoding: ScaleEncoding | None = described(
+        None,
+        "peft: baked = per-component scales folded into B, lora_alpha = r (exact for "
+        "every method); alpha = B unscaled, scale in lora_alpha/use_rslora (constant scales "
+        "only) (default: baked)",
     )
-    inference_scale: InferenceScale | None = field(
-        default=None,
-        metadata={
-            "help": "which rank-r function to export: paper (s(r)) or trained (p[:r]) "
-            "(default: the adapter's own)"
-        },
+    inference_scale: InferenceScale | None = described(
+        None,
+        "which rank-r function to export: paper (s(r)) or trained (p[:r]) "
+        "(default: the adapter's own)",
     )
-    model: str | None = field(
-        default=None,
-        metadata={
-            "help": "base model (hub id, local folder, smollm2, minilm; default: the one "
-            "recorded in the adapter)"
-        },
+    model: str | None = described(
+        None,
+        "base model (hub id, local folder, smollm2, minilm; default: the one "
+        "recorded in the adapter)",
     )
-    dtype: Dtype = field(
-        default="auto",
-        metadata={
-            "help": "peft: dtype of the written tensors (auto: the adapter's); merged: dtype of "
-            "the model (auto: the base checkpoint's)"
-        },
+    dtype: Dtype = described(
+        "auto",
+        "peft: dtype of the written tensors (auto: the adapter's); merged: dtype of "
+        "the model (auto: the base checkpoint's)",
     )
-    svd: bool = field(
-        default=False,
-        metadata={
-            "help": "re-base each module on the SVD of its full trained update first, so rank r "
-            "is the best rank-r approximation of it (an adapter trained on the default path is "
-            "already re-based; for others see BENCHMARKS.md)"
-        },
+    svd: bool = described(
+        False,
+        "re-base each module on the SVD of its full trained update first, so rank r "
+        "is the best rank-r approximation of it (an adapter trained on the default path is "
+        "already re-based; for others see BENCHMARKS.md)",
     )
-    device: str = field(default="cpu", metadata={"help": "device for loading and merging"})
-    sweep: str | None = field(
-        default=None,
-        metadata={
-            "help": "peft: the sweep.json of `matryoshka-lora eval` on this adapter, shown in "
-            "the model cards as the rank-sweep table"
-        },
+    device: str = described("cpu", "device for loading and merging")
+    sweep: str | None = described(
+        None,
+        "peft: the sweep.json of `matryoshka-lora eval` on this adapter, shown in "
+        "the model cards as the rank-sweep table",
     )
-    tags: list[str] = field(
-        default_factory=list, metadata={"help": "peft: extra Hub tags for the model cards"}
+    tags: list[str] = described(help="peft: extra Hub tags for the model cards", factory=list)
+    push_to_hub: str | None = described(
+        None,
+        "peft: upload the finished --output-dir to the Hub model repo REPO (created "
+        "if missing; needs a token: `hf auth login` or HF_TOKEN)",
     )
-    push_to_hub: str | None = field(
-        default=None,
-        metadata={
-            "help": "peft: upload the finished --output-dir to the Hub model repo REPO (created "
-            "if missing; needs a token: `hf auth login` or HF_TOKEN)"
-        },
-    )
-    private: bool = field(default=False, metadata={"help": "with --push-to-hub: a private repo"})
-    hub_revision: str | None = field(
-        default=None, metadata={"help": "with --push-to-hub: the branch"}
-    )
+    private: bool = described(False, "with --push-to-hub: a private repo")
+    hub_revision: str | None = described(None, "with --push-to-hub: the branch")
 
 
 OPTIONS = (

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from ..described import described
 from ._common import ADAPTER_HELP, locate_adapter
 from .option_spec import option
 from .options import add_options, resolve
@@ -15,7 +16,7 @@ from .options import add_options, resolve
 class InfoOptions:
     """The options of ``info``."""
 
-    json: bool = field(default=False, metadata={"help": "print machine-readable JSON"})
+    json: bool = described(False, "print machine-readable JSON")
 
 
 OPTIONS = (option(InfoOptions, "json", switch=True),)

@@ -10,8 +10,9 @@ folder ``export --rank r`` would write
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from ..described import described
 from ._common import require_options
 from .option_spec import option
 from .option_types import positive_int
@@ -34,14 +35,13 @@ carries the rank-16 scales).
 class SliceOptions:
     """The options of ``slice``."""
 
-    rank: int | None = field(
-        default=None,
-        metadata={"help": "the rank r to cut, at most the rank the source folder holds (required)"},
+    rank: int | None = described(
+        None, "the rank r to cut, at most the rank the source folder holds (required)"
     )
-    output_dir: str | None = field(
-        default=None, metadata={"help": "folder to create, empty unless --overwrite (required)"}
+    output_dir: str | None = described(
+        None, "folder to create, empty unless --overwrite (required)"
     )
-    overwrite: bool = field(default=False, metadata={"help": "replace a non-empty --output-dir"})
+    overwrite: bool = described(False, "replace a non-empty --output-dir")
 
 
 OPTIONS = (

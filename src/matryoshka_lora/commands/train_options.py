@@ -14,10 +14,11 @@ file < command line, into one namespace whose attributes are the options' dests.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..config import PRESETS, NestedLoraConfig
+from ..described import described
 from ..train.data import DatasetFormat
 from ..train.loop import TrainConfig
 from ..train.objective import OBJECTIVES, PrefixLoss, RankSampling
@@ -39,138 +40,95 @@ Task = Literal["causal-lm", "seq-cls"]
 class RunOptions:
     """The options of a training run that configure no library object."""
 
-    model: str | None = field(
-        default=None,
-        metadata={
-            "help": "base model: hub id, local folder, or packaged alias smollm2 / minilm "
-            "(required)"
-        },
+    model: str | None = described(
+        None, "base model: hub id, local folder, or packaged alias smollm2 / minilm (required)"
     )
-    task: Task = field(
-        default="causal-lm",
-        metadata={
-            "help": "causal-lm (AutoModelForCausalLM, supervised fine-tuning) or seq-cls "
-            "(AutoModelForSequenceClassification; the classifier head is trained too)"
-        },
+    task: Task = described(
+        "causal-lm",
+        "causal-lm (AutoModelForCausalLM, supervised fine-tuning) or seq-cls "
+        "(AutoModelForSequenceClassification; the classifier head is trained too)",
     )
-    num_labels: int | None = field(
-        default=None, metadata={"help": "number of classes (required for --task seq-cls)"}
+    num_labels: int | None = described(None, "number of classes (required for --task seq-cls)")
+    device: str = described(
+        "auto",
+        "device: auto (CUDA, LOCAL_RANK under torchrun; else MPS; else CPU), cpu, "
+        "cuda, cuda:N, mps",
     )
-    device: str = field(
-        default="auto",
-        metadata={
-            "help": "device: auto (CUDA, LOCAL_RANK under torchrun; else MPS; else CPU), cpu, "
-            "cuda, cuda:N, mps"
-        },
+    bf16: bool = described(
+        False,
+        "load the base weights in bfloat16 and train under bf16 autocast (adapters stay float32)",
     )
-    bf16: bool = field(
-        default=False,
-        metadata={
-            "help": "load the base weights in bfloat16 and train under bf16 autocast "
-            "(adapters stay float32)"
-        },
+    load_in_4bit: bool = described(
+        False,
+        "QLoRA: load the base quantized to 4-bit NF4 with bitsandbytes (double "
+        "quantisation; computes in bf16 with --bf16, else fp32), frozen under float32 "
+        "adapters; serve the PEFT export on the same quantized base (a merged export "
+        "loads the base unquantized)",
     )
-    load_in_4bit: bool = field(
-        default=False,
-        metadata={
-            "help": "QLoRA: load the base quantized to 4-bit NF4 with bitsandbytes (double "
-            "quantisation; computes in bf16 with --bf16, else fp32), frozen under float32 "
-            "adapters; serve the PEFT export on the same quantized base (a merged export "
-            "loads the base unquantized)"
-        },
+    load_in_8bit: bool = described(
+        False,
+        "load the base quantized to 8-bit with bitsandbytes (LLM.int8), frozen under "
+        "float32 adapters (as --load-in-4bit)",
     )
-    load_in_8bit: bool = field(
-        default=False,
-        metadata={
-            "help": "load the base quantized to 8-bit with bitsandbytes (LLM.int8), frozen under "
-            "float32 adapters (as --load-in-4bit)"
-        },
+    dataset: str | None = described(
+        None,
+        "hub dataset name, local .jsonl/.json/.csv/.parquet file (or folder with "
+        "<split>.*), or reasoning-gym:<name> (required)",
     )
-    dataset: str | None = field(
-        default=None,
-        metadata={
-            "help": "hub dataset name, local .jsonl/.json/.csv/.parquet file (or folder with "
-            "<split>.*), or reasoning-gym:<name> (required)"
-        },
+    dataset_subset: str | None = described(None, "hub dataset configuration, e.g. 'main' for gsm8k")
+    split: str = described("train", "dataset split (hub datasets and folders)")
+    format: DatasetFormat | None = described(
+        None,
+        "causal-lm record format: gsm8k {question, answer}, alpaca {instruction, "
+        "input, output}, prompt-completion {prompt, completion} (TRL's: text, or lists of "
+        "messages through the chat template), messages {messages} (TRL's conversational "
+        "format: the last assistant turn is the target; chat is another name for it), text "
+        "{text} (default: gsm8k); prompts are masked out of the loss",
     )
-    dataset_subset: str | None = field(
-        default=None, metadata={"help": "hub dataset configuration, e.g. 'main' for gsm8k"}
+    max_length: int = described(512, "truncate examples to this many tokens")
+    train_size: int | None = described(
+        None, "use the first N records (reasoning-gym: generate N, default 1000)"
     )
-    split: str = field(
-        default="train", metadata={"help": "dataset split (hub datasets and folders)"}
+    data_seed: int = described(0, "seed of reasoning-gym's generators")
+    eval_dataset: str | None = described(
+        None,
+        "held-out data of the rank curve while training (--eval-every), as "
+        "--dataset (default: --dataset's --eval-split; reasoning-gym: generated with "
+        "--data-seed + 1)",
     )
-    format: DatasetFormat | None = field(
-        default=None,
-        metadata={
-            "help": "causal-lm record format: gsm8k {question, answer}, alpaca {instruction, "
-            "input, output}, prompt-completion {prompt, completion} (TRL's: text, or lists of "
-            "messages through the chat template), messages {messages} (TRL's conversational "
-            "format: the last assistant turn is the target; chat is another name for it), text "
-            "{text} (default: gsm8k); prompts are masked out of the loss"
-        },
+    eval_split: str | None = described(
+        None, "split of the evaluation data (hub datasets and folders; default: test)"
     )
-    max_length: int = field(default=512, metadata={"help": "truncate examples to this many tokens"})
-    train_size: int | None = field(
-        default=None,
-        metadata={"help": "use the first N records (reasoning-gym: generate N, default 1000)"},
+    eval_size: int | None = described(
+        None, "evaluate on the first N records (reasoning-gym: generate N, default 1000)"
     )
-    data_seed: int = field(default=0, metadata={"help": "seed of reasoning-gym's generators"})
-    eval_dataset: str | None = field(
-        default=None,
-        metadata={
-            "help": "held-out data of the rank curve while training (--eval-every), as "
-            "--dataset (default: --dataset's --eval-split; reasoning-gym: generated with "
-            "--data-seed + 1)"
-        },
+    text_field: str | None = described(
+        None, "seq-cls: field holding the input text (default: text)"
     )
-    eval_split: str | None = field(
-        default=None,
-        metadata={"help": "split of the evaluation data (hub datasets and folders; default: test)"},
+    label_field: str | None = described(
+        None, "seq-cls: field holding the class index 0..N-1 (default: label)"
     )
-    eval_size: int | None = field(
-        default=None,
-        metadata={
-            "help": "evaluate on the first N records (reasoning-gym: generate N, default 1000)"
-        },
+    preset: str | None = described(
+        None,
+        "start from a named adapter configuration (matryoshka-paper: the authors' "
+        "method formula for formula); a config file and explicit options override it",
     )
-    text_field: str | None = field(
-        default=None, metadata={"help": "seq-cls: field holding the input text (default: text)"}
+    objective: str | None = described(
+        None,
+        "how the adapter is trained (default: the method's; lora: lora-svd, LoRA "
+        "at R re-based on its SVD after the last step, the best measured at equal compute; "
+        "matryoshka: full, the authors' 1x objective; dylora: rank-sampling). "
+        "prefix-loss: the nested prefix loss, 2 forwards per micro-batch, behind "
+        "lora-svd at equal compute in every benchmark (BENCHMARKS.md)",
     )
-    label_field: str | None = field(
-        default=None,
-        metadata={"help": "seq-cls: field holding the class index 0..N-1 (default: label)"},
+    target_regex: str | None = described(
+        None, "adapt the modules whose full name matches this regex (instead of --target-modules)"
     )
-    preset: str | None = field(
-        default=None,
-        metadata={
-            "help": "start from a named adapter configuration (matryoshka-paper: the authors' "
-            "method formula for formula); a config file and explicit options override it"
-        },
+    resume: bool = described(
+        True, "continue from the newest checkpoint in --output-dir if there is one"
     )
-    objective: str | None = field(
-        default=None,
-        metadata={
-            "help": "how the adapter is trained (default: the method's; lora: lora-svd, LoRA "
-            "at R re-based on its SVD after the last step, the best measured at equal compute; "
-            "matryoshka: full, the authors' 1x objective; dylora: rank-sampling). "
-            "prefix-loss: the nested prefix loss, 2 forwards per micro-batch, behind "
-            "lora-svd at equal compute in every benchmark (BENCHMARKS.md)"
-        },
-    )
-    target_regex: str | None = field(
-        default=None,
-        metadata={
-            "help": "adapt the modules whose full name matches this regex "
-            "(instead of --target-modules)"
-        },
-    )
-    resume: bool = field(
-        default=True,
-        metadata={"help": "continue from the newest checkpoint in --output-dir if there is one"},
-    )
-    overwrite: bool = field(
-        default=False,
-        metadata={"help": "discard an earlier run's outputs in --output-dir and start from step 0"},
+    overwrite: bool = described(
+        False, "discard an earlier run's outputs in --output-dir and start from step 0"
     )
 
 

@@ -13,12 +13,13 @@ by ``scaling`` (``sqrt`` is rsLoRA's ``alpha/sqrt(r)``), so ``use_rslora`` stays
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from peft import LoraConfig
 
 from ..config import AInit, NestedLoraConfig
+from ..described import described
 from ..nesting import InferenceScale, Method, Normalization, Scaling
 from ._registry import peft_type
 
@@ -49,37 +50,30 @@ class MatryoshkaLoraConfig(LoraConfig):
             (U(+-1/sqrt(R))); B starts at 0.
     """
 
-    r: int = field(default=16, metadata={"help": "the maximum rank R"})
-    lora_alpha: float = field(default=1.0, metadata={"help": "multiplier alpha of s(r)"})
-    method: Method = field(
-        default="lora",
-        metadata={
-            "help": "the diagonal P: lora = s(R), matryoshka = the fixed nested P, "
-            "dylora = s(b) on a drawn prefix b"
-        },
+    r: int = described(16, "the maximum rank R")
+    lora_alpha: float = described(1.0, "multiplier alpha of s(r)")
+    method: Method = described(
+        "lora",
+        "the diagonal P: lora = s(R), matryoshka = the fixed nested P, "
+        "dylora = s(b) on a drawn prefix b",
     )
-    train_ranks: list[int] | None = field(
-        default=None,
-        metadata={"help": "train ranks S, increasing, must include R (default: powers of two, R)"},
+    train_ranks: list[int] | None = described(
+        None, "train ranks S, increasing, must include R (default: powers of two, R)"
     )
-    eval_ranks: list[int] | None = field(
-        default=None, metadata={"help": "ranks recorded for evaluation (default: train ranks)"}
+    eval_ranks: list[int] | None = described(
+        None, "ranks recorded for evaluation (default: train ranks)"
     )
-    scaling: Scaling = field(
-        default="sqrt",
-        metadata={"help": "scale s(r): sqrt = alpha/sqrt(r), rank = alpha/r, none = alpha"},
+    scaling: Scaling = described(
+        "sqrt", "scale s(r): sqrt = alpha/sqrt(r), rank = alpha/r, none = alpha"
     )
-    normalize: Normalization = field(
-        default="none",
-        metadata={"help": "none; mean: Matryoshka P / |S|; rms: P at LoRA's step size"},
+    normalize: Normalization = described(
+        "none", "none; mean: Matryoshka P / |S|; rms: P at LoRA's step size"
     )
-    inference_scale: InferenceScale = field(
-        default="trained",
-        metadata={"help": "scales at a deployed rank r: trained = p[:r], paper = s(r)"},
+    inference_scale: InferenceScale = described(
+        "trained", "scales at a deployed rank r: trained = p[:r], paper = s(r)"
     )
-    init_a: AInit = field(
-        default="peft",
-        metadata={"help": "init of A: peft = U(+-1/sqrt(in)), authors = U(+-1/sqrt(R)); B = 0"},
+    init_a: AInit = described(
+        "peft", "init of A: peft = U(+-1/sqrt(in)), authors = U(+-1/sqrt(R)); B = 0"
     )
 
     def __new__(cls, *args: Any, **kwargs: Any) -> MatryoshkaLoraConfig:

@@ -54,6 +54,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..batches import to_device
+from ..described import described
 from ..io import atomic_write_text, save_adapter
 from ..model import get_config, require_adapters
 from .checkpoint import (
@@ -98,73 +99,52 @@ class NonFiniteLossError(FloatingPointError):
 class TrainConfig:
     """Settings of :func:`train_adapter` (per-process micro-batch ``batch_size``)."""
 
-    output_dir: str = field(
-        default="runs/matryoshka-lora", metadata={"help": "folder for all outputs"}
+    output_dir: str = described("runs/matryoshka-lora", "folder for all outputs")
+    learning_rate: float = described(
+        2e-3,
+        "AdamW learning rate (default 2e-3, for runs of a few hundred steps: the "
+        "benchmarks chose 2e-3 to 8e-3 for runs of 40 to 300 steps); for a new model, task "
+        "or budget compare 2 or 3 rates a factor 4 apart on a validation split (eval_every); "
+        "long runs and large batches take lower rates (the paper's recipes: 8e-5 for 3 "
+        "epochs at batch 32)",
     )
-    learning_rate: float = field(
-        default=2e-3,
-        metadata={
-            "help": "AdamW learning rate (default 2e-3, for runs of a few hundred steps: the "
-            "benchmarks chose 2e-3 to 8e-3 for runs of 40 to 300 steps); for a new model, task "
-            "or budget compare 2 or 3 rates a factor 4 apart on a validation split (eval_every); "
-            "long runs and large batches take lower rates (the paper's recipes: 8e-5 for 3 "
-            "epochs at batch 32)"
-        },
+    weight_decay: float = described(0.0, "AdamW weight decay")
+    adam_betas: tuple[float, float] = described((0.9, 0.999), "AdamW betas")
+    warmup_steps: int = described(0, "linear warm-up steps")
+    max_steps: int | None = described(
+        None, "stop after this many optimizer steps (overrides the epochs)"
     )
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    adam_betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "AdamW betas"})
-    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
-    max_steps: int | None = field(
-        default=None,
-        metadata={"help": "stop after this many optimizer steps (overrides the epochs)"},
+    epochs: float = described(1.0, "passes over the dataset")
+    batch_size: int = described(8, "micro-batch size per process")
+    gradient_accumulation_steps: int = described(
+        1,
+        "micro-batches per optimizer step (effective batch = batch size x grad accum x processes)",
     )
-    epochs: float = field(default=1.0, metadata={"help": "passes over the dataset"})
-    batch_size: int = field(default=8, metadata={"help": "micro-batch size per process"})
-    gradient_accumulation_steps: int = field(
-        default=1,
-        metadata={
-            "help": "micro-batches per optimizer step (effective batch = batch size x grad "
-            "accum x processes)"
-        },
+    max_grad_norm: float | None = described(1.0, "gradient clipping norm, 0 disables")
+    autocast_dtype: Literal["bfloat16", "float16"] | None = described(
+        None, "autocast dtype of the forward pass (None: off)"
     )
-    max_grad_norm: float | None = field(
-        default=1.0, metadata={"help": "gradient clipping norm, 0 disables"}
+    seed: int = described(42, "seed of data order, init, dropout and DyLoRA ranks")
+    save_every: int | None = described(
+        None, "write a resumable checkpoint every N optimizer steps (default: final adapter only)"
     )
-    autocast_dtype: Literal["bfloat16", "float16"] | None = field(
-        default=None, metadata={"help": "autocast dtype of the forward pass (None: off)"}
+    keep_checkpoints: int = described(2, "keep the newest N checkpoints")
+    log_every: int = described(10, "append loss/lr to training_log.jsonl every N steps")
+    report_to: list[str] = described(
+        help="experiment trackers that also receive the log and the rank curve, by "
+        "accelerate's names: tensorboard (files in <output_dir>/logs), wandb, mlflow, "
+        "trackio, ...; all: every installed one (default: none)",
+        factory=list,
     )
-    seed: int = field(
-        default=42, metadata={"help": "seed of data order, init, dropout and DyLoRA ranks"}
+    progress: bool = described(True, "show a progress bar on stderr")
+    eval_every: int | None = described(
+        None, "rank curve on eval_dataset every N steps (and at the end)"
     )
-    save_every: int | None = field(
-        default=None,
-        metadata={
-            "help": "write a resumable checkpoint every N optimizer steps "
-            "(default: final adapter only)"
-        },
+    eval_ranks: tuple[int, ...] | None = described(
+        None, "ranks of the rank curve (default: the adapter's)"
     )
-    keep_checkpoints: int = field(default=2, metadata={"help": "keep the newest N checkpoints"})
-    log_every: int = field(
-        default=10, metadata={"help": "append loss/lr to training_log.jsonl every N steps"}
-    )
-    report_to: list[str] = field(
-        default_factory=list,
-        metadata={
-            "help": "experiment trackers that also receive the log and the rank curve, by "
-            "accelerate's names: tensorboard (files in <output_dir>/logs), wandb, mlflow, "
-            "trackio, ...; all: every installed one (default: none)"
-        },
-    )
-    progress: bool = field(default=True, metadata={"help": "show a progress bar on stderr"})
-    eval_every: int | None = field(
-        default=None,
-        metadata={"help": "rank curve on eval_dataset every N steps (and at the end)"},
-    )
-    eval_ranks: tuple[int, ...] | None = field(
-        default=None, metadata={"help": "ranks of the rank curve (default: the adapter's)"}
-    )
-    eval_batch_size: int | None = field(
-        default=None, metadata={"help": "batch size of the rank curve (default: batch_size)"}
+    eval_batch_size: int | None = described(
+        None, "batch size of the rank curve (default: batch_size)"
     )
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from ..config import NestedLoraConfig
+from ..described import described
 from ..layer import NestedLoraLinear
 from ..model import get_config, set_example_ranks, set_rank, set_sampled_rank
 from ..sampling import Distribution, Frequency, RankSampler, prefix_loss_ranks
@@ -192,12 +193,10 @@ class PrefixLoss(BaseObjective):
     """
 
     name: ClassVar[str] = "prefix-loss"
-    sample: int = dataclasses.field(
-        default=1,
-        metadata={
-            "help": "prefix loss: average the full rank and K ranks drawn from the train ranks "
-            "below R per micro-batch (K + 1 forwards; 0: every train rank)"
-        },
+    sample: int = described(
+        1,
+        "prefix loss: average the full rank and K ranks drawn from the train ranks "
+        "below R per micro-batch (K + 1 forwards; 0: every train rank)",
     )
 
     def __post_init__(self) -> None:
@@ -237,13 +236,11 @@ class RankSampling(BaseObjective):
     """
 
     name: ClassVar[str] = "rank-sampling"
-    distribution: Distribution = dataclasses.field(
-        default="train_ranks",
-        metadata={"help": "rank sampling: b uniform over the train ranks, or over 1..R"},
+    distribution: Distribution = described(
+        "train_ranks", "rank sampling: b uniform over the train ranks, or over 1..R"
     )
-    per: Frequency = dataclasses.field(
-        default="micro_batch",
-        metadata={"help": "rank sampling: draw b for every micro-batch or once per step"},
+    per: Frequency = described(
+        "micro_batch", "rank sampling: draw b for every micro-batch or once per step"
     )
 
     def __post_init__(self) -> None:
