@@ -92,6 +92,21 @@ def _card_data(
     )
 
 
+def _use_lines(base: str | None, loading: list[str]) -> list[str]:
+    """The card's "Use" section: load the base with transformers, then ``loading``."""
+    return [
+        "## Use",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM",
+        "",
+        f"base = AutoModelForCausalLM.from_pretrained({base!r})",
+        *loading,
+        "```",
+    ]
+
+
 def _vllm_lines(max_rank: int, uniform: bool, scale_encoding: str = "baked") -> list[str]:
     from .serving import vllm_max_lora_rank
 
@@ -185,15 +200,7 @@ def adapter_card(
         lines.append(f"| trained on a quantized base | `{dict(quantization)}` |")
     lines += [
         "",
-        "## Use",
-        "",
-        "```python",
-        "from peft import PeftModel",
-        "from transformers import AutoModelForCausalLM",
-        "",
-        f"base = AutoModelForCausalLM.from_pretrained({base!r})",
-        'model = PeftModel.from_pretrained(base, "<this repo or folder>")',
-        "```",
+        *_use_lines(base, ['model = PeftModel.from_pretrained(base, "<this repo or folder>")']),
         "",
         *_vllm_lines(held, rank is not None, scale_encoding),
     ]
@@ -255,21 +262,18 @@ def collection_card(
         "|---|---:|",
         *[f"| `{folder_name.format(rank=r)}` | {r} |" for r in ranks],
         "",
-        "## Use",
-        "",
-        "```python",
-        "from peft import PeftModel",
-        "from transformers import AutoModelForCausalLM",
-        "",
-        f"base = AutoModelForCausalLM.from_pretrained({base!r})",
-        f'model = PeftModel.from_pretrained(base, "<this repo>", subfolder="{first}")',
-        *[
-            f'model.load_adapter("<this repo>", adapter_name="r{r}", '
-            f'subfolder="{folder_name.format(rank=r)}")'
-            for r in ranks[1:]
-        ],
-        'model.set_adapter("r' + str(ranks[-1]) + '")' if len(ranks) > 1 else "",
-        "```",
+        *_use_lines(
+            base,
+            [
+                f'model = PeftModel.from_pretrained(base, "<this repo>", subfolder="{first}")',
+                *[
+                    f'model.load_adapter("<this repo>", adapter_name="r{r}", '
+                    f'subfolder="{folder_name.format(rank=r)}")'
+                    for r in ranks[1:]
+                ],
+                'model.set_adapter("r' + str(ranks[-1]) + '")' if len(ranks) > 1 else "",
+            ],
+        ),
         "",
         *_vllm_lines(max(ranks), True),
     ]

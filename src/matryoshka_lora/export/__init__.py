@@ -10,8 +10,6 @@
 from .merged import merged_state_dict, save_merged
 from .peft import (
     PEFT_CONFIG_NAME,
-    PEFT_KEY_PREFIX,
-    PEFT_PICKLE_NAME,
     PEFT_WEIGHTS_NAME,
     RANK_FOLDER,
     SCALE_ENCODINGS,
@@ -27,8 +25,6 @@ from .slice import slice_peft_adapter
 
 __all__ = [
     "PEFT_CONFIG_NAME",
-    "PEFT_KEY_PREFIX",
-    "PEFT_PICKLE_NAME",
     "PEFT_WEIGHTS_NAME",
     "RANK_FOLDER",
     "SCALE_ENCODINGS",

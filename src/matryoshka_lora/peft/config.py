@@ -29,6 +29,12 @@ NATIVE_FORMAT = "matryoshka-lora"
 _VARIANT_FIELDS = ("use_dora", "alora_invocation_tokens", "arrow_config", "use_bdlora")
 
 
+def _as_in_native(name: str) -> Any:
+    """A field with the default and help of ``NestedLoraConfig``'s field ``name``."""
+    native = {f.name: f for f in dataclasses.fields(NestedLoraConfig)}[name]
+    return described(native.default, native.metadata["help"])
+
+
 @dataclass
 class MatryoshkaLoraConfig(LoraConfig):
     """A nested-rank LoRA adapter as a PEFT method (``get_peft_model(model, config)``).
@@ -50,31 +56,15 @@ class MatryoshkaLoraConfig(LoraConfig):
             (U(+-1/sqrt(R))); B starts at 0.
     """
 
-    r: int = described(16, "the maximum rank R")
-    lora_alpha: float = described(1.0, "multiplier alpha of s(r)")
-    method: Method = described(
-        "lora",
-        "the diagonal P: lora = s(R), matryoshka = the fixed nested P, "
-        "dylora = s(b) on a drawn prefix b",
-    )
-    train_ranks: list[int] | None = described(
-        None, "train ranks S, increasing, must include R (default: powers of two, R)"
-    )
-    eval_ranks: list[int] | None = described(
-        None, "ranks recorded for evaluation (default: train ranks)"
-    )
-    scaling: Scaling = described(
-        "sqrt", "scale s(r): sqrt = alpha/sqrt(r), rank = alpha/r, none = alpha"
-    )
-    normalize: Normalization = described(
-        "none", "none; mean: Matryoshka P / |S|; rms: P at LoRA's step size"
-    )
-    inference_scale: InferenceScale = described(
-        "trained", "scales at a deployed rank r: trained = p[:r], paper = s(r)"
-    )
-    init_a: AInit = described(
-        "peft", "init of A: peft = U(+-1/sqrt(in)), authors = U(+-1/sqrt(R)); B = 0"
-    )
+    r: int = _as_in_native("r")
+    lora_alpha: float = _as_in_native("alpha")
+    method: Method = _as_in_native("method")
+    train_ranks: list[int] | None = _as_in_native("train_ranks")
+    eval_ranks: list[int] | None = _as_in_native("eval_ranks")
+    scaling: Scaling = _as_in_native("scaling")
+    normalize: Normalization = _as_in_native("normalize")
+    inference_scale: InferenceScale = _as_in_native("inference_scale")
+    init_a: AInit = _as_in_native("init_a")
 
     def __new__(cls, *args: Any, **kwargs: Any) -> MatryoshkaLoraConfig:
         # PEFT passes every key of adapter_config.json here; a native folder has its own layout

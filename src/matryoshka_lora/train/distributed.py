@@ -301,32 +301,23 @@ def save_sharded_checkpoint(
     step: int,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
-    extra: dict[str, Any],
-    keep: int | None = None,
+    *args: Any,
     **options: Any,
 ) -> Path:
     """:func:`~.checkpoint.save_checkpoint` of an FSDP2 run, in the one-process format.
 
     Every process calls it: the adapters and the AdamW moments are gathered to
     full tensors and process 0 writes the checkpoint, which a one-process run,
-    a DDP run or a sharded run of any size resumes from. ``options`` go to
-    :func:`~.checkpoint.save_checkpoint` unchanged.
+    a DDP run or a sharded run of any size resumes from. The further arguments
+    (scheduler, extra state, ``keep``, ``rng``) go to :func:`~.checkpoint.save_checkpoint`
+    unchanged.
     """
     state = gathered_optimizer_state(optimizer)
     path = Path(directory) / f"step-{step:06d}"
     with gathered_adapters(model):
         if _rank() == 0:
-            path = save_checkpoint(
-                directory,
-                step,
-                model,
-                _FullOptimizerView(optimizer, state),
-                scheduler,
-                extra,
-                keep=keep,
-                **options,
-            )
+            full_optimizer = _FullOptimizerView(optimizer, state)
+            path = save_checkpoint(directory, step, model, full_optimizer, *args, **options)
     if dist.is_initialized():
         dist.barrier()
     return path
@@ -336,17 +327,18 @@ def load_sharded_checkpoint(
     path: str | os.PathLike,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    *args: Any,
     **options: Any,
 ) -> dict[str, Any]:
     """:func:`~.checkpoint.load_checkpoint` into an FSDP2 model: each process keeps its shards.
 
     Every process reads the full checkpoint; the adapters and the optimizer
     moments are then scattered to the shards of the parameters they belong to.
-    ``options`` go to :func:`~.checkpoint.load_checkpoint` unchanged.
+    The further arguments (scheduler, ``process``) go to
+    :func:`~.checkpoint.load_checkpoint` unchanged.
     """
     with gathered_adapters(model, writeback=True):
-        return load_checkpoint(path, model, _FullOptimizerView(optimizer), scheduler, **options)
+        return load_checkpoint(path, model, _FullOptimizerView(optimizer), *args, **options)
 
 
 # ---------------------------------------------------------------------------- memory
