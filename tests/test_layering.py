@@ -67,8 +67,9 @@ LAYERS: dict[str, int] = {
     "budget": 6,
     "export": 7,
     "train": 8,
-    "peft": 8,
+    "peft": 9,
     "compare": 9,
+    "integrations": 10,
     "commands": 10,
     "cli": 11,
     "": 11,  # the package's __init__

@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 import torch
@@ -23,14 +25,17 @@ from conftest import (
     short_run_settings,
     tiny_llama_config,
 )
+from ddp_worker import fixed_length_dataset
 from peft import PeftModel, get_peft_model
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
 
 import matryoshka_lora as ml
 import matryoshka_lora.peft as mlp
 from matryoshka_lora import model as mlm
 from matryoshka_lora.peft import _registry
 from matryoshka_lora.peft.config import MatryoshkaLoraConfig
+from matryoshka_lora.train.hf_trainer import NestedLoraTrainer
+from matryoshka_lora.train.objective import BaseObjective, MicroBatchPlan, PrefixLoss, RankSampling
 
 datasets = pytest.importorskip("datasets")
 pytest.importorskip("trl")
@@ -168,6 +173,90 @@ def test_rebase_drops_the_optimizer_state_and_records_dylora_as_lora(input_ids):
     assert all(
         layer.nested["default"].method == "lora" for layer in mlp.nested_layers(hosted).values()
     )
+
+
+# ---------------------------------------------------------------------------- objectives
+@dataclass(frozen=True)
+class PrefixLossVariantLike(BaseObjective):
+    """An objective of the protocol that the PEFT path does not run (its own after_step)."""
+
+    name: ClassVar[str] = "variant-like"
+
+    def plan(self, config, batch):
+        return MicroBatchPlan("full", ())
+
+
+def native_and_hosted(tmp_path, method: str):
+    """The native adapter and a PEFT-hosted copy of it (same factors), both on the tiny Llama."""
+    native = make_tiny_llama()
+    ml.attach(native, ml.NestedLoraConfig(r=R, method=method, target_modules=LLAMA_TARGETS))
+    ml.save_adapter(native, tmp_path / "start")
+    hosted = mlp.load_native(make_tiny_llama(), tmp_path / "start", is_trainable=True)
+    return native, hosted
+
+
+def trained_factors(model) -> dict[str, torch.Tensor]:
+    """Each adapter's (A, B) by module name, from either kind of model."""
+    if isinstance(model, PeftModel):
+        return {
+            name.removeprefix("base_model.model."): (
+                layer.lora_A["default"].weight.detach().clone(),
+                layer.lora_B["default"].weight.detach().clone(),
+            )
+            for name, layer in mlp.nested_layers(model).items()
+        }
+    return {
+        name: (layer.lora_A.detach().clone(), layer.lora_B.detach().clone())
+        for name, layer in mlm.adapter_layers(model).items()
+    }
+
+
+@pytest.mark.parametrize(
+    ("method", "objective"),
+    [("matryoshka", PrefixLoss(sample=2)), ("dylora", RankSampling()), ("lora", None)],
+    ids=["prefix-loss", "rank-sampling", "default"],
+)
+def test_objective_callback_trains_as_the_native_trainer(tmp_path, method, objective):
+    """A plain Trainer with ``ObjectiveCallback`` on the PEFT model draws the same ranks and
+    ends with the same factors as ``NestedLoraTrainer`` on the native layer (6 steps of 2 x 2
+    accumulated micro-batches; the default re-bases at the end)."""
+    native, hosted = native_and_hosted(tmp_path, method)
+    settings = short_run_settings(tmp_path / "n", save_strategy="no")
+    NestedLoraTrainer(
+        model=native,
+        args=TrainingArguments(**settings),
+        train_dataset=fixed_length_dataset(),
+        objective=objective,
+    ).train()
+    Trainer(
+        model=hosted,
+        args=TrainingArguments(**{**settings, "output_dir": str(tmp_path / "h")}),
+        train_dataset=fixed_length_dataset(),
+        callbacks=[mlp.ObjectiveCallback(objective)],
+    ).train()
+    ours, theirs = trained_factors(native), trained_factors(hosted)
+    assert ours.keys() == theirs.keys()
+    start = trained_factors(mlp.load_native(make_tiny_llama(), tmp_path / "start"))
+    for name, (a, b) in ours.items():
+        assert not torch.equal(b, start[name][1])  # trained
+        torch.testing.assert_close(theirs[name][0], a, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(theirs[name][1], b, atol=2e-5, rtol=1e-4)
+    assert hosted.base_model.objective_run is None  # detached when training ends
+
+
+def test_objective_callback_refuses_what_it_cannot_run(tmp_path):
+    _, hosted = native_and_hosted(tmp_path, "matryoshka")
+    hosted.gradient_checkpointing_enable()
+    args = TrainingArguments(**short_run_settings(tmp_path / "h", save_strategy="no"))
+    start = TrainerState()
+    with pytest.raises(ValueError, match="gradient checkpointing would recompute"):
+        mlp.ObjectiveCallback("prefix-loss").on_train_begin(args, start, None, model=hosted)
+    with pytest.raises(ValueError, match="runs with the native trainers only"):
+        mlp.ObjectiveCallback(PrefixLossVariantLike()).on_train_begin(
+            args, start, None, model=hosted
+        )
+    with pytest.raises(TypeError, match="not a PEFT model of a MatryoshkaLoraConfig"):
+        mlp.ObjectiveCallback().on_train_begin(args, start, None, model=make_tiny_llama())
 
 
 # ---------------------------------------------------------------------------- quantized bases

@@ -10,7 +10,8 @@ from the same maths (:mod:`matryoshka_lora.nesting`); factors keep LoRA's names,
 ::
 
     peft_model = get_peft_model(model, MatryoshkaLoraConfig(r=16, target_modules=[...]))
-    ...  # train with any Trainer, callbacks=[SvdRebaseCallback()]
+    ...  # train with any Trainer, callbacks=[SvdRebaseCallback()] (the default recipe)
+    ...  # or callbacks=[ObjectiveCallback("prefix-loss")] (any shipped objective)
     with peft_model.at_rank(4):
         logits = peft_model(**batch).logits
     export_rank(peft_model, 4, "rank-4")   # vanilla PEFT loads it
@@ -30,7 +31,8 @@ from .model import (
     set_rank,
     set_sampled_rank,
 )
-from .train import SvdRebaseCallback, svd_rebase_
+from .objective import ObjectiveCallback, SvdRebaseCallback
+from .train import svd_rebase_
 
 PEFT_TYPE = register(MatryoshkaLoraConfig, MatryoshkaLoraModel)
 
@@ -40,6 +42,7 @@ __all__ = [
     "MatryoshkaLoraLinear",
     "MatryoshkaLoraModel",
     "NestedLoraLayerMixin",
+    "ObjectiveCallback",
     "SvdRebaseCallback",
     "at_rank",
     "export_rank",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 from peft.tuners.lora import LoraModel
@@ -102,6 +103,14 @@ class MatryoshkaLoraModel(LoraModel):
     LoRA's names (``lora_A``, ``lora_B``) so a rank-r export is a plain PEFT LoRA."""
 
     prefix: str = PREFIX
+    # a training objective's run (matryoshka_lora.peft.objective.ObjectiveCallback sets it):
+    # while training, it plans and runs each forward
+    objective_run: Any = None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.objective_run is None or not self.training:
+            return super().forward(*args, **kwargs)
+        return self.objective_run.forward(partial(LoraModel.forward, self, *args, **kwargs))
 
     @staticmethod
     def _create_new_module(lora_config: Any, adapter_name: str, target: nn.Module, **kwargs: Any):

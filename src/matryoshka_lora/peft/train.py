@@ -1,4 +1,4 @@
-"""Training a PEFT-hosted nested adapter with any Trainer: the SVD re-basis at the end.
+"""The SVD re-basis of PEFT-hosted nested adapters (the default recipe's last step).
 
 The default recipe trains LoRA at R and, once training ends, re-bases each layer's
 factors on the SVD of its update ``dW = B diag(p) A`` (:func:`matryoshka_lora.svd.rebased_factors`,
@@ -6,12 +6,8 @@ factors on the SVD of its update ``dW = B diag(p) A`` (:func:`matryoshka_lora.sv
 ``B'[:, :r] diag(p[:r]) A'[:r]`` becomes the best rank-r approximation of dW, so the
 saved adapter deploys at every rank with its trained scales.
 
-:class:`SvdRebaseCallback` does this in ``on_train_end`` of any transformers
-``Trainer`` (TRL's included), without subclassing it. Checkpoints written during
-training keep the trained factors and their optimizer state, and the re-basis runs
-after the last of them: a run resumed from a checkpoint re-bases the same factors
-as the uninterrupted run. Save the final adapter after ``train()`` returns
-(``trainer.save_model()``).
+:class:`~matryoshka_lora.peft.objective.SvdRebaseCallback` runs it in ``on_train_end`` of
+any transformers ``Trainer`` (TRL's included), without subclassing it.
 """
 
 from __future__ import annotations
@@ -19,7 +15,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from transformers import TrainerCallback
 
 from ..svd import rebased_factors
 from .model import _require_layers
@@ -66,14 +61,3 @@ def svd_rebase_(model: nn.Module, optimizer: torch.optim.Optimizer | None = None
             if config is not None:
                 setattr(config, key, value)
     return model
-
-
-class SvdRebaseCallback(TrainerCallback):
-    """``Trainer(..., callbacks=[SvdRebaseCallback()])``: re-base the nested adapters on the
-    SVD of their updates when training ends (see :func:`svd_rebase_`)."""
-
-    def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if model is None:
-            raise ValueError("SvdRebaseCallback needs the trained model in on_train_end")
-        svd_rebase_(model, optimizer)
-        return control
