@@ -13,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
-OUT=experiments/results/smollm2-facts
+OUT=${OUT:-experiments/results/smollm2-facts}  # another folder runs a seed beside this one
 DATA=outputs/synthetic-facts/e18
 STEPS=100
 [ -f "$DATA/meta.json" ] || python experiments/synthetic_facts.py --output "$DATA" \
