@@ -37,7 +37,7 @@ from matryoshka_lora.train.objective import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 from draws import mixed_example_ranks  # noqa: E402
-from objectives import PeriodicSvdRebase, PrefixLossVariant  # noqa: E402
+from objectives import LatePrefix, PeriodicSvdRebase, PrefixLossVariant  # noqa: E402
 
 MIXED = PrefixLossVariant(sample=0, mode="mixed")
 
@@ -448,6 +448,82 @@ def test_rebase_wraps_another_objective():
             PeriodicSvdRebase(every=bad)
     with pytest.raises(ValueError, match="unknown training objective 'nope'"):
         PeriodicSvdRebase(objective="nope")
+
+
+# ----------------------------------------------------------------------------- late prefix
+def test_late_prefix_plans_the_full_loss_then_low_prefixes_beside_r():
+    config = NestedLoraConfig(r=8, method="lora", target_modules=["q"])
+    late = LatePrefix(start=3)
+    plans = [plan_of(late, config, 0, step) for step in range(5)]
+    assert [p.mode for p in plans] == ["full"] * 3 + ["per_rank"] * 2
+    assert plans[3].ranks == (1, 8) and plans[3].weights is None  # the plain mean
+    weighted = plan_of(LatePrefix(start=1, ranks=(2, 1), low_weight=0.2), config, 0, 1)
+    assert weighted.ranks == (1, 2, 8)
+    assert weighted.weights == pytest.approx((0.2, 0.2, 0.6))
+    # 75 steps of one pass, 25 of two: 1.25 LoRA's compute
+    assert forward_passes(LatePrefix(start=75), config, 100) == 1.25
+    assert objective_from_dict(late.to_dict()) == late
+
+
+def test_late_prefix_settings_are_validated():
+    config = NestedLoraConfig(r=8, method="matryoshka", target_modules=["q"])
+    for bad in ({"start": 0}, {"start": True}, {"ranks": ()}, {"ranks": (0,)}):
+        with pytest.raises(ValueError, match="start must be|ranks must be"):
+            LatePrefix(**{"start": 1, **bad})
+    with pytest.raises(ValueError, match="low_weight must be in"):
+        LatePrefix(start=1, ranks=(1, 2), low_weight=0.5)
+    with pytest.raises(ValueError, match="must lie below R = 8"):
+        LatePrefix(start=1, ranks=(8,)).check(config)
+    with pytest.raises(ValueError, match="trains fixed prefixes"):
+        LatePrefix(start=1).check(NestedLoraConfig(r=8, method="dylora", target_modules=["q"]))
+
+
+def test_late_prefix_rebases_once_after_its_start_step():
+    model = trained_tiny()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    model(**COLLATE(fixed_length_dataset(n=2))).loss.backward()
+    optimizer.step()
+    late, before = LatePrefix(start=2), deltas(model)
+    late.after_step(model, optimizer, done=1, total=4)
+    assert not is_rebased(model) and optimizer.state_dict()["state"]
+    late.after_step(model, optimizer, done=2, total=4)
+    assert is_rebased(model) and not optimizer.state_dict()["state"]
+    for name, delta in deltas(model).items():  # the full update is unchanged
+        torch.testing.assert_close(delta, before[name], rtol=1e-5, atol=1e-6)
+
+
+def test_loop_and_trainer_train_the_late_prefix_alike(tmp_path):
+    """Through the hook: 4 steps, the re-basis after step 2, then rank 1 beside R; the plain
+    loop and the Trainer end with the same adapter."""
+    objective = {"name": "late-prefix", "start": 2, "ranks": [1]}
+    looped = trained_tiny(method="lora")
+    config = TrainConfig(
+        output_dir=str(tmp_path / "loop"),
+        max_steps=4,
+        batch_size=4,
+        learning_rate=1e-2,
+        progress=False,
+    )
+    same = [fixed_length_dataset(n=1)[0]] * 16  # identical examples: the two orders agree
+    train_adapter(looped, same, config, COLLATE, objective=objective)
+    trained = trained_tiny(method="lora")
+    args = TrainingArguments(
+        **cpu_trainer_settings(
+            tmp_path / "trainer", max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2
+        )
+    )
+    NestedLoraTrainer(
+        model=trained,
+        args=args,
+        train_dataset=same,
+        data_collator=COLLATE,
+        objective=objective,
+    ).train()
+    start = deltas(trained_tiny(method="lora"))
+    for name, delta in deltas(looped).items():
+        assert not torch.allclose(delta, start[name])
+        torch.testing.assert_close(deltas(trained)[name], delta, rtol=1e-4, atol=1e-5)
 
 
 class Crash(RuntimeError):
