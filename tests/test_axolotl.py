@@ -151,6 +151,5 @@ def test_the_nested_prefix_loss_trains_through_the_plugin(tmp_path):
         AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "out"
     )
     assert all(
-        layer.lora_B["default"].weight.abs().max() > 0
-        for layer in nested_layers(trained).values()
+        layer.lora_B["default"].weight.abs().max() > 0 for layer in nested_layers(trained).values()
     )

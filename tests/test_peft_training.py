@@ -34,6 +34,7 @@ import matryoshka_lora.peft as mlp
 from matryoshka_lora import model as mlm
 from matryoshka_lora.peft import _registry
 from matryoshka_lora.peft.config import MatryoshkaLoraConfig
+from matryoshka_lora.peft.objective import ObjectiveRun
 from matryoshka_lora.train.hf_trainer import NestedLoraTrainer
 from matryoshka_lora.train.objective import BaseObjective, MicroBatchPlan, PrefixLoss, RankSampling
 
@@ -244,13 +245,62 @@ def test_objective_callback_trains_as_the_native_trainer(tmp_path, method, objec
     assert hosted.base_model.objective_run is None  # detached when training ends
 
 
+def test_sft_trainer_trains_the_prefix_loss_with_the_callback(tmp_path):
+    """TRL's SFTTrainer(peft_config=...) with ObjectiveCallback("prefix-loss"): two forwards
+    of the model per micro-batch (R and one drawn rank), one outside training."""
+    config = MatryoshkaLoraConfig(
+        r=R, method="matryoshka", target_modules=LLAMA_TARGETS, task_type="CAUSAL_LM"
+    )
+    trainer = SFTTrainer(
+        model=make_tiny_llama(),
+        args=SFTConfig(**short_run_settings(tmp_path, bf16=False, max_steps=2, save_strategy="no")),
+        train_dataset=sums_dataset(8),
+        processing_class=make_char_tokenizer(),
+        peft_config=config,
+        callbacks=[mlp.ObjectiveCallback("prefix-loss")],
+    )
+    forwards = []
+    decoder = trainer.model.base_model.model.model
+    decoder.register_forward_hook(lambda module, args, output: forwards.append(module.training))
+    trainer.train()
+    assert forwards == [True] * (2 * 2 * 2)  # 2 steps x 2 micro-batches x 2 ranks
+    assert trainer.model.base_model.objective_run is None
+    assert all(
+        layer.sampled_rank["default"] is None for layer in mlp.nested_layers(trainer.model).values()
+    )
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_prefix_loss_gradients_survive_gradient_checkpointing(tmp_path, input_ids, reentrant):
+    """Checkpointed blocks are recomputed at the ranks of their forward: the prefix loss's
+    gradients are those of the run without checkpointing."""
+
+    def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
+        _, hosted = native_and_hosted(tmp_path / str(checkpointing), "matryoshka")
+        for layer in mlp.nested_layers(hosted).values():  # a trained B: every rank differs
+            torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.3)
+        if checkpointing:
+            hosted.gradient_checkpointing_enable({"use_reentrant": reentrant})
+            hosted.enable_input_require_grads()
+        tuner = hosted.base_model
+        config = tuner.peft_config["default"].to_nested()
+        tuner.objective_run = ObjectiveRun(PrefixLoss(sample=0), config, tuner, seed=0)
+        hosted.train()
+        hosted(input_ids=input_ids, labels=input_ids).loss.backward()
+        return {
+            name: layer.lora_A["default"].weight.grad.clone()
+            for name, layer in mlp.nested_layers(hosted).items()
+        }
+
+    plain, checkpointed = grads(False), grads(True)
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-4, atol=1e-6)
+
+
 def test_objective_callback_refuses_what_it_cannot_run(tmp_path):
     _, hosted = native_and_hosted(tmp_path, "matryoshka")
-    hosted.gradient_checkpointing_enable()
     args = TrainingArguments(**short_run_settings(tmp_path / "h", save_strategy="no"))
     start = TrainerState()
-    with pytest.raises(ValueError, match="gradient checkpointing would recompute"):
-        mlp.ObjectiveCallback("prefix-loss").on_train_begin(args, start, None, model=hosted)
     with pytest.raises(ValueError, match="runs with the native trainers only"):
         mlp.ObjectiveCallback(PrefixLossVariantLike()).on_train_begin(
             args, start, None, model=hosted

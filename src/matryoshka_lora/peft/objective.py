@@ -12,7 +12,8 @@ the native loop plans it, so both draw the same ranks:
 * ``per_rank`` (the prefix loss): one forward per rank r of the plan, deployed at r, and
   the loss ``sum_r w_r loss_r`` (``w_r = 1/|S'|`` unless the plan weighs them) in the
   outputs of the last forward (at R). The batch must hold labels, as the Trainer's
-  loss needs anyway.
+  loss needs anyway. Under gradient checkpointing (TRL's default) each block is
+  recomputed at the ranks of its forward.
 
 When training ends, ``lora-svd`` re-bases the factors on the SVD of each update
 (:func:`~matryoshka_lora.peft.train.svd_rebase_`; checkpoints written during training keep
@@ -39,14 +40,32 @@ from ..train.objective import (
     MicroBatchPlan,
     PrefixLoss,
     RankSampling,
+    RankStateAccess,
     TrainingObjective,
+    recompute_at_forward_rank,
     resolve_objective,
 )
+from .layer import NestedLoraLayerMixin
 from .model import MatryoshkaLoraModel
 from .train import svd_rebase_
 
 # the objectives whose plans and end-of-training work this module runs
 SUPPORTED = (FullLoss, PrefixLoss, RankSampling)
+
+
+def _write_peft_state(layer: NestedLoraLayerMixin, state: tuple[dict, dict]) -> None:
+    active, sampled = state
+    layer.active_rank.update(active)
+    layer.sampled_rank.update(sampled)
+
+
+# what a forward of a PEFT-hosted layer depends on besides its weights: the deployed and the
+# sampled rank of each adapter (gradient checkpointing recomputes a block in its forward's)
+PEFT_RANK_STATE = RankStateAccess(
+    NestedLoraLayerMixin,
+    lambda layer: (dict(layer.active_rank), dict(layer.sampled_rank)),
+    _write_peft_state,
+)
 
 
 def tuner_of(model: nn.Module) -> MatryoshkaLoraModel:
@@ -98,16 +117,17 @@ class ObjectiveRun:
         weights = plan.weights or (1.0 / len(plan.ranks),) * len(plan.ranks)
         total: torch.Tensor | None = None
         try:
-            for rank, weight in zip(plan.ranks, weights, strict=True):
-                self.tuner.set_rank(rank)
-                outputs = run_model()
-                if getattr(outputs, "loss", None) is None:
-                    raise ValueError(
-                        "the prefix loss needs the model's loss: pass labels in the batch "
-                        "(the Trainer's data collators for causal LMs do)"
-                    )
-                term = outputs.loss * weight
-                total = term if total is None else total + term
+            with recompute_at_forward_rank(self.tuner.model, PEFT_RANK_STATE):
+                for rank, weight in zip(plan.ranks, weights, strict=True):
+                    self.tuner.set_rank(rank)
+                    outputs = run_model()
+                    if getattr(outputs, "loss", None) is None:
+                        raise ValueError(
+                            "the prefix loss needs the model's loss: pass labels in the batch "
+                            "(the Trainer's data collators for causal LMs do)"
+                        )
+                    term = outputs.loss * weight
+                    total = term if total is None else total + term
         finally:
             self.tuner.set_rank(None)
         outputs.loss = total
@@ -141,13 +161,6 @@ class ObjectiveCallback(TrainerCallback):
                 f"the objective {objective.name!r} runs with the native trainers only "
                 "(matryoshka_lora.attach, NestedLoraTrainer): on PEFT models use "
                 "lora-svd, full, prefix-loss or rank-sampling"
-            )
-        checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
-        if isinstance(objective, PrefixLoss) and checkpointing:
-            raise ValueError(
-                "the prefix loss runs several forwards per micro-batch at different ranks, and "
-                "gradient checkpointing would recompute them at full rank: turn "
-                "gradient_checkpointing off, or train with NestedLoraTrainer, which pins ranks"
             )
         self.run = ObjectiveRun(
             objective, config, tuner, args.seed, args.gradient_accumulation_steps, state.global_step

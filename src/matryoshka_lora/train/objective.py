@@ -372,7 +372,7 @@ def prefix_loss(
     compute_prefix = prefix_loss_at or full_loss
     weights = weights or (1.0 / len(ranks),) * len(ranks)
     total = None
-    with _recompute_at_forward_rank(model):
+    with recompute_at_forward_rank(model):
         try:
             for r, w in zip(ranks, weights, strict=True):
                 set_rank(model, r)
@@ -392,7 +392,7 @@ def mixed_rank_loss(
     (:meth:`~matryoshka_lora.layer.NestedLoraLinear.set_example_ranks`), which
     equals running it alone at that rank. The model is left without example ranks.
     """
-    with _recompute_at_forward_rank(model):
+    with recompute_at_forward_rank(model):
         set_example_ranks(model, torch.as_tensor(example_ranks))
         try:
             return compute_loss()
@@ -400,8 +400,34 @@ def mixed_rank_loss(
             set_example_ranks(model, None)
 
 
+@dataclass(frozen=True)
+class RankStateAccess:
+    """How to find a kind of adapter layer and read and write its rank state (everything a
+    forward depends on besides the weights): :data:`NATIVE_RANK_STATE` for
+    :class:`NestedLoraLinear`; the PEFT-hosted layers have their own."""
+
+    layer_type: type
+    read: Callable[[nn.Module], Any]
+    write: Callable[[nn.Module, Any], None]
+
+
+def _write_native_state(layer: NestedLoraLinear, state: tuple[int | None, Any]) -> None:
+    rank, scales = state
+    if layer.active_rank != rank:
+        layer.set_rank(rank)
+    layer.example_scales = scales  # the scale table built by set_example_ranks
+
+
+# (active rank, example scales)
+NATIVE_RANK_STATE = RankStateAccess(
+    NestedLoraLinear, lambda layer: (layer.active_rank, layer.example_scales), _write_native_state
+)
+
+
 @contextmanager
-def _recompute_at_forward_rank(model: nn.Module) -> Iterator[None]:
+def recompute_at_forward_rank(
+    model: nn.Module, access: RankStateAccess = NATIVE_RANK_STATE
+) -> Iterator[None]:
     """Make activation checkpointing recompute each block at the ranks of its forward.
 
     The prefix loss runs one graph through the model at several ranks (or, mixed,
@@ -409,19 +435,19 @@ def _recompute_at_forward_rank(model: nn.Module) -> Iterator[None]:
     forward is recomputed during the backward, when the adapters are back at the
     full function. While this context is open, every checkpointed block (a module
     with ``gradient_checkpointing`` on) records the rank state of its adapters
-    (active rank and example scales) when it runs and its recomputation runs in
-    that state, for reentrant and non-reentrant checkpointing alike.
+    (``access.read``) when it runs and its recomputation runs in that state, for
+    reentrant and non-reentrant checkpointing alike.
     """
     patched: list[tuple[nn.Module, Callable]] = []
     for module in model.modules():
         checkpoint = getattr(module, "_gradient_checkpointing_func", None)
         if not (getattr(module, "gradient_checkpointing", False) and callable(checkpoint)):
             continue
-        layers = [m for m in module.modules() if isinstance(m, NestedLoraLinear)]
+        layers = [m for m in module.modules() if isinstance(m, access.layer_type)]
         if not layers:
             continue
         patched.append((module, checkpoint))
-        module._gradient_checkpointing_func = _rank_pinning(checkpoint, layers)
+        module._gradient_checkpointing_func = _rank_pinning(checkpoint, layers, access)
     try:
         yield
     finally:
@@ -429,37 +455,32 @@ def _recompute_at_forward_rank(model: nn.Module) -> Iterator[None]:
             module._gradient_checkpointing_func = checkpoint
 
 
-_RankState = tuple[int | None, torch.Tensor | None]  # (active rank, example scales)
-
-
-def _rank_pinning(checkpoint: Callable, layers: list[NestedLoraLinear]) -> Callable:
+def _rank_pinning(
+    checkpoint: Callable, layers: list[nn.Module], access: RankStateAccess
+) -> Callable:
     """``checkpoint`` whose function always runs in the adapters' rank state of the first call."""
 
+    def states() -> list[Any]:
+        return [access.read(layer) for layer in layers]
+
+    def restore(saved: list[Any]) -> None:
+        for layer, state in zip(layers, saved, strict=True):
+            access.write(layer, state)
+
     def pinned_checkpoint(function: Callable, *args, **kwargs):
-        states = _rank_states(layers)
+        at_forward = states()
 
         def at_forward_ranks(*a, **k):
-            current = _rank_states(layers)
-            _set_rank_states(layers, states)
+            current = states()
+            restore(at_forward)
             try:
                 return function(*a, **k)
             finally:
-                _set_rank_states(layers, current)
+                restore(current)
 
         return checkpoint(at_forward_ranks, *args, **kwargs)
 
     return pinned_checkpoint
-
-
-def _rank_states(layers: list[NestedLoraLinear]) -> list[_RankState]:
-    return [(layer.active_rank, layer.example_scales) for layer in layers]
-
-
-def _set_rank_states(layers: list[NestedLoraLinear], states: list[_RankState]) -> None:
-    for layer, (rank, scales) in zip(layers, states, strict=True):
-        if layer.active_rank != rank:
-            layer.set_rank(rank)
-        layer.example_scales = scales  # the scale table built by set_example_ranks
 
 
 def batch_examples(batch: Mapping[str, torch.Tensor]) -> int:
