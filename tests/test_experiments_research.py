@@ -193,3 +193,34 @@ def test_report_rewritten_from_a_saved_folder_is_the_committed_one(tmp_path):
     spec = saved_spec(folder)
     write_report(ComparisonRunner(spec, folder, progress=False), title="report")
     assert (folder / "results.md").read_text() == (source / "results.md").read_text()
+
+
+def test_activation_aware_rebase_keeps_the_update_and_makes_each_prefix_best_in_the_input_norm():
+    """Golden: rank-r prefixes equal the truncated SVD of ``dW L`` mapped back by ``L^-1``
+    (``C + lambda I = L L^T``), computed independently; the full update is unchanged."""
+    import torch
+    from activation_svd import whitened_rebase_  # noqa: E402 (experiments/ on the path)
+
+    from matryoshka_lora.layer import NestedLoraLinear
+
+    torch.manual_seed(0)
+    config = NestedLoraConfig(r=4, train_ranks=(1, 2, 4), target_modules=["x"])
+    layer = NestedLoraLinear(torch.nn.Linear(12, 10), config)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    inputs = torch.randn(200, 12) @ torch.randn(12, 12)  # correlated inputs: C is far from I
+    covariance = (inputs.T @ inputs / 200).double()
+
+    def update(rank=None):
+        p = layer.deployed_scales(None).double()[:rank]
+        return (layer.lora_B[:, :rank].double() * p) @ layer.lora_A[:rank].double()
+
+    full = update()
+    damped = covariance + 1e-2 * covariance.diagonal().mean() * torch.eye(12, dtype=torch.float64)
+    chol = torch.linalg.cholesky(damped)
+    u, s, vh = torch.linalg.svd(full @ chol)
+    whitened_rebase_(layer, covariance, 1e-2)
+    torch.testing.assert_close(update(), full, atol=1e-6, rtol=0)
+    for r in (1, 2):
+        best = (u[:, :r] * s[:r]) @ vh[:r] @ torch.linalg.inv(chol)
+        torch.testing.assert_close(update(r), best, atol=1e-6, rtol=0)
