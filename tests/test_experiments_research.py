@@ -199,7 +199,7 @@ def test_activation_aware_rebase_keeps_the_update_and_makes_each_prefix_best_in_
     """Golden: rank-r prefixes equal the truncated SVD of ``dW L`` mapped back by ``L^-1``
     (``C + lambda I = L L^T``), computed independently; the full update is unchanged."""
     import torch
-    from activation_svd import whitened_rebase_  # noqa: E402 (experiments/ on the path)
+    from activation_svd import whitened_rebase_  # experiments/ is on sys.path (above)
 
     from matryoshka_lora.layer import NestedLoraLinear
 
