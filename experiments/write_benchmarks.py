@@ -102,7 +102,8 @@ def main() -> None:
         "smollm2-facts": (
             "Where capacity binds: SmolLM2-135M-Instruct recalling invented facts, q_proj and "
             "v_proj, ranks 1..16",
-            "bash experiments/facts_150.sh A; then grid; then screen; then seed 1 & seed 2",
+            "bash experiments/facts_150.sh A; then grid; then screen; then grid2; "
+            "then seed 1 & seed 2; then rest 1 & rest 2",
         ),
         "smollm2-gsm-symbolic-150": (
             "Quality where rank matters: SmolLM2-135M-Instruct + GSM-Symbolic, 150 steps, ranks 1..16",
