@@ -61,8 +61,8 @@ def build_parser() -> ArgumentParser:
     try:
         demo = importlib.import_module(".commands.demo", __package__)
     except ImportError:  # the demo module (or its dependencies) is not available
-        demo = None
-    if demo is not None:
+        pass
+    else:
         add_command(sub, demo)
     return parser
 

@@ -42,6 +42,7 @@ from ..train.objective import (
     RankSampling,
     RankStateAccess,
     TrainingObjective,
+    rank_weighted_loss,
     recompute_at_forward_rank,
     resolve_objective,
 )
@@ -102,36 +103,33 @@ class ObjectiveRun:
         batch = MicroBatch(self.seed, self.step, self.micro_step, self.accumulation)
         plan = self.objective.plan(self.config, batch)
         self.micro_step += 1
-        if plan.mode == "per_rank":
-            self.tuner.set_sampled_rank(None)
-            return self._prefix_loss(plan, run_model)
         if plan.mode == "mixed":
             raise ValueError(
                 "plans with per-example ranks (mixed) run on the native layer only: train with "
                 "matryoshka_lora.attach and NestedLoraTrainer"
             )
         self.tuner.set_sampled_rank(plan.ranks[0] if plan.mode == "sampled" else None)
+        if plan.mode == "per_rank":
+            return self._prefix_loss(plan, run_model)
         return run_model()
 
     def _prefix_loss(self, plan: MicroBatchPlan, run_model: Callable[[], Any]) -> Any:
-        weights = plan.weights or (1.0 / len(plan.ranks),) * len(plan.ranks)
-        total: torch.Tensor | None = None
-        try:
-            with recompute_at_forward_rank(self.tuner.model, PEFT_RANK_STATE):
-                for rank, weight in zip(plan.ranks, weights, strict=True):
-                    self.tuner.set_rank(rank)
-                    outputs = run_model()
-                    if getattr(outputs, "loss", None) is None:
-                        raise ValueError(
-                            "the prefix loss needs the model's loss: pass labels in the batch "
-                            "(the Trainer's data collators for causal LMs do)"
-                        )
-                    term = outputs.loss * weight
-                    total = term if total is None else total + term
-        finally:
-            self.tuner.set_rank(None)
-        outputs.loss = total
-        return outputs
+        """The outputs of the last forward (at R) with the loss of the plan."""
+        outputs: list[Any] = []
+
+        def loss_at(rank: int) -> torch.Tensor:
+            outputs[:] = [run_model()]
+            if getattr(outputs[0], "loss", None) is None:
+                raise ValueError(
+                    "the prefix loss needs the model's loss: pass labels in the batch "
+                    "(the Trainer's data collators for causal LMs do)"
+                )
+            return outputs[0].loss
+
+        with recompute_at_forward_rank(self.tuner.model, PEFT_RANK_STATE):
+            total = rank_weighted_loss(plan.ranks, plan.weights, loss_at, self.tuner.set_rank)
+        outputs[0].loss = total
+        return outputs[0]
 
     def finish(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         """After the last step: clear a sampled prefix; ``lora-svd``'s re-basis."""

@@ -370,16 +370,32 @@ def prefix_loss(
     if not ranks or ranks[-1] != config.r:
         raise ValueError(f"the prefix loss's ranks must end with R = {config.r}, got {ranks}")
     compute_prefix = prefix_loss_at or full_loss
+
+    def loss_at(r: int) -> torch.Tensor:
+        return full_loss() if r == config.r else compute_prefix()
+
+    with recompute_at_forward_rank(model):
+        return rank_weighted_loss(ranks, weights, loss_at, lambda r: set_rank(model, r))
+
+
+def rank_weighted_loss(
+    ranks: tuple[int, ...],
+    weights: tuple[float, ...] | None,
+    loss_at: Callable[[int], torch.Tensor],
+    deploy: Callable[[int | None], None],
+) -> torch.Tensor:
+    """``sum_r w_r loss_at(r)`` over ``ranks`` (``w_r = 1/|ranks|`` unless ``weights``), each
+    term computed with the adapters deployed at r by ``deploy(r)``; one graph. The adapters
+    are left at the full training function (``deploy(None)``), also on an error."""
     weights = weights or (1.0 / len(ranks),) * len(ranks)
     total = None
-    with recompute_at_forward_rank(model):
-        try:
-            for r, w in zip(ranks, weights, strict=True):
-                set_rank(model, r)
-                loss = (full_loss() if r == config.r else compute_prefix()) * w
-                total = loss if total is None else total + loss
-        finally:
-            set_rank(model, None)
+    try:
+        for r, w in zip(ranks, weights, strict=True):
+            deploy(r)
+            term = loss_at(r) * w
+            total = term if total is None else total + term
+    finally:
+        deploy(None)
     return total
 
 
@@ -568,6 +584,8 @@ __all__ = [
     "objective_from_dict",
     "plan_loss",
     "prefix_loss",
+    "rank_weighted_loss",
+    "recompute_at_forward_rank",
     "register_objective",
     "resolve_objective",
     "training_loss",
