@@ -7,8 +7,9 @@ define instead: with ``C = E[x x^T] + lambda I = L L^T`` (a few training batches
 
     min_{rank W_r <= r} ||(dW - W_r) L||_F,   dW L = U S V^T,   W_r = U_r S_r V_r^T L^{-1},
 
-which is still nested (the prefixes of one basis), and exact at r = R. The factors are
-re-based so that component k of ``B' diag(p) A'`` is ``s_k u_k v_k^T L^{-1}``. Its cost is
+which is still nested (the prefixes of one basis), and exact at r = R: the library's SVD
+re-basis of ``B diag(p) (A L)``, with the rows of the new A mapped back by ``L^{-1}``, so
+component k of ``B' diag(p) A'`` is ``s_k u_k v_k^T L^{-1}``. Its cost is
 the forward passes that collect C (``--calibration`` examples; a training step costs about
 three forward passes per example), reported beside the result.
 
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -38,7 +38,7 @@ from matryoshka_lora.eval.sweep import rank_sweep
 from matryoshka_lora.io import load_adapter
 from matryoshka_lora.layer import NestedLoraLinear
 from matryoshka_lora.model import adapter_layers, detach
-from matryoshka_lora.svd import svd_components
+from matryoshka_lora.svd import rebased_factors
 
 
 def input_covariances(
@@ -84,15 +84,9 @@ def whitened_rebase_(layer: NestedLoraLinear, covariance: torch.Tensor, damping:
     a = layer.lora_A.detach().to(torch.float64)
     b = layer.lora_B.detach().to(torch.float64)
     p = layer.deployed_scales(None).detach().to(torch.float64)
-    u, sigma, v = svd_components(a @ chol, b, p)  # dW L = u diag(sigma) v^T
-    # rows v_k^T L^{-1}: solve L^T y = v_k
-    rows = torch.linalg.solve_triangular(chol.T, v, upper=True).T  # (K, in)
-    rank, k = a.shape[0], sigma.numel()
-    rho = float(a.norm()) / math.sqrt(rank)
-    new_a = a.clone()
-    new_b = torch.zeros_like(b)
-    new_a[:k] = rho * rows
-    new_b[:, :k] = u * (sigma / (p[:k] * rho))
+    # the SVD re-basis of dW L = B diag(p) (A L), its rows then mapped back: A' = (A L)' L^{-1}
+    whitened_a, new_b = rebased_factors(a @ chol, b, p)
+    new_a = torch.linalg.solve_triangular(chol.T, whitened_a.T, upper=True).T
     with torch.no_grad():
         layer.lora_A.copy_(new_a.to(layer.lora_A.dtype))
         layer.lora_B.copy_(new_b.to(layer.lora_B.dtype))
