@@ -36,7 +36,7 @@ from matryoshka_lora.peft import _registry
 from matryoshka_lora.peft.config import MatryoshkaLoraConfig
 from matryoshka_lora.peft.objective import ObjectiveRun
 from matryoshka_lora.train.hf_trainer import NestedLoraTrainer
-from matryoshka_lora.train.objective import BaseObjective, MicroBatchPlan, PrefixLoss, RankSampling
+from matryoshka_lora.train.objective import FULL, BaseObjective, PrefixLoss, RankSampling
 
 datasets = pytest.importorskip("datasets")
 pytest.importorskip("trl")
@@ -178,13 +178,13 @@ def test_rebase_drops_the_optimizer_state_and_records_dylora_as_lora(input_ids):
 
 # ---------------------------------------------------------------------------- objectives
 @dataclass(frozen=True)
-class PrefixLossVariantLike(BaseObjective):
+class UnsupportedOnPeft(BaseObjective):
     """An objective of the protocol that the PEFT path does not run (its own after_step)."""
 
     name: ClassVar[str] = "variant-like"
 
     def plan(self, config, batch):
-        return MicroBatchPlan("full", ())
+        return FULL
 
 
 def native_and_hosted(tmp_path, method: str):
@@ -302,7 +302,7 @@ def test_objective_callback_refuses_what_it_cannot_run(tmp_path):
     args = TrainingArguments(**short_run_settings(tmp_path / "h", save_strategy="no"))
     start = TrainerState()
     with pytest.raises(ValueError, match="runs with the native trainers only"):
-        mlp.ObjectiveCallback(PrefixLossVariantLike()).on_train_begin(
+        mlp.ObjectiveCallback(UnsupportedOnPeft()).on_train_begin(
             args, start, None, model=hosted
         )
     with pytest.raises(TypeError, match="not a PEFT model of a MatryoshkaLoraConfig"):
