@@ -302,9 +302,7 @@ def test_objective_callback_refuses_what_it_cannot_run(tmp_path):
     args = TrainingArguments(**short_run_settings(tmp_path / "h", save_strategy="no"))
     start = TrainerState()
     with pytest.raises(ValueError, match="runs with the native trainers only"):
-        mlp.ObjectiveCallback(UnsupportedOnPeft()).on_train_begin(
-            args, start, None, model=hosted
-        )
+        mlp.ObjectiveCallback(UnsupportedOnPeft()).on_train_begin(args, start, None, model=hosted)
     with pytest.raises(TypeError, match="not a PEFT model of a MatryoshkaLoraConfig"):
         mlp.ObjectiveCallback().on_train_begin(args, start, None, model=make_tiny_llama())
 
